@@ -1,0 +1,40 @@
+"""The ``hf-medvis`` command. Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a
+parser whose ``func`` default takes the parsed namespace and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# One module per subcommand (or family of subcommands); add a line here to add a command.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "hf_medvis.data.phantoms_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-medvis", description="Medical vision transformers on the Hugging Face stack.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        # Bad input: one line naming what is wrong, no traceback.
+        print(f"hf-medvis {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
