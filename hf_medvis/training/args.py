@@ -8,14 +8,16 @@ type conversion and validation as a flag.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 
 class RecipeArgumentError(SystemExit):
@@ -55,8 +57,6 @@ def _yaml_to_tokens(config: dict[str, Any], known: set[str], config_path: str) -
         elif isinstance(value, (list, tuple)):
             tokens += [flag, *[str(v) for v in value]]
         elif isinstance(value, dict):
-            import json
-
             tokens += [flag, json.dumps(value)]
         else:
             tokens += [flag, str(value)]
@@ -79,10 +79,13 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, default_config: str | os.PathLike | None = None
+) -> tuple:
     """Parses ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``.
 
-    ``--config FILE.yaml`` may appear anywhere; its keys must be argument names of the given dataclasses.
+    ``--config FILE.yaml`` may appear anywhere; its keys must be argument names of the given dataclasses. Without it,
+    ``default_config`` (if given) is used.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = RecipeArgumentParser(dataclass_types)
@@ -91,6 +94,8 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre_args, rest = pre.parse_known_args(argv)
+    if pre_args.config is None and default_config is not None:
+        pre_args.config = os.fspath(default_config)
     tokens: list[str] = []
     if pre_args.config:
         tokens = _yaml_to_tokens(load_config_file(pre_args.config), known, pre_args.config)
@@ -102,3 +107,79 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     except ValueError as err:  # unknown arguments, or a dataclass __post_init__ check
         message = " ".join(str(err).split())
         raise RecipeArgumentError(message) from None
+
+
+@dataclass
+class DataArguments:
+    """Where the images are. Without ``--train_data`` the embedded phantom chest X-ray set is used."""
+
+    train_data: str | None = field(
+        default=None,
+        metadata={"help": "Training images: a folder, glob or fsspec URL (az://, abfs://, file://) of PNG/JPEG/DICOM files, "
+                  "or a prepared-shard location. Default: the embedded synthetic chest X-ray phantoms."},
+    )
+    validation_data: str | None = field(
+        default=None, metadata={"help": "Held-out images (same forms). Default: a patient-level holdout of --train_data."}
+    )
+    labels_file: str | None = field(
+        default=None, metadata={"help": "NIH-style labels CSV (Image Index, Patient ID, Finding Labels, ...). "
+                                "Default: labels.csv beside the images, if any."}
+    )
+    storage_options: str | None = field(
+        default=None, metadata={"help": "JSON dict of fsspec storage options (credentials are never logged)."}
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of patients held out when --validation_data is not given."}
+    )
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Normalisation mean (1 value or one per channel). Default: the checkpoint's, "
+                                "else X-ray statistics."}
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Normalisation std (see --image_mean)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    phantom_patients: int = field(default=200, metadata={"help": "Patients in the embedded phantom set."})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"
+            )
+        if self.storage_options:
+            try:
+                parsed = json.loads(self.storage_options)
+            except json.JSONDecodeError:
+                # Do not echo the value: it usually holds credentials.
+                raise ValueError("--storage_options must be a JSON object (value not shown)") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("--storage_options must be a JSON object (value not shown)")
+        if self.phantom_patients < 2:
+            raise ValueError(f"--phantom_patients must be >= 2, got {self.phantom_patients}")
+
+    def parsed_storage_options(self) -> dict | None:
+        return json.loads(self.storage_options) if self.storage_options else None
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """TrainingArguments plus what every recipe adds: a config file, a batch-scaled lr, and an overwrite guard."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "YAML file whose keys are argument names; command-line flags override it."}
+    )
+    base_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "If set, learning_rate = base_learning_rate x global batch / 256, where the global batch is "
+                  "per-device batch x gradient accumulation x world size at run time."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: images are decoded on access by the dataset transform."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.base_learning_rate is not None and self.base_learning_rate <= 0:
+            raise ValueError(f"--base_learning_rate must be > 0, got {self.base_learning_rate}")
+        super().__post_init__()

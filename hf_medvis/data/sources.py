@@ -1,0 +1,101 @@
+"""From the recipes' data arguments to training and evaluation datasets.
+
+Raw folders (and the embedded phantoms) become map-style ``datasets.Dataset`` objects that decode on access; prepared
+shards stream. Without a validation location, a deterministic patient-level holdout is taken from the training data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .folder import build_folder_records, find_labels_file, in_holdout, make_decode_transform
+from .phantoms import ensure_phantom_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResolvedSource:
+    location: str
+    labels_file: str | None
+    description: str  # safe for model cards and logs: no paths, no credentials
+
+
+def resolve_train_source(train_data: str | None, labels_file: str | None, phantom_patients: int, seed: int = 0) -> ResolvedSource:
+    if train_data is None:
+        root = ensure_phantom_dataset(patients=phantom_patients, seed=seed)
+        return ResolvedSource(
+            str(root / "images"),
+            labels_file or str(root / "labels.csv"),
+            f"embedded synthetic chest X-ray phantoms (hf_medvis demo-data, {phantom_patients} patients, seed {seed})",
+        )
+    labels = labels_file or (str(find_labels_file(train_data)) if find_labels_file(train_data) else None)
+    return ResolvedSource(train_data, labels, "user-provided images")
+
+
+def _select(records: dict[str, list[Any]], keep: Callable[[int], bool]) -> dict[str, list[Any]]:
+    indices = [i for i in range(len(records["path"])) if keep(i)]
+    return {key: [values[i] for i in indices] for key, values in records.items()}
+
+
+def _truncate(records: dict[str, list[Any]], limit: int | None) -> dict[str, list[Any]]:
+    if limit is None:
+        return records
+    return {key: values[:limit] for key, values in records.items()}
+
+
+def _to_dataset(records: dict[str, list[Any]], transform: Callable, storage_options: dict | None):
+    import datasets
+
+    return datasets.Dataset.from_dict(records).with_transform(make_decode_transform(transform, storage_options))
+
+
+def build_train_eval_datasets(
+    train: ResolvedSource,
+    validation_data: str | None,
+    *,
+    train_transform: Callable,
+    eval_transform: Callable,
+    storage_options: dict | None = None,
+    holdout_percentage: float = 5.0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    filter_records: Callable[[dict[str, list[Any]]], dict[str, list[Any]]] | None = None,
+):
+    """Returns (train_dataset, eval_dataset or None, info dict with counts)."""
+    records = build_folder_records(train.location, train.labels_file, storage_options)
+    if filter_records is not None:
+        records = filter_records(records)
+    if validation_data is not None:
+        val_labels = find_labels_file(validation_data)
+        eval_records = build_folder_records(validation_data, str(val_labels) if val_labels else train.labels_file, storage_options)
+        if filter_records is not None:
+            eval_records = filter_records(eval_records)
+        train_records = records
+    elif holdout_percentage > 0:
+        held = [in_holdout(group, holdout_percentage) for group in records["group"]]
+        train_records = _select(records, lambda i: not held[i])
+        eval_records = _select(records, lambda i: held[i])
+        if not eval_records["path"] or not train_records["path"]:
+            # Too few patients for the requested percentage: keep everything for training rather than fail.
+            logger.warning("patient holdout of %.1f%% left one side empty; training without evaluation", holdout_percentage)
+            train_records, eval_records = records, None
+    else:
+        train_records, eval_records = records, None
+    train_records = _truncate(train_records, max_train_samples)
+    info = {"train_images": len(train_records["path"]), "train_patients": len(set(train_records["group"]))}
+    train_ds = _to_dataset(train_records, train_transform, storage_options)
+    eval_ds = None
+    if eval_records is not None:
+        eval_records = _truncate(eval_records, max_eval_samples)
+        info.update(eval_images=len(eval_records["path"]), eval_patients=len(set(eval_records["group"])))
+        eval_ds = _to_dataset(eval_records, eval_transform, storage_options)
+    return train_ds, eval_ds, info
+
+
+def is_local(location: str) -> bool:
+    return "://" not in location and Path(location).exists()

@@ -1,0 +1,203 @@
+"""Model factories: MAE for pretraining from a preset or a checkpoint; image-processor settings that travel with it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+logger = logging.getLogger(__name__)
+
+
+
+class ModelSetupError(ValueError):
+    """A model specification that cannot be built or loaded."""
+
+
+@cache
+def load_presets() -> dict[str, dict[str, Any]]:
+    data = json.loads(resources.files("hf_medvis.models").joinpath("presets.json").read_text())
+    return {name: spec for name, spec in data.items() if not name.startswith("_")}
+
+
+def preset_names() -> list[str]:
+    return sorted(load_presets())
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """``"hidden_size=128,num_hidden_layers=4"`` -> typed dict (values parsed as JSON where possible)."""
+    overrides: dict[str, Any] = {}
+    if not text:
+        return overrides
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ModelSetupError(f"--config_overrides: expected key=value, got '{item.strip()}'")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ModelSetupError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
+        setattr(config, key, value)
+
+
+def build_mae_config(
+    preset: str,
+    *,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    num_channels: int = 3,
+    mask_ratio: float = 0.75,
+    norm_pix_loss: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> ViTMAEConfig:
+    presets = load_presets()
+    if preset not in presets:
+        raise ModelSetupError(f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})")
+    spec = dict(presets[preset])
+    if image_size:
+        spec["image_size"] = image_size
+    if patch_size:
+        spec["patch_size"] = patch_size
+    config = ViTMAEConfig(**spec, num_channels=num_channels, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
+    _apply_overrides(config, overrides or {})
+    if config.image_size % config.patch_size:
+        raise ModelSetupError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    return config
+
+
+def build_mae_model(
+    model_name_or_path: str | None,
+    *,
+    preset: str = "tiny",
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    num_channels: int = 3,
+    mask_ratio: float = 0.75,
+    norm_pix_loss: bool = True,
+    config_overrides: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+) -> ViTMAEForPreTraining:
+    """From a checkpoint (local folder or Hub id, safetensors only) or from scratch with a preset architecture."""
+    overrides = parse_config_overrides(config_overrides)
+    if model_name_or_path is None:
+        config = build_mae_config(
+            preset,
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=num_channels,
+            mask_ratio=mask_ratio,
+            norm_pix_loss=norm_pix_loss,
+            overrides=overrides,
+        )
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        logger.info("Training a new ViTMAE from preset '%s'", preset)
+        return ViTMAEForPreTraining(config)
+
+    local = Path(model_name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no config.json (not a model folder)")
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    # The masking parameters are training choices, not architecture: take them from the recipe.
+    config_kwargs: dict[str, Any] = {"mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss, **overrides}
+    if image_size:
+        config_kwargs["image_size"] = image_size
+    try:
+        config = ViTMAEConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
+    except OSError as err:
+        raise ModelSetupError(f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}") from None
+    if config.model_type not in ("vit_mae", "vit"):
+        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model, not ViT/ViTMAE")
+    try:
+        model = ViTMAEForPreTraining.from_pretrained(
+            model_name_or_path, config=config, ignore_mismatched_sizes=False, **kwargs
+        )
+    except OSError as err:
+        raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path}: {_first_line(err)}") from None
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_normalization(
+    model_name_or_path: str | None, num_channels: int, mean: list[float] | None, std: list[float] | None
+) -> tuple[list[float], list[float]]:
+    """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json > X-ray defaults."""
+    from ..data.transforms import XRAY_MEAN, XRAY_STD
+
+    if mean is None or std is None:
+        found = _processor_stats(model_name_or_path)
+        if found:
+            mean, std = mean or found[0], std or found[1]
+    mean = list(mean) if mean else [XRAY_MEAN]
+    std = list(std) if std else [XRAY_STD]
+    if len(mean) == 1:
+        mean = mean * num_channels
+    if len(std) == 1:
+        std = std * num_channels
+    if len(mean) != num_channels or len(std) != num_channels:
+        raise ModelSetupError(f"--image_mean/--image_std need 1 or {num_channels} values (the model's num_channels)")
+    return mean, std
+
+
+def _processor_stats(model_name_or_path: str | None) -> tuple[list[float], list[float]] | None:
+    if not model_name_or_path:
+        return None
+    path = Path(model_name_or_path) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if "image_mean" in data and "image_std" in data:
+        return list(data["image_mean"]), list(data["image_std"])
+    return None
+
+
+def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> ViTImageProcessor:
+    """The processor saved beside the model so Hub users preprocess exactly as training did."""
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,  # bicubic, as in training
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_path(path: str | os.PathLike | None) -> str:
+    """A location safe to log: no query string (SAS tokens), no credentials in the authority."""
+    if path is None:
+        return "(none)"
+    text = os.fspath(path).split("?", 1)[0]
+    if "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = text.split("://", 1)
+        text = f"{scheme}://{rest.split('@', 1)[1]}"
+    return text

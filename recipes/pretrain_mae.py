@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Masked-autoencoder pretraining of a ViT on medical images with the Hugging Face Trainer.
+
+    accelerate launch recipes/pretrain_mae.py                       # tiny model on the embedded phantom X-rays
+    accelerate launch recipes/pretrain_mae.py --config recipes/configs/mae_vit_base_cxr.yaml \
+        --train_data az://container/xrays --output_dir out --bf16
+
+Every TrainingArguments flag works; ``--config FILE.yaml`` holds the same argument names and flags override it.
+"""
+
+import logging
+from pathlib import Path
+
+from transformers import set_seed
+
+from hf_medvis.data.sources import build_train_eval_datasets, resolve_train_source
+from hf_medvis.data.transforms import build_eval_transform, build_pretrain_transform
+from hf_medvis.models.build import (
+    build_image_processor,
+    build_mae_model,
+    count_parameters,
+    describe_path,
+    resolve_normalization,
+)
+from hf_medvis.training.args import parse_recipe_args
+from hf_medvis.training.batching import collate_pixels
+from hf_medvis.training.callbacks import LossHistoryCallback
+from hf_medvis.training.hub import check_hub_ready, keep_token_out_of_outputs
+from hf_medvis.training.lr import apply_base_learning_rate
+from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, PretrainingArguments, mae_model_card
+from hf_medvis.training.model_card import write_model_card
+from hf_medvis.training.monitoring import MonitoringArguments, build_monitoring_callbacks
+from hf_medvis.training.outputs import check_output_dir, resolve_resume_checkpoint
+from hf_medvis.training.reconstructions import reconstruct, save_reconstruction_grid
+from hf_medvis.training.setup import recipe_errors, setup_logging
+from hf_medvis.training.trainer import MedVisTrainer
+
+logger = logging.getLogger("pretrain_mae")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mae_tiny_demo.yaml"
+
+
+def main(argv=None):
+    # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
+    model_args, data_args, training_args, monitoring_args = parse_recipe_args(
+        (MAEModelArguments, MAEDataArguments, PretrainingArguments, MonitoringArguments), argv, DEFAULT_CONFIG
+    )
+    setup_logging(training_args)
+    with recipe_errors():
+        checkpoint = resolve_resume_checkpoint(training_args)
+        check_output_dir(training_args, training_args.overwrite_output_dir, resuming=checkpoint is not None)
+        if training_args.push_to_hub:
+            user = check_hub_ready(training_args)
+            keep_token_out_of_outputs(training_args)
+            logger.info("Hub ready: pushing as %s", user)
+        lr_line = apply_base_learning_rate(training_args, training_args.base_learning_rate)
+        set_seed(training_args.seed)
+
+        # 2. Model: a checkpoint or a fresh preset architecture.
+        model = build_mae_model(
+            model_args.model_name_or_path,
+            preset=model_args.model_preset,
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+            num_channels=model_args.num_channels,
+            mask_ratio=model_args.mask_ratio,
+            norm_pix_loss=model_args.norm_pix_loss,
+            config_overrides=model_args.config_overrides,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+        image_size = model.config.image_size
+        mean, std = resolve_normalization(
+            model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
+        )
+
+        # 3. Data: uint8 crops from the workers; normalisation happens on the device (MedVisTrainer).
+        with training_args.main_process_first(desc="preparing data"):
+            train_source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
+            train_dataset, eval_dataset, data_info = build_train_eval_datasets(
+                train_source,
+                data_args.validation_data,
+                train_transform=build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip),
+                eval_transform=build_eval_transform(image_size),
+                storage_options=data_args.parsed_storage_options(),
+                holdout_percentage=data_args.validation_split_percentage,
+                max_train_samples=data_args.max_train_samples,
+                max_eval_samples=data_args.max_eval_samples,
+            )
+    logger.info(
+        "data: %s from %s; %s", train_source.description, describe_path(train_source.location),
+        ", ".join(f"{k} {v}" for k, v in data_info.items()),
+    )
+    logger.info(
+        "model: ViTMAE %s parameters, image %d, patch %d, %d channels, mask ratio %.2f",
+        f"{count_parameters(model):,}", image_size, model.config.patch_size, model.config.num_channels,
+        model.config.mask_ratio,
+    )
+    logger.info("world size %d; %s", training_args.world_size, lr_line)
+
+    # 4. Trainer.
+    card_state: dict = {"metrics": {}}
+
+    def write_card(output_dir: str) -> None:
+        content = mae_model_card(
+            trainer.model if hasattr(trainer.model, "config") else model, model_args, data_args, training_args,
+            data_description=train_source.description, data_info=data_info, lr_line=lr_line,
+            metrics=card_state["metrics"],
+        )
+        write_model_card(output_dir, content)
+
+    trainer = MedVisTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_pixels,
+        processing_class=build_image_processor(image_size, mean, std),
+        callbacks=[LossHistoryCallback(training_args.output_dir), *build_monitoring_callbacks(monitoring_args, training_args)],
+        image_mean=mean,
+        image_std=std,
+        model_card_writer=write_card,
+    )
+
+    # 5. Train and evaluate.
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(train_result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+
+    # 6. Save (model, processor, card, reconstructions) and push.
+    trainer.save_model()
+    trainer.save_state()
+    card_state["metrics"] = {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "global_step")}
+    if trainer.is_world_process_zero():
+        write_card(training_args.output_dir)
+        if eval_dataset is not None and data_args.num_reconstruction_images > 0:
+            n = min(data_args.num_reconstruction_images, len(eval_dataset))
+            batch = collate_pixels([eval_dataset[i] for i in range(n)])["pixel_values"]
+            original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)
+            save_reconstruction_grid(
+                Path(training_args.output_dir) / "reconstructions.png", original, masked, recon,
+                title=f"held-out images, step {trainer.state.global_step}",
+            )
+        logger.info("outputs in %s (model, preprocessor, README.md, reconstructions.png, loss_history.jsonl)",
+                    Path(training_args.output_dir).resolve())
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"MAE pretraining, step {trainer.state.global_step}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

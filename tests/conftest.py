@@ -1,0 +1,51 @@
+"""Shared fixtures. The Hub is pointed at a dead local port (the Makefile sets HF_ENDPOINT) so nothing reaches it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """A small phantom set (64 px) shared by the whole session; treat it as read-only."""
+    from hf_medvis.data.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "set", patients=16, seed=3, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def medvis_cache(tmp_path_factory) -> Path:
+    """HF_MEDVIS_CACHE for subprocesses, so the embedded default set is generated once per session."""
+    return tmp_path_factory.mktemp("medvis_cache")
+
+
+def load_recipe(name: str):
+    """Imports recipes/<name>.py as a module (recipes are scripts, not package modules)."""
+    path = REPO / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env

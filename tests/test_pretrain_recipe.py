@@ -1,0 +1,212 @@
+"""The MAE pretraining recipe: end to end through `accelerate launch`, argument handling, bad input, Hub fail-fast."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, load_recipe, subprocess_env
+
+TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "2",
+        "--save_steps", "2", "--num_reconstruction_images", "4", "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("pretrain_mae")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, phantom_dir):
+    """One real run through `accelerate launch`, shared by the output checks."""
+    out = tmp_path_factory.mktemp("mae") / "run"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+           str(REPO / "recipes" / "pretrain_mae.py"), "--train_data", str(phantom_dir / "images"),
+           "--output_dir", str(out), "--validation_split_percentage", "20", *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout + result.stderr
+
+
+def test_run_writes_a_loadable_hub_ready_folder(trained):
+    from huggingface_hub import ModelCard
+    from transformers import ViTImageProcessor, ViTMAEForPreTraining
+
+    out, log = trained
+    model = ViTMAEForPreTraining.from_pretrained(out)
+    assert model.config.image_size == 64 and model.config.mask_ratio == 0.75
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+    processor = ViTImageProcessor.from_pretrained(out)
+    assert processor.size == {"height": 64, "width": 64} and len(processor.image_mean) == 3
+    card = ModelCard.load(out / "README.md")
+    assert "vit-mae" in card.data.tags and card.data.library_name == "transformers"
+    assert "Not for clinical use" in card.text
+    # No local paths or patient data in the card.
+    assert str(out.parent) not in card.text and "Patient" not in card.text
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    assert list(out.glob("checkpoint-*")), "Trainer checkpoints"
+    history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+    assert any("eval_loss" in r for r in history)
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 4 and "eval_loss" in results
+    assert "learning rate" in log and "base_learning_rate" in log
+
+
+def test_reconstruction_figure_unnormalises_norm_pix_targets(phantom_dir):
+    """With norm_pix_loss, a perfect prediction of the normalised target maps back onto the original image."""
+    import numpy as np
+    import torch
+
+    from hf_medvis.data.folder import make_decode_transform
+    from hf_medvis.data.transforms import build_eval_transform
+    from hf_medvis.models.build import build_mae_model
+    from hf_medvis.training.reconstructions import reconstruct
+
+    model = build_mae_model(None, preset="tiny", image_size=64, norm_pix_loss=True)
+    paths = sorted(str(p) for p in (phantom_dir / "images").glob("*.png"))[:2]
+    batch = torch.stack(make_decode_transform(build_eval_transform(64))({"path": paths})["pixel_values"])
+    mean, std = [0.5] * 3, [0.25] * 3
+
+    class Oracle(torch.nn.Module):  # returns the exact normalised target as the "prediction"
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, pixel_values, noise):
+            out = self.inner(pixel_values=pixel_values, noise=noise)
+            target = self.inner.patchify(pixel_values)
+            out.logits = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+            return out
+
+        def patchify(self, x):
+            return self.inner.patchify(x)
+
+        def unpatchify(self, x):
+            return self.inner.unpatchify(x)
+
+    original, masked, recon = reconstruct(Oracle(model), batch, mean, std)
+    assert original.shape == recon.shape == (2, 64, 64)
+    assert np.abs(original - recon).max() < 0.02
+    assert np.abs(original - masked).max() > 0.1  # masked patches are greyed out
+
+
+def test_config_file_and_flag_precedence(tmp_path, recipe):
+    from hf_medvis.training.args import parse_recipe_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"mask_ratio": 0.9, "crop_scale": [0.5, 1.0], "learning_rate": 1e-3,
+                                      "norm_pix_loss": False, "max_steps": 7}))
+    types = (recipe.MAEModelArguments, recipe.MAEDataArguments, recipe.PretrainingArguments, recipe.MonitoringArguments)
+    model_args, data_args, training_args, _ = parse_recipe_args(
+        types, ["--config", str(config), "--max_steps", "3", "--output_dir", str(tmp_path / "o")]
+    )
+    assert model_args.mask_ratio == 0.9 and model_args.norm_pix_loss is False  # from the file
+    assert data_args.crop_scale == [0.5, 1.0] and training_args.learning_rate == 1e-3
+    assert training_args.max_steps == 3  # the flag wins over the file
+    # Without --config the recipe's default config applies, and flags still win.
+    model_args, _, training_args, _ = parse_recipe_args(types, ["--mask_ratio", "0.6"], recipe.DEFAULT_CONFIG)
+    assert model_args.mask_ratio == 0.6 and model_args.model_preset == "tiny" and training_args.max_steps == 150
+
+
+def test_learning_rate_scales_with_global_batch():
+    from types import SimpleNamespace
+
+    from hf_medvis.training.lr import apply_base_learning_rate, global_batch_size
+
+    args = SimpleNamespace(per_device_train_batch_size=32, gradient_accumulation_steps=4, world_size=8,
+                           learning_rate=0.0, hf_deepspeed_config=None)
+    assert global_batch_size(args) == 1024
+    line = apply_base_learning_rate(args, 1.5e-4)
+    assert args.learning_rate == pytest.approx(6e-4) and "global batch 1024" in line
+    args.world_size, args.gradient_accumulation_steps = 1, 1
+    apply_base_learning_rate(args, 1.5e-4)
+    assert args.learning_rate == pytest.approx(1.5e-4 * 32 / 256)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--train_data", "/nonexistent/xrays"], "does not exist: /nonexistent/xrays"),
+        (["--mask_ratio", "1.5"], "--mask_ratio must be in (0, 1)"),
+        (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1)"),
+        (["--max_steps", "many"], "invalid int value: 'many'"),
+        (["--no_such_flag", "1"], "no_such_flag"),
+        (["--num_channels", "2"], "--num_channels must be 1 or 3"),
+        (["--crop_scale", "0.9", "0.1"], "--crop_scale"),
+        (["--config", "/nonexistent.yaml"], "--config: file not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(recipe, tmp_path, argv, expected):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--output_dir", str(out), *argv])
+    message = str(info.value)
+    assert info.value.code != 0
+    assert expected in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_bad_config_key_and_empty_folder(recipe, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("mask_ratio: 0.75\nmask_ration: 0.8\n")
+    with pytest.raises(SystemExit, match="unknown key 'mask_ration'"):
+        recipe.main(["--config", str(config), "--output_dir", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files"):
+        recipe.main(["--train_data", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_holding_another_run_is_refused(recipe, tmp_path, phantom_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds another run"):
+        recipe.main(["--output_dir", str(out), "--train_data", str(phantom_dir / "images")])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_push_to_hub_fails_fast_when_the_hub_is_unreachable(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    start = time.time()
+    with pytest.raises(SystemExit, match="needs a Hugging Face token"):
+        recipe.main(["--output_dir", str(tmp_path / "a"), "--push_to_hub", "true", "--hub_model_id", "me/mae"])
+    secret = "hf_" + "s3cr3t" * 4
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--output_dir", str(tmp_path / "b"), "--push_to_hub", "true", "--hub_model_id", "me/mae",
+                     "--hub_token", secret])
+    assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in str(info.value)
+    assert secret not in str(info.value)
+    assert time.time() - start < 30
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_hub_token_is_kept_out_of_saved_arguments(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_medvis.training.hub import keep_token_out_of_outputs
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = SimpleNamespace(hub_token="hf_secret")
+    keep_token_out_of_outputs(args)
+    assert args.hub_token is None
+    assert os.environ["HF_TOKEN"] == "hf_secret"
+
+
+def test_entry_point_without_arguments_uses_the_embedded_default(medvis_cache, tmp_path):
+    """`python recipes/pretrain_mae.py` with no data argument trains on the phantom set (shortened here)."""
+    cmd = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--output_dir", str(tmp_path / "o"),
+           "--max_steps", "2", "--phantom_patients", "6", "--eval_strategy", "no", "--save_strategy", "no",
+           "--num_reconstruction_images", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "embedded synthetic chest X-ray phantoms" in result.stdout + result.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
