@@ -24,15 +24,11 @@ from hf_medvis.models.build import (
 )
 from hf_medvis.training.args import parse_recipe_args
 from hf_medvis.training.batching import collate_pixels
-from hf_medvis.training.callbacks import LossHistoryCallback
-from hf_medvis.training.hub import check_hub_ready, keep_token_out_of_outputs
-from hf_medvis.training.lr import apply_base_learning_rate
 from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, PretrainingArguments, mae_model_card
 from hf_medvis.training.model_card import write_model_card
-from hf_medvis.training.monitoring import MonitoringArguments, build_monitoring_callbacks
-from hf_medvis.training.outputs import check_output_dir, resolve_resume_checkpoint
+from hf_medvis.training.monitoring import MonitoringArguments
 from hf_medvis.training.reconstructions import reconstruct, save_reconstruction_grid
-from hf_medvis.training.setup import recipe_errors, setup_logging
+from hf_medvis.training.setup import build_recipe_callbacks, prepare_run, recipe_errors, setup_logging
 from hf_medvis.training.trainer import MedVisTrainer
 
 logger = logging.getLogger("pretrain_mae")
@@ -46,13 +42,7 @@ def main(argv=None):
     )
     setup_logging(training_args)
     with recipe_errors():
-        checkpoint = resolve_resume_checkpoint(training_args)
-        check_output_dir(training_args, training_args.overwrite_output_dir, resuming=checkpoint is not None)
-        if training_args.push_to_hub:
-            user = check_hub_ready(training_args)
-            keep_token_out_of_outputs(training_args)
-            logger.info("Hub ready: pushing as %s", user)
-        lr_line = apply_base_learning_rate(training_args, training_args.base_learning_rate)
+        run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
         set_seed(training_args.seed)
 
         # 2. Model: a checkpoint or a fresh preset architecture.
@@ -96,7 +86,7 @@ def main(argv=None):
         f"{count_parameters(model):,}", image_size, model.config.patch_size, model.config.num_channels,
         model.config.mask_ratio,
     )
-    logger.info("world size %d; %s", training_args.world_size, lr_line)
+    logger.info("world size %d; %s", training_args.world_size, run.lr_line)
 
     # 4. Trainer.
     card_state: dict = {"metrics": {}}
@@ -104,7 +94,7 @@ def main(argv=None):
     def write_card(output_dir: str) -> None:
         content = mae_model_card(
             trainer.model if hasattr(trainer.model, "config") else model, model_args, data_args, training_args,
-            data_description=train_source.description, data_info=data_info, lr_line=lr_line,
+            data_description=train_source.description, data_info=data_info, lr_line=run.lr_line,
             metrics=card_state["metrics"],
         )
         write_model_card(output_dir, content)
@@ -116,14 +106,14 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=collate_pixels,
         processing_class=build_image_processor(image_size, mean, std),
-        callbacks=[LossHistoryCallback(training_args.output_dir), *build_monitoring_callbacks(monitoring_args, training_args)],
+        callbacks=build_recipe_callbacks(training_args, monitoring_args),
         image_mean=mean,
         image_std=std,
         model_card_writer=write_card,
     )
 
     # 5. Train and evaluate.
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
     metrics = dict(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
     if eval_dataset is not None:

@@ -81,7 +81,7 @@ def mae_model_card(
     config = model.config
     architecture = {
         "encoder": f"ViT, {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
-        "decoder": f"{config.decoder_num_hidden_layers} layers, hidden {config.decoder_hidden_size}",
+        "decoder": f"{config.decoder_num_hidden_layers} layer(s), hidden {config.decoder_hidden_size}",
         "patch size": config.patch_size,
         "image size": config.image_size,
         "channels": config.num_channels,
@@ -93,9 +93,9 @@ def mae_model_card(
         "images (train / held-out)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
         "augmentation": f"RandomResizedCrop scale {tuple(data_args.crop_scale)}" + (", horizontal flip" if data_args.hflip else ""),
         "learning rate": lr_line,
-        "optimizer": f"{training_args.optim}, betas ({training_args.adam_beta1}, {training_args.adam_beta2}), "
+        "optimizer": f"{_plain(training_args.optim)}, betas ({training_args.adam_beta1}, {training_args.adam_beta2}), "
         f"weight decay {training_args.weight_decay}",
-        "schedule": f"{training_args.lr_scheduler_type}, warmup {training_args.warmup_steps}",
+        "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
         "precision": "bf16" if training_args.bf16 else ("fp16" if training_args.fp16 else "fp32"),
         "steps": metrics.get("global_step", "?"),
     }
@@ -113,3 +113,8 @@ def mae_model_card(
         },
         sections={"Architecture": architecture, "Training": training, "Results": results or "No evaluation was run."},
     )
+
+
+def _plain(value) -> str:
+    """Enum members (OptimizerNames, SchedulerType) as their plain value."""
+    return str(getattr(value, "value", value))

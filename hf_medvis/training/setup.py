@@ -6,13 +6,20 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import transformers
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
-from .hub import HubNotReadyError
+from .callbacks import LossHistoryCallback
+from .hub import HubNotReadyError, check_hub_ready, keep_token_out_of_outputs
+from .lr import apply_base_learning_rate
+from .monitoring import MonitoringArguments, build_monitoring_callbacks
+from .outputs import check_output_dir, resolve_resume_checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 def setup_logging(args: TrainingArguments) -> None:
@@ -45,3 +52,27 @@ def recipe_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}") from None
+
+
+@dataclass
+class RunPlan:
+    checkpoint: str | None  # checkpoint to resume from, if any
+    lr_line: str  # how the learning rate was derived, for the log and the model card
+
+
+def prepare_run(args: TrainingArguments) -> RunPlan:
+    """Checks shared by every recipe, in the order that fails fastest, before anything is written:
+    resume target, output folder, Hub access (token moved out of the saved arguments), batch-scaled learning rate."""
+    checkpoint = resolve_resume_checkpoint(args)
+    check_output_dir(args, args.overwrite_output_dir, resuming=checkpoint is not None)
+    if args.push_to_hub:
+        user = check_hub_ready(args)
+        keep_token_out_of_outputs(args)
+        logger.info("Hub ready: pushing as %s", user)
+    lr_line = apply_base_learning_rate(args, getattr(args, "base_learning_rate", None))
+    return RunPlan(checkpoint=checkpoint, lr_line=lr_line)
+
+
+def build_recipe_callbacks(args: TrainingArguments, monitoring_args: MonitoringArguments) -> list[TrainerCallback]:
+    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput)."""
+    return [LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args)]
