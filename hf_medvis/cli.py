@@ -11,6 +11,13 @@ from collections.abc import Sequence
 # One module per subcommand (or family of subcommands); add a line here to add a command.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_medvis.data.phantoms_cli",
+    "hf_medvis.data.prepare_cli",
+    "hf_medvis.infra.nccl_cli",
+    "hf_medvis.infra.env_cli",
+    "hf_medvis.infra.size_cli",
+    "hf_medvis.infra.logs_cli",
+    "hf_medvis.data.split_cli",
+    "hf_medvis.eval_cli",
 )
 
 

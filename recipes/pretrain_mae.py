@@ -24,6 +24,7 @@ from hf_medvis.models.build import (
 )
 from hf_medvis.training.args import parse_recipe_args
 from hf_medvis.training.batching import collate_pixels
+from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, PretrainingArguments, mae_model_card
 from hf_medvis.training.model_card import write_model_card
 from hf_medvis.training.monitoring import MonitoringArguments
@@ -36,6 +37,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mae_tiny_demo.yaml"
 
 
 def main(argv=None):
+    setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(
         (MAEModelArguments, MAEDataArguments, PretrainingArguments, MonitoringArguments), argv, DEFAULT_CONFIG

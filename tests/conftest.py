@@ -49,3 +49,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """A real Azurite blob service for the session (tests/azurite.py): ``.connection_string``, ``.storage_options``
+    (for adlfs), ``.create_container(name)`` -> ``az://name``. Stopped by PID at the end."""
+    from azurite import Azurite  # tests/azurite.py (pytest puts tests/ on sys.path)
+
+    try:
+        service = Azurite(location=tmp_path_factory.mktemp("azurite")).start()
+    except RuntimeError as err:
+        pytest.fail(f"Azurite unavailable: {err}")
+    yield service
+    service.stop()

@@ -110,7 +110,7 @@ def test_config_file_and_flag_precedence(tmp_path, recipe):
     assert training_args.max_steps == 3  # the flag wins over the file
     # Without --config the recipe's default config applies, and flags still win.
     model_args, _, training_args, _ = parse_recipe_args(types, ["--mask_ratio", "0.6"], recipe.DEFAULT_CONFIG)
-    assert model_args.mask_ratio == 0.6 and model_args.model_preset == "tiny" and training_args.max_steps == 150
+    assert model_args.mask_ratio == 0.6 and model_args.model_preset == "tiny" and training_args.max_steps == 300
 
 
 def test_learning_rate_scales_with_global_batch():

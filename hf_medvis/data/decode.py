@@ -27,16 +27,15 @@ def _describe(source: Any) -> str:
     return text.split("?", 1)[0]
 
 
-def _read_bytes(src: str | os.PathLike | bytes) -> bytes:
+def _read_bytes(src: str | os.PathLike | bytes, storage_options: dict | None = None) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
     text = os.fspath(src)
-    if "://" in text:
-        import fsspec
+    if "://" in text and not text.startswith("file://"):
+        from .storage import read_bytes
 
-        with fsspec.open(text, "rb") as f:
-            return f.read()
-    return Path(text).read_bytes()
+        return read_bytes(text, storage_options)
+    return Path(text.removeprefix("file://")).read_bytes()
 
 
 def _is_dicom(data: bytes) -> bool:
@@ -48,32 +47,54 @@ def read_image(
     *,
     window: str | tuple[float, float] | None = "auto",
     frame: int | None = None,
+    storage_options: dict | None = None,
 ) -> np.ndarray:
     """Reads one image into a 2-D float32 array in [0, 1], higher = brighter (as MONOCHROME2).
 
+    ``src`` is a local path, an fsspec URL (``az://``, ``abfs://``, ``file://``, ...; credentials from
+    ``storage_options`` or the environment) or the file's bytes. The format is recognised by content, not by extension.
+
     DICOM: Modality LUT -> VOI (``window="auto"``: VOI LUT Sequence, else Window Center/Width; a ``(center, width)``
     tuple overrides; ``None`` scales by the stored range) -> MONOCHROME1 inverted. Colour images become luminance.
+    Multi-frame DICOM needs ``frame``. 16-bit PNG/TIFF keep their full depth.
+
+    Raises ``ImageDecodeError`` (a ``ValueError``) naming the source and the reason.
     """
+    if window is not None and window != "auto" and not (isinstance(window, tuple) and len(window) == 2):
+        raise ValueError(f"window must be 'auto', None or (center, width), got {window!r}")
     try:
-        data = _read_bytes(src)
+        data = _read_bytes(src, storage_options)
     except FileNotFoundError:
         raise ImageDecodeError(src, "file not found") from None
-    except OSError as err:
-        raise ImageDecodeError(src, f"cannot read: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ImageDecodeError(src, f"cannot read: {type(err).__name__}") from None
     if not data:
-        raise ImageDecodeError(src, "empty file")
-    name = "" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src).lower()
-    if _is_dicom(data) or name.endswith((".dcm", ".dicom")):
+        raise ImageDecodeError(src, "empty file (0 bytes)")
+    name = "" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src).lower().split("?", 1)[0]
+    if _is_dicom(data):
         return _decode_dicom(src, data, window=window, frame=frame)
-    return _decode_raster(src, data)
+    if _looks_like_raster(data) or not name.endswith((".dcm", ".dicom")):
+        return _decode_raster(src, data)
+    # A .dcm without the 128-byte preamble + "DICM" (old ACR-NEMA style files): parse it leniently.
+    return _decode_dicom(src, data, window=window, frame=frame, strict=False)
+
+
+# Magic numbers of the raster formats Pillow reads for us: PNG, JPEG, TIFF (both byte orders), BMP, JPEG 2000.
+_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"\x00\x00\x00\x0cjP  ")
+
+
+def _looks_like_raster(data: bytes) -> bool:
+    return data.startswith(_RASTER_MAGIC)
 
 
 def _decode_raster(src: Any, data: bytes) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            # Camera/scanner JPEGs may store orientation in EXIF; display orientation is what we promise.
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float32)
                 scale = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
@@ -87,36 +108,87 @@ def _decode_raster(src: Any, data: bytes) -> np.ndarray:
             return np.asarray(im, dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise ImageDecodeError(src, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(src, f"image too large: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(src, f"truncated or corrupt image: {err}") from None
 
 
-def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None) -> np.ndarray:
+def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True):
+    """The DICOM dataset of ``data`` (pixels included, not decoded); ``ImageDecodeError`` when unreadable."""
+    import warnings
+
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError) as err:
-        raise ImageDecodeError(src, f"not a readable DICOM file: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every lenient fix; the error path says what matters
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ImageDecodeError(src, f"not a readable DICOM file: {type(err).__name__}") from None
+    if not strict and len(ds) == 0:
+        raise ImageDecodeError(src, "not an image (neither DICOM nor a known raster format)")
+    return ds
+
+
+def _transfer_syntax(ds):
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _check_decoder(src: Any, ds) -> None:
+    """A clear error before decoding when the transfer syntax has no decoder, or needs the [dicom] extra."""
+    from pydicom.pixels import get_decoder
+
+    syntax = _transfer_syntax(ds)
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageDecodeError(src, f"unsupported transfer syntax {syntax.name} ({syntax}): no DICOM decoder exists") from None
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            src,
+            f"compressed transfer syntax {syntax.name} ({syntax}) needs a codec that is not installed: "
+            "pip install 'hf_medvis[dicom]' (pylibjpeg and its plugins)",
+        )
+
+
+def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None, strict: bool = True) -> np.ndarray:
+    ds = read_dicom_header(data, src, strict=strict)
+    try:
+        return _decode_dicom_dataset(src, ds, window=window, frame=frame)
+    except ImageDecodeError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
+        # Malformed attributes (e.g. NumberOfFrames "1A", an inconsistent LUT descriptor).
+        raise ImageDecodeError(src, f"invalid DICOM image attributes: {type(err).__name__}: {err}") from None
+
+
+def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageDecodeError(src, "DICOM has no pixel data")
+    _check_decoder(src, ds)
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if n_frames > 1 and frame is None:
         raise ImageDecodeError(src, f"multi-frame DICOM ({n_frames} frames): pass frame=")
     if frame is not None and not 0 <= frame < n_frames:
         raise ImageDecodeError(src, f"frame {frame} out of range (the file has {n_frames})")
     try:
-        pixels = ds.pixel_array if n_frames == 1 else ds.pixel_array[frame]
-    except (NotImplementedError, RuntimeError) as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        raise ImageDecodeError(
-            src, f"unsupported or undecodable transfer syntax {name}: install hf_medvis[dicom] ({err})"
-        ) from None
-    except (ValueError, AttributeError, EOFError) as err:
+        # Decode only the requested frame: a 1,000-frame cine loop need not be decoded whole.
+        pixels = ds.pixel_array if n_frames == 1 else _frame_array(ds, frame)
+    except NotImplementedError as err:
+        raise ImageDecodeError(src, f"unsupported DICOM pixel data: {err}") from None
+    except RuntimeError as err:
+        syntax = _transfer_syntax(ds)
+        raise ImageDecodeError(src, f"cannot decode {getattr(syntax, 'name', syntax)} pixel data: {err}") from None
+    except (ValueError, AttributeError, EOFError, KeyError, TypeError, IndexError) as err:
         raise ImageDecodeError(src, f"truncated or corrupt DICOM pixel data: {err}") from None
+    if pixels.ndim not in (2, 3) or pixels.size == 0:
+        raise ImageDecodeError(src, f"unexpected DICOM pixel array shape {pixels.shape}")
 
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if int(getattr(ds, "SamplesPerPixel", 1)) > 1 or photometric in ("RGB", "PALETTE COLOR") or photometric.startswith("YBR"):
@@ -127,7 +199,8 @@ def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None) -> np.nda
         center, width = window
         values = _linear_window(values, float(center), float(width))
     elif window == "auto" and "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        # The LUT is indexed by modality-LUT output, which is integral for integer pixels and slopes.
+        values = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True).astype(np.float64)
         values = values / float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
     elif window == "auto" and "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -139,6 +212,13 @@ def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None) -> np.nda
     if photometric == "MONOCHROME1":
         values = 1.0 - values
     return values.astype(np.float32)
+
+
+def _frame_array(ds, frame: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    # pixel_array(index=) decodes only the requested frame.
+    return pixel_array(ds, index=frame)
 
 
 def _first(value) -> float:

@@ -7,7 +7,7 @@ import csv
 import glob
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,53 @@ def list_image_files(source: str | os.PathLike, storage_options: dict | None = N
     if not files:
         raise DataSourceError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {text.split('?', 1)[0]}")
     return sorted(files)
+
+
+def iter_image_files(source: str | os.PathLike, storage_options: dict | None = None) -> Iterator[str]:
+    """Image paths under a folder (recursive), a glob, or an fsspec URL, in a deterministic order, streamed.
+
+    Unlike ``list_image_files`` this never holds the whole listing: folders are walked one at a time (names sorted
+    within each), so millions of files cost memory for one folder's names only.
+    """
+    import fnmatch
+
+    text = os.fspath(source)
+    pattern = None
+    if _has_glob(text):
+        head = text.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        root, pattern = head.rsplit("/", 1)[0] if "/" in head else ".", text
+    else:
+        root = text
+    if "://" in text:
+        import fsspec
+
+        fs, _, (path,) = fsspec.get_fs_token_paths(root, storage_options=storage_options or {})
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        if not fs.exists(path):
+            raise DataSourceError(f"data location does not exist: {root.split('?', 1)[0]}")
+        if fs.isfile(path):
+            yield f"{protocol}://{path}"
+            return
+        full_pattern = pattern.split("://", 1)[1] if pattern else None
+        for folder, dirs, files in fs.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = f"{folder.rstrip('/')}/{name}"
+                if name.lower().endswith(IMAGE_EXTENSIONS) and (full_pattern is None or fnmatch.fnmatch(full, full_pattern)):
+                    yield f"{protocol}://{full}"
+        return
+    base = Path(root).expanduser()
+    if base.is_file():
+        yield str(base)
+        return
+    if not base.is_dir():
+        raise DataSourceError(f"data location does not exist: {text}")
+    for folder, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and (pattern is None or fnmatch.fnmatch(full, pattern)):
+                yield full
 
 
 def find_labels_file(source: str | os.PathLike) -> Path | None:
@@ -106,12 +153,13 @@ def build_folder_records(
     files = list_image_files(source, storage_options)
     labels_path = labels_file or find_labels_file(source)
     rows = read_labels_csv(labels_path) if labels_path else {}
-    records: dict[str, list[Any]] = {"path": [], "group": [], "finding_labels": []}
+    records: dict[str, list[Any]] = {"path": [], "key": [], "group": [], "finding_labels": []}
     for file in files:
         name = file.rsplit("/", 1)[-1]
         row = rows.get(name) or rows.get(Path(name).stem)
         group = row.get(group_col) if row else None
         records["path"].append(file)
+        records["key"].append(Path(name).stem)
         records["group"].append(group_key_hash(group if group else Path(name).stem))
         records["finding_labels"].append(row.get(label_col) if row else None)
     return records
@@ -139,7 +187,10 @@ def make_decode_transform(image_transform: Callable, storage_options: dict | Non
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
         batch = dict(batch)
-        batch["pixel_values"] = [image_transform(to_uint8_tensor(read_image(path))) for path in batch["path"]]
+        # Bytes go through fsspec/adlfs with our storage options: datasets' own Image feature loses them for az://.
+        batch["pixel_values"] = [
+            image_transform(to_uint8_tensor(read_image(path, storage_options=storage_options))) for path in batch["path"]
+        ]
         return batch
 
     return transform

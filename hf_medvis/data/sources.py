@@ -65,17 +65,25 @@ def build_train_eval_datasets(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     filter_records: Callable[[dict[str, list[Any]]], dict[str, list[Any]]] | None = None,
+    split_records: Callable[[dict[str, list[Any]]], tuple[dict[str, list[Any]], dict[str, list[Any]]]] | None = None,
+    validation_labels_file: str | None = None,
 ):
-    """Returns (train_dataset, eval_dataset or None, info dict with counts)."""
+    """Returns (train_dataset, eval_dataset or None, info dict with counts).
+
+    Without ``validation_data``, ``split_records`` (if given) splits the training records into (train, eval) instead of
+    the hash holdout; ``validation_labels_file`` labels ``validation_data`` when it has no labels.csv of its own.
+    """
     records = build_folder_records(train.location, train.labels_file, storage_options)
     if filter_records is not None:
         records = filter_records(records)
     if validation_data is not None:
-        val_labels = find_labels_file(validation_data)
+        val_labels = validation_labels_file or find_labels_file(validation_data)
         eval_records = build_folder_records(validation_data, str(val_labels) if val_labels else train.labels_file, storage_options)
         if filter_records is not None:
             eval_records = filter_records(eval_records)
         train_records = records
+    elif split_records is not None:
+        train_records, eval_records = split_records(records)
     elif holdout_percentage > 0:
         held = [in_holdout(group, holdout_percentage) for group in records["group"]]
         train_records = _select(records, lambda i: not held[i])

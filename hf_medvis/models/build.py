@@ -109,7 +109,7 @@ def build_mae_model(
         if attn_implementation:
             config._attn_implementation = attn_implementation
         logger.info("Training a new ViTMAE from preset '%s'", preset)
-        return ViTMAEForPreTraining(config)
+        return ensure_sincos_position_embeddings(ViTMAEForPreTraining(config))
 
     local = Path(model_name_or_path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -133,6 +133,23 @@ def build_mae_model(
         )
     except OSError as err:
         raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path}: {_first_line(err)}") from None
+    return model
+
+
+def ensure_sincos_position_embeddings(model: ViTMAEForPreTraining) -> ViTMAEForPreTraining:
+    """Gives a freshly built ViTMAE its fixed 2-D sin-cos position embeddings when the library left them at zero.
+
+    transformers 5.x skips the encoder's sin-cos init (its "already initialised" guard trips) and zeroes the decoder's;
+    the embeddings are frozen, so such a model is position-blind and can only learn to predict the mean patch.
+    """
+    embeddings, decoder = model.vit.embeddings, model.decoder
+    if embeddings.position_embeddings.detach().abs().sum() == 0:
+        embeddings.patch_embeddings.projection._is_hf_initialized = False
+        embeddings.initialize_weights()
+    if decoder.decoder_pos_embed.detach().abs().sum() == 0:
+        decoder.initialize_weights(embeddings.patch_embeddings.num_patches)
+    if embeddings.position_embeddings.detach().abs().sum() == 0 or decoder.decoder_pos_embed.detach().abs().sum() == 0:
+        raise RuntimeError("ViTMAE position embeddings are still zero after initialisation")
     return model
 
 

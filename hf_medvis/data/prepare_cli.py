@@ -1,0 +1,56 @@
+"""``hf-medvis prepare SRC DST``: raw images -> pre-sized Parquet shards + manifest + quarantine report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="decode raw images once into pre-sized grayscale shards for fast streaming",
+        description="Decodes every image under SRC (folder, glob or fsspec URL such as az://container/raw) with "
+        "read_image, resizes it (shorter side to --size, centre crop), and writes Parquet shards, manifest.json and "
+        "quarantine.jsonl under DST (folder or fsspec URL). Re-running skips finished shards. Patient ids are stored "
+        "only as salted hashes (--salt or HF_MEDVIS_SALT).",
+    )
+    parser.add_argument("src", help="raw images: folder, glob, or fsspec URL")
+    parser.add_argument("dst", help="output folder or fsspec URL")
+    parser.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
+    parser.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored depth (default 8)")
+    parser.add_argument("--labels", default=None, help="NIH-style labels CSV (default: labels.csv next to SRC)")
+    parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
+    parser.add_argument("--format", dest="shard_format", default="parquet", choices=("parquet",), help="shard format")
+    parser.add_argument("--salt", default=None, help="secret salt for patient-id hashing (default: $HF_MEDVIS_SALT)")
+    parser.add_argument(
+        "--storage_options", "--storage-options", default=None,
+        help="fsspec options as JSON (default: Azure credentials from the environment); never printed",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    manifest = prepare(
+        args.src,
+        args.dst,
+        size=args.size,
+        bits=args.bits,
+        labels=args.labels,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        salt=args.salt,
+        storage_options=args.storage_options,
+        shard_format_name=args.shard_format,
+    )
+    t = manifest["totals"]
+    print(
+        f"prepared {t['written']} of {t['inputs_seen']} inputs into {t['shards']} shards "
+        f"({t['shards_resumed']} already done); quarantined {t['quarantined']}, "
+        f"labels rows without image {t['labels_rows_without_image']} -> {args.dst.split('?', 1)[0]}"
+    )
+    for warning in manifest["warnings"]:
+        print(f"warning: {warning}")
+    return 0

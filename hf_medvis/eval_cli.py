@@ -1,0 +1,118 @@
+"""``hf-medvis evaluate`` (metrics with patient-bootstrap CIs and plots) and ``hf-medvis predict`` (JSON lines)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a fine-tuned classifier: metrics.json with patient-bootstrap 95%% CIs, roc.png, confusion.png",
+        description="Scores every labelled image of --data (images not listed in --labels are skipped) and writes "
+        "OUT/metrics.json (per class and macro, 95%% CIs from resampling patients), OUT/per_class.json, OUT/roc.png and, "
+        "for multi-class models, OUT/confusion.png.",
+    )
+    ev.add_argument("--model", required=True, help="fine-tuned model folder (output of recipes/finetune_vit.py)")
+    ev.add_argument("--data", required=True, help="images: folder, glob or fsspec URL (PNG/JPEG/DICOM)")
+    ev.add_argument("--labels", default=None, help="labels CSV (default: labels.csv beside the images), e.g. test.csv")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples (default 1000)")
+    ev.add_argument("--threshold", type=float, default=0.5, help="probability threshold for F1 (default 0.5)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--storage-options", default=None, help="JSON dict of fsspec storage options")
+    ev.set_defaults(func=run_evaluate)
+
+    pr = subparsers.add_parser(
+        "predict",
+        help="per-class probabilities for DICOM/PNG/JPEG files, as JSON lines",
+        description="Prints one JSON object per input: {\"file\": ..., \"probabilities\": {class: p, ...}}.",
+    )
+    pr.add_argument("--model", required=True, help="fine-tuned model folder")
+    pr.add_argument("files", nargs="+", help="image files or fsspec URLs")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
+    pr.set_defaults(func=run_predict)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError("--storage-options must be a JSON object (value not shown)") from None
+    if not isinstance(value, dict):
+        raise ValueError("--storage-options must be a JSON object (value not shown)")
+    return value
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .data.folder import build_folder_records, find_labels_file
+    from .data.labels import encode_labels, label_matrix
+    from .training.evaluation import (
+        Predictor,
+        format_metrics_table,
+        metrics_with_ci,
+        per_class_table,
+        save_confusion_plot,
+        save_roc_plot,
+        write_json,
+    )
+
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+    storage_options = _storage_options(args.storage_options)
+    predictor = Predictor(args.model)
+    spec = predictor.spec
+    labels_file = args.labels or find_labels_file(args.data)
+    if labels_file is None:
+        raise ValueError(f"images without labels: no labels.csv beside {args.data}; pass --labels CSV")
+    records = build_folder_records(args.data, labels_file, storage_options)
+    keep = [i for i, v in enumerate(records["finding_labels"]) if v is not None and str(v).strip()]
+    if not keep:
+        raise ValueError(f"none of the images in {args.data} is listed in {Path(labels_file).name}")
+    paths = [records["path"][i] for i in keep]
+    groups = [records["group"][i] for i in keep]
+    encoded = encode_labels([records["finding_labels"][i] for i in keep], spec)
+    truth = label_matrix(encoded, spec)
+    print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
+    probs = predictor.predict(paths, batch_size=args.batch_size, storage_options=storage_options)
+    metrics = metrics_with_ci(truth, probs, groups, spec, threshold=args.threshold, n_resamples=args.bootstrap,
+                              seed=args.seed)
+    metrics["problem_type"] = spec.problem_type
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "per_class.json", per_class_table(metrics, spec))
+    save_roc_plot(out / "roc.png", truth, probs, spec)
+    if not spec.multi_label:
+        save_confusion_plot(out / "confusion.png", truth, probs, spec)
+    print(format_metrics_table(metrics, spec))
+    print(f"wrote metrics.json, per_class.json, roc.png{'' if spec.multi_label else ', confusion.png'} to {out}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .training.evaluation import Predictor
+
+    predictor = Predictor(args.model)
+    probs = predictor.predict(args.files, batch_size=args.batch_size)
+    lines = [
+        json.dumps({"file": file.split("?", 1)[0],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.spec.names, row, strict=True)}})
+        for file, row in zip(args.files, probs, strict=True)
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

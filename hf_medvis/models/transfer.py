@@ -1,0 +1,257 @@
+"""``ViTForImageClassification`` from a fresh preset, a ViT checkpoint, or an MAE pretraining output.
+
+ViTMAE and ViT share ``base_model_prefix = "vit"`` and their encoder parameter names, so the encoder of an MAE output
+transfers key for key; the decoder is dropped and the classifier is new. The transfer is done on the state dict (rather
+than ``from_pretrained(..., ignore_mismatched_sizes=True)``) so that position embeddings can be interpolated to a new
+``--image_size`` and so that the log states exactly which keys were loaded, dropped, missing or re-initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, ViTConfig, ViTForImageClassification
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from ..data.labels import LabelSpec
+from .build import ModelSetupError, _apply_overrides, _first_line, load_presets, parse_config_overrides
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+# Architecture fields that a ViT classifier takes from a ViT or ViTMAE config.
+_ENCODER_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
+    "image_size", "patch_size", "num_channels", "qkv_bias", "initializer_range",
+)  # fmt: skip
+
+
+class MeanPoolViTForImageClassification(ViTForImageClassification):
+    """Global average pooling of the patch tokens (the MAE fine-tuning default) instead of the CLS token.
+
+    Saved folders record ``pooling: "mean"`` in config.json; load them with ``load_classifier``. Plain
+    ``ViTForImageClassification`` would read the CLS token instead.
+    """
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs) -> ImageClassifierOutput:
+        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(outputs.last_hidden_state[:, 1:, :].mean(dim=1))
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+def classifier_class(pooling: str) -> type[ViTForImageClassification]:
+    if pooling not in POOLINGS:
+        raise ModelSetupError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+    return MeanPoolViTForImageClassification if pooling == "mean" else ViTForImageClassification
+
+
+@dataclass
+class LoadReport:
+    """What happened to each weight of the source checkpoint."""
+
+    source: str
+    source_type: str  # "new", "vit" or "vit_mae"
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the classifier, not in the checkpoint: freshly initialised
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not used
+    dropped: list[str] = field(default_factory=list)  # deliberately not transferred (MAE decoder, pooler)
+    reinitialised: list[str] = field(default_factory=list)  # shape mismatch (e.g. a classifier for other labels)
+    interpolated: str | None = None
+
+    def summary(self) -> str:
+        if self.source_type == "new":
+            return "new model from a preset: every weight freshly initialised"
+        parts = [
+            f"{len(self.loaded)} loaded",
+            f"{len(self.missing)} missing ({_names(self.missing)})",
+            f"{len(self.unexpected)} unexpected ({_names(self.unexpected)})",
+            f"{len(self.dropped)} dropped ({_prefixes(self.dropped)})",
+        ]
+        if self.reinitialised:
+            parts.append(f"{len(self.reinitialised)} re-initialised for the new label set ({_names(self.reinitialised)})")
+        if self.interpolated:
+            parts.append(self.interpolated)
+        return f"weights from {self.source_type} checkpoint: " + "; ".join(parts)
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    if not keys:
+        return "-"
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _prefixes(keys: list[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] + ".*" for k in keys})) or "-"
+
+
+def interpolate_position_embeddings(position_embeddings: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[1, 1 + g*g, D] -> [1, 1 + n, D] with n = ``num_patches`` (square grids); bicubic on the grid, CLS kept."""
+    cls, grid = position_embeddings[:, :1], position_embeddings[:, 1:]
+    old, new = round(grid.shape[1] ** 0.5), round(num_patches**0.5)
+    if old * old != grid.shape[1] or new * new != num_patches:
+        raise ModelSetupError("position embeddings can only be interpolated between square patch grids")
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(position_embeddings.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+def _label_config(config: ViTConfig, spec: LabelSpec, pooling: str) -> None:
+    config.num_labels = len(spec.names)
+    config.id2label = spec.id2label
+    config.label2id = spec.label2id
+    config.problem_type = spec.problem_type
+    config.pooling = pooling
+
+
+def load_source_state_dict(model_name_or_path: str, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint's safetensors file(s), local or on the Hub. Pickled weights are never loaded."""
+    from safetensors.torch import load_file
+
+    local = Path(model_name_or_path).expanduser()
+    if local.is_dir():
+        index = local / "model.safetensors.index.json"
+        if (local / "model.safetensors").is_file():
+            return load_file(local / "model.safetensors")
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(local / shard).items()}
+        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no model.safetensors (safetensors only)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return load_file(hf_hub_download(model_name_or_path, "model.safetensors", cache_dir=cache_dir))
+    except Exception as err:  # the Hub's errors are many; the message is what matters
+        raise ModelSetupError(f"--model_name_or_path: cannot download {model_name_or_path}: {_first_line(err)}") from None
+
+
+def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: str | None):
+    local = Path(model_name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no config.json (not a model folder)")
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise ModelSetupError(f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}") from None
+    if config.model_type not in ("vit", "vit_mae"):
+        raise ModelSetupError(
+            f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model; a ViT or ViT-MAE is needed"
+        )
+    return config
+
+
+def build_vit_config(
+    source: Any | None,
+    *,
+    preset: str = "tiny",
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    num_channels: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ViTConfig:
+    """Encoder architecture from a source config (ViT or ViTMAE) or a preset; the image size may change."""
+    if source is not None:
+        spec = {name: getattr(source, name) for name in _ENCODER_FIELDS if hasattr(source, name)}
+        if patch_size and patch_size != spec["patch_size"]:
+            raise ModelSetupError(f"--patch_size {patch_size} differs from the checkpoint's {spec['patch_size']}")
+        if num_channels and num_channels != spec["num_channels"]:
+            raise ModelSetupError(f"--num_channels {num_channels} differs from the checkpoint's {spec['num_channels']}")
+    else:
+        presets = load_presets()
+        if preset not in presets:
+            raise ModelSetupError(f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})")
+        spec = {k: v for k, v in presets[preset].items() if not k.startswith("decoder_")}
+        spec["num_channels"] = num_channels or 3
+        if patch_size:
+            spec["patch_size"] = patch_size
+    if image_size:
+        spec["image_size"] = image_size
+    config = ViTConfig(**spec)
+    _apply_overrides(config, overrides or {})
+    if config.image_size % config.patch_size:
+        raise ModelSetupError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    return config
+
+
+def build_classifier(
+    model_name_or_path: str | None,
+    spec: LabelSpec,
+    *,
+    preset: str = "tiny",
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    num_channels: int | None = None,
+    pooling: str = "cls",
+    hidden_dropout_prob: float = 0.0,
+    attention_probs_dropout_prob: float = 0.0,
+    config_overrides: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[ViTForImageClassification, LoadReport]:
+    """A classifier for ``spec``'s labels and the report of what was transferred."""
+    cls = classifier_class(pooling)
+    overrides = parse_config_overrides(config_overrides)
+    source = _source_config(model_name_or_path, trust_remote_code, cache_dir) if model_name_or_path else None
+    config = build_vit_config(source, preset=preset, image_size=image_size, patch_size=patch_size,
+                              num_channels=num_channels, overrides=overrides)
+    config.hidden_dropout_prob = hidden_dropout_prob
+    config.attention_probs_dropout_prob = attention_probs_dropout_prob
+    _label_config(config, spec, pooling)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = cls(config)
+    if source is None:
+        return model, LoadReport(source=f"preset {preset}", source_type="new")
+
+    report = LoadReport(source=model_name_or_path, source_type=source.model_type)
+    state = load_source_state_dict(model_name_or_path, cache_dir)
+    if state and not any(k.startswith("vit.") for k in state):  # a bare ViTModel / ViTMAEModel
+        state = {f"vit.{k}": v for k, v in state.items()}
+    target = model.state_dict()
+    kept: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(("decoder.", "vit.pooler.")):
+            report.dropped.append(key)
+        elif key not in target:
+            report.unexpected.append(key)
+        elif key == "vit.embeddings.position_embeddings" and value.shape != target[key].shape:
+            kept[key] = interpolate_position_embeddings(value, target[key].shape[1] - 1)
+            report.interpolated = (
+                f"position embeddings interpolated from {value.shape[1] - 1} to {target[key].shape[1] - 1} patches "
+                f"(image size {source.image_size} -> {config.image_size})"
+            )
+        elif value.shape != target[key].shape:
+            report.reinitialised.append(key)
+        else:
+            kept[key] = value
+    result = model.load_state_dict(kept, strict=False)
+    report.loaded = sorted(kept)
+    report.missing = sorted(k for k in result.missing_keys if k not in report.reinitialised)
+    report.unexpected += list(result.unexpected_keys)
+    if not report.loaded:
+        raise ModelSetupError(f"--model_name_or_path: no weight of {model_name_or_path} matches a ViT encoder")
+    return model, report
+
+
+def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:
+    """A fine-tuned classifier folder (as written by the recipe), with its pooling."""
+    config = _source_config(model_dir, kwargs.pop("trust_remote_code", False), kwargs.get("cache_dir"))
+    if config.model_type != "vit" or not getattr(config, "id2label", None) or config.architectures is None or not any(
+        "ImageClassification" in a for a in config.architectures
+    ):
+        raise ModelSetupError(f"{model_dir} is not a fine-tuned ViT classifier (config.json has no classification head)")
+    cls = classifier_class(getattr(config, "pooling", "cls"))
+    try:
+        return cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)
+    except OSError as err:
+        raise ModelSetupError(f"cannot load weights from {model_dir}: {_first_line(err)}") from None

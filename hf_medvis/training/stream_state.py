@@ -1,0 +1,127 @@
+"""Saves the shard stream's position with every Trainer checkpoint and restores it on resume, so the interrupted
+epoch continues with exactly the samples it had not yet delivered (none twice, none lost).
+
+Why the Trainer's own resume is not enough for a streamed ``IterableDataset``: it has no length, so after a resume the
+Trainer restarts its epoch count at 0 and fast-forwards by *all* steps trained, through the wrong epoch's order, decoding
+every skipped batch. This callback records the stream's own epoch and the batches consumed in it
+(``stream_state.json`` in the checkpoint folder), turns the Trainer's skip off, and makes each DataLoader worker drop
+the samples it had already delivered before they are decoded (``hf_medvis.data.streaming.StreamControl``).
+
+Use with non-persistent DataLoader workers (the default), the same world size, worker count, batch size and data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from transformers import TrainerCallback
+
+from hf_medvis.data import storage
+from hf_medvis.data.streaming import StreamControl, drive_epochs, stream_control, worker_skip_counts
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "stream_state.json"
+
+
+def _datasets_in(loader) -> list:
+    """The dataset objects a (possibly accelerate-wrapped) DataLoader iterates, outermost first."""
+    found, obj, seen = [], loader, set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        obj = getattr(obj, "dataset", None)
+        if obj is not None and hasattr(obj, "set_epoch"):
+            found.append(obj)
+    return found
+
+
+class StreamStateCallback(TrainerCallback):
+    """Pass the dataset that ``load_image_dataset`` returned for training; a map-style dataset makes this a no-op
+    (the Trainer's own resume is exact for those). ``resume_from_checkpoint``: the folder being resumed, when it is
+    not ``output_dir/checkpoint-<global_step>``."""
+
+    def __init__(self, train_dataset, resume_from_checkpoint: str | None = None):
+        self.control: StreamControl | None = stream_control(train_dataset)
+        self.dataset = train_dataset
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self._epoch = -1
+        self._epoch_start_step = 0
+        self._resumed_pass = False
+
+    def _checkpoint_dir(self, args, state) -> str:
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if self.control is None:
+            return
+        for dataset in [self.dataset, *_datasets_in(train_dataloader)]:
+            if type(dataset).__name__ == "IterableDataset":
+                drive_epochs(dataset, self.control)
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            logger.warning("persistent DataLoader workers keep an old copy of the stream: epochs and resume are not exact")
+        self._epoch, self._epoch_start_step, self._resumed_pass = -1, state.global_step, False
+        if state.global_step == 0:
+            return
+        folder = self.resume_from_checkpoint or self._checkpoint_dir(args, state)
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.exists(path):
+            logger.warning("no %s in %s: the stream restarts its epoch (samples may repeat)", STATE_FILE, folder)
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        expected = self._position_fingerprint(args)
+        mismatched = {k: (saved["fingerprint"].get(k), v) for k, v in expected.items() if saved["fingerprint"].get(k) != v}
+        if mismatched:
+            logger.warning("stream position not restored, the run differs from the checkpoint in %s", sorted(mismatched))
+            return
+        batches = saved["steps_in_epoch"] * args.gradient_accumulation_steps
+        self.control.skip = worker_skip_counts(
+            self.control,
+            epoch=saved["epoch"],
+            batches=batches,
+            batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            drop_last=args.dataloader_drop_last,
+        )
+        self.control.skip_epoch = saved["epoch"]
+        # We position the stream; the Trainer must not also skip (it would count from the wrong epoch).
+        args.ignore_data_skip = True
+        self._epoch = saved["epoch"] - 1
+        self._epoch_start_step = state.global_step - saved["steps_in_epoch"]
+        self._resumed_pass = True
+        logger.info("stream resumes epoch %d after %d batches", saved["epoch"], batches)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.control is None:
+            return
+        self._epoch += 1
+        if self._resumed_pass:
+            self._resumed_pass = False  # this pass continues the checkpoint's epoch
+        else:
+            self._epoch_start_step = state.global_step
+        self.control.epoch = self._epoch
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.control is None or not state.is_world_process_zero:
+            return
+        folder = self._checkpoint_dir(args, state)
+        if not os.path.isdir(folder):
+            return
+        record = {
+            "epoch": self._epoch,
+            "steps_in_epoch": state.global_step - self._epoch_start_step,
+            "global_step": state.global_step,
+            "fingerprint": self._position_fingerprint(args),
+        }
+        storage.write_bytes_atomic(os.path.join(folder, STATE_FILE), (json.dumps(record, indent=1) + "\n").encode())
+
+    def _position_fingerprint(self, args) -> dict:
+        return {
+            **self.control.position_fingerprint(),
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "dataloader_num_workers": args.dataloader_num_workers,
+            "dataloader_drop_last": args.dataloader_drop_last,
+        }

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Fine-tuning of a ViT classifier on chest X-rays (multi-label findings or multi-class) with the Hugging Face Trainer.
+
+    accelerate launch recipes/finetune_vit.py                       # tiny ViT on the embedded phantom X-rays
+    accelerate launch recipes/finetune_vit.py --model_name_or_path outputs/demo/mae   # from an MAE pretraining output
+    accelerate launch recipes/finetune_vit.py --config recipes/configs/vit_base_cxr14.yaml \
+        --model_name_or_path google/vit-base-patch16-224 --train_data /data/nih/images \
+        --labels_file split/train.csv --validation_data /data/nih/images --validation_labels_file split/val.csv \
+        --output_dir out --bf16
+
+Every TrainingArguments flag works; ``--config FILE.yaml`` holds the same argument names and flags override it.
+One labelled set is split by patient (label-stratified); a validation set that shares patients with training is refused.
+"""
+
+import logging
+from pathlib import Path
+
+from transformers import set_seed
+
+from hf_medvis.models.build import build_image_processor, count_parameters, describe_path, resolve_normalization
+from hf_medvis.models.transfer import build_classifier
+from hf_medvis.training.args import parse_recipe_args
+from hf_medvis.training.classification import (
+    ClassificationDataArguments,
+    ClassificationTrainer,
+    ClassifierModelArguments,
+    FinetuningArguments,
+    build_classification_callbacks,
+    build_classification_data,
+    classifier_model_card,
+    collate_classification,
+    resolve_image_size,
+    training_pos_weight,
+)
+from hf_medvis.training.evaluation import (
+    build_compute_metrics,
+    format_metrics_table,
+    label_targets,
+    metrics_with_ci,
+    probabilities,
+    write_json,
+)
+from hf_medvis.training.model_card import write_model_card
+from hf_medvis.training.monitoring import MonitoringArguments
+from hf_medvis.training.setup import build_recipe_callbacks, prepare_run, recipe_errors, setup_logging
+
+logger = logging.getLogger("finetune_vit")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vit_tiny_demo.yaml"
+
+
+def main(argv=None):
+    # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
+    model_args, data_args, training_args, monitoring_args = parse_recipe_args(
+        (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments), argv,
+        DEFAULT_CONFIG,
+    )
+    setup_logging(training_args)
+    with recipe_errors():
+        run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
+        set_seed(training_args.seed)
+
+        # 2. Data: labelled images, split by patient; uint8 crops, normalised on the device (MedVisTrainer).
+        image_size = resolve_image_size(model_args)
+        with training_args.main_process_first(desc="preparing data"):
+            data = build_classification_data(data_args, image_size, training_args.seed, training_args.classes)
+        spec = data.spec
+
+        # 3. Model: a new preset, a ViT checkpoint, or an MAE output (encoder transferred, decoder dropped).
+        model, load_report = build_classifier(
+            model_args.model_name_or_path,
+            spec,
+            preset=model_args.model_preset,
+            image_size=image_size,
+            patch_size=model_args.patch_size,
+            num_channels=model_args.num_channels,
+            pooling=model_args.pooling,
+            hidden_dropout_prob=model_args.hidden_dropout_prob,
+            attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
+            config_overrides=model_args.config_overrides,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+        mean, std = resolve_normalization(
+            model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
+        )
+        pos_weight = training_pos_weight(data.train_dataset, spec) if data_args.pos_weight and spec.multi_label else None
+    logger.info(
+        "data: %s from %s; %s", data.source.description, describe_path(data.source.location),
+        ", ".join(f"{k} {v}" for k, v in data.info.items()),
+    )
+    logger.info("labels (%s): %s", spec.problem_type, ", ".join(spec.names))
+    logger.info("model: ViT %s parameters, image %d, patch %d, %s pooling; %s", f"{count_parameters(model):,}",
+                model.config.image_size, model.config.patch_size, model_args.pooling, load_report.summary())
+    if pos_weight is not None:
+        logger.info("pos_weight: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.names, pos_weight.tolist(), strict=True)))
+    logger.info("world size %d; %s; layer decay %g", training_args.world_size, run.lr_line, training_args.layer_decay)
+
+    # 4. Trainer.
+    card_state: dict = {"metrics": {}}
+
+    def write_card(output_dir: str) -> None:
+        content = classifier_model_card(
+            trainer.model if hasattr(trainer.model, "config") else model, model_args, data_args, training_args,
+            spec=spec, data_description=data.source.description, data_info=data.info, load_report=load_report,
+            lr_line=run.lr_line, metrics=card_state["metrics"],
+        )
+        write_model_card(output_dir, content)
+
+    trainer = ClassificationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_during_training,
+        data_collator=collate_classification,
+        processing_class=build_image_processor(model.config.image_size, mean, std),
+        compute_metrics=build_compute_metrics(spec, data_args.threshold),
+        callbacks=[*build_recipe_callbacks(training_args, monitoring_args), *build_classification_callbacks(training_args)],
+        image_mean=mean,
+        image_std=std,
+        model_card_writer=write_card,
+        pos_weight=pos_weight,
+        layer_decay=training_args.layer_decay,
+    )
+
+    # 5. Train, then evaluate on every validation image with patient-bootstrap 95% CIs.
+    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    metrics = dict(train_result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    if data.eval_dataset is not None:
+        prediction = trainer.predict(data.eval_dataset, metric_key_prefix="eval")
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        labels = label_targets(prediction.label_ids, spec)
+        final = metrics_with_ci(labels, probabilities(logits, spec), data.eval_dataset.with_format(None)["group"], spec,
+                                threshold=data_args.threshold, n_resamples=data_args.ci_bootstrap_samples,
+                                seed=training_args.seed)
+        metrics.update({f"eval_{k}": v for k, v in final.items()})
+        metrics["eval_loss"] = prediction.metrics.get("eval_loss")
+        if trainer.is_world_process_zero():
+            logger.info("held-out patients:\n%s", format_metrics_table(final, spec))
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+
+    # 6. Save (model with id2label, processor, card, split report) and push.
+    trainer.save_model()
+    trainer.save_state()
+    card_state["metrics"] = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
+    card_state["metrics"]["global_step"] = trainer.state.global_step
+    if trainer.is_world_process_zero():
+        write_card(training_args.output_dir)
+        if data.split_report is not None:  # counts only: no image names or patient ids
+            write_json(Path(training_args.output_dir) / "split_report.json", data.split_report)
+        logger.info("outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
+                    Path(training_args.output_dir).resolve())
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"ViT fine-tuning, step {trainer.state.global_step}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

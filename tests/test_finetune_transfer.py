@@ -1,0 +1,121 @@
+"""MAE -> ViT transfer, position-embedding interpolation, model-folder checks, and optimizer parameter groups."""
+
+import json
+
+import pytest
+import torch
+
+from hf_medvis.data.labels import LabelSpec
+from hf_medvis.models.build import ModelSetupError, build_mae_model
+from hf_medvis.models.param_groups import layer_id, vit_param_groups
+from hf_medvis.models.transfer import build_classifier, interpolate_position_embeddings, load_classifier
+
+SPEC = LabelSpec(("Cardiomegaly", "Effusion", "Nodule"), "multi_label_classification")
+
+
+@pytest.fixture(scope="module")
+def mae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mae") / "out"
+    torch.manual_seed(0)
+    build_mae_model(None, preset="tiny", image_size=32, patch_size=8).save_pretrained(folder)
+    return folder
+
+
+def test_mae_encoder_transfers_and_the_report_names_every_key(mae_dir, caplog):
+    from safetensors.torch import load_file
+
+    source = load_file(mae_dir / "model.safetensors")
+    model, report = build_classifier(str(mae_dir), SPEC)
+    encoder = sorted(k for k in source if k.startswith("vit."))
+    assert report.source_type == "vit_mae"
+    assert report.loaded == encoder
+    assert report.dropped and all(k.startswith("decoder.") for k in report.dropped)
+    assert report.missing == ["classifier.bias", "classifier.weight"]
+    assert report.unexpected == [] and report.interpolated is None
+    state = model.state_dict()
+    for key in encoder:
+        assert torch.equal(state[key], source[key]), key
+    summary = report.summary()
+    assert f"{len(encoder)} loaded" in summary and "2 missing (classifier.bias, classifier.weight)" in summary
+    assert "dropped (decoder.*)" in summary
+    assert model.config.id2label == {0: "Cardiomegaly", 1: "Effusion", 2: "Nodule"}
+    assert model.config.problem_type == "multi_label_classification"
+
+
+def test_new_image_size_interpolates_position_embeddings(mae_dir):
+    from safetensors.torch import load_file
+
+    model, report = build_classifier(str(mae_dir), SPEC, image_size=48)  # 4x4 -> 6x6 patches
+    pos = model.state_dict()["vit.embeddings.position_embeddings"]
+    assert pos.shape == (1, 1 + 36, 64)
+    assert "from 16 to 36 patches" in report.interpolated
+    source = load_file(mae_dir / "model.safetensors")["vit.embeddings.position_embeddings"]
+    assert torch.equal(pos[:, 0], source[:, 0])  # the CLS position is kept
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 48, 48)).logits
+    assert out.shape == (2, 3)
+    # Interpolating to the same grid is the identity; a constant field stays constant.
+    assert torch.allclose(interpolate_position_embeddings(source, 16), source, atol=1e-5)
+    flat = torch.ones(1, 17, 8)
+    assert torch.allclose(interpolate_position_embeddings(flat, 64), torch.ones(1, 65, 8), atol=1e-5)
+
+
+def test_vit_folders_bare_encoders_and_new_label_sets(tmp_path, mae_dir):
+    from transformers import ViTModel
+
+    first, _ = build_classifier(str(mae_dir), SPEC, pooling="mean")
+    first.save_pretrained(tmp_path / "clf")
+    # A classifier for other labels: the encoder loads, the head is re-initialised.
+    other = LabelSpec(("A", "B"), "single_label_classification")
+    model, report = build_classifier(str(tmp_path / "clf"), other)
+    assert report.source_type == "vit" and report.reinitialised == ["classifier.bias", "classifier.weight"]
+    assert model.config.num_labels == 2 and model.config.problem_type == "single_label_classification"
+    # A bare ViTModel (keys without the "vit." prefix, plus a pooler that the classifier does not use).
+    bare = ViTModel(model.config)
+    bare.save_pretrained(tmp_path / "bare")
+    _, report = build_classifier(str(tmp_path / "bare"), SPEC)
+    assert report.loaded and any(k.startswith("vit.pooler") for k in report.dropped)
+    # Mean pooling survives a save/load through load_classifier.
+    loaded = load_classifier(str(tmp_path / "clf"))
+    assert type(loaded).__name__ == "MeanPoolViTForImageClassification"
+
+
+def test_folders_that_are_not_vit_models_are_refused(tmp_path, mae_dir):
+    from transformers import BertConfig
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSetupError, match="has no config.json"):
+        build_classifier(str(tmp_path / "empty"), SPEC)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ModelSetupError, match="is a 'bert' model; a ViT or ViT-MAE is needed"):
+        build_classifier(str(tmp_path / "bert"), SPEC)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((mae_dir / "config.json").read_text())
+    with pytest.raises(ModelSetupError, match="no model.safetensors"):
+        build_classifier(str(tmp_path / "noweights"), SPEC)
+    with pytest.raises(ModelSetupError, match="--patch_size 16 differs"):
+        build_classifier(str(mae_dir), SPEC, patch_size=16)
+    with pytest.raises(ModelSetupError, match="not a fine-tuned ViT classifier"):
+        load_classifier(str(mae_dir))
+    config = json.loads((mae_dir / "config.json").read_text())
+    assert config["model_type"] == "vit_mae"
+
+
+def test_layer_decay_and_no_weight_decay_groups():
+    model, _ = build_classifier(None, SPEC, preset="tiny", image_size=32)  # 2 blocks
+    groups = vit_param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
+    by_name = {name: group for group in groups for name in group["names"]}
+    assert layer_id("vit.embeddings.cls_token", 2) == 0 and layer_id("vit.encoder.layer.1.output.dense.weight", 2) == 2
+    assert by_name["classifier.weight"]["lr"] == 1.0 and by_name["vit.layernorm.weight"]["lr"] == 1.0
+    assert by_name["vit.encoder.layer.1.attention.attention.query.weight"]["lr"] == 0.5
+    assert by_name["vit.encoder.layer.0.attention.attention.query.weight"]["lr"] == 0.25
+    assert by_name["vit.embeddings.patch_embeddings.projection.weight"]["lr"] == 0.125
+    for name in ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight",
+                 "vit.encoder.layer.0.layernorm_before.bias", "classifier.bias"):
+        assert by_name[name]["weight_decay"] == 0.0, name
+    for name in ("classifier.weight", "vit.encoder.layer.0.intermediate.dense.weight",
+                 "vit.embeddings.patch_embeddings.projection.weight"):
+        assert by_name[name]["weight_decay"] == 0.05, name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

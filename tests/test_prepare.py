@@ -1,0 +1,167 @@
+"""hf-medvis prepare: shards, manifest, quarantine, resumability, privacy, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from hf_medvis.cli import main as cli_main
+from hf_medvis.data.decode import read_image
+from hf_medvis.data.prepare import prepare, read_quarantine, resize_to_square
+from hf_medvis.data.shards import iter_shard_rows
+
+SALT = "test-salt-not-secret"
+
+
+@pytest.fixture(scope="module")
+def prepared(phantom_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare(str(phantom_dir), str(out), size=48, shard_size=16, salt=SALT)
+    return out
+
+
+def all_rows(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [row for s in manifest["shards"] for row in iter_shard_rows((out / s["path"]).read_bytes())]
+
+
+def test_manifest_counts_checksums_and_pixels(prepared, phantom_dir):
+    import hashlib
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    n_inputs = len(list((phantom_dir / "images").glob("*.png"))) + len(list((phantom_dir / "dicom").glob("*.dcm")))
+    t = manifest["totals"]
+    assert t["inputs_seen"] == n_inputs == t["written"] + t["quarantined"] and t["quarantined"] == 0
+    assert sum(s["samples"] for s in manifest["shards"]) == t["written"]
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((prepared / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+    rows = all_rows(prepared)
+    row = next(r for r in rows if r["key"] == "00000003_000" and r["orig_height"] == 64)
+    assert row["height"] == row["width"] == 48 and len(row["pixels"]) == 48 * 48
+    expected = np.round(resize_to_square(read_image(phantom_dir / "images" / "00000003_000.png"), 48) * 255)
+    got = np.frombuffer(row["pixels"], np.uint8).reshape(48, 48)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 3  # PNG or DICOM source of the same image
+
+
+def test_groups_are_salted_patient_hashes(prepared, phantom_dir, tmp_path):
+    rows = all_rows(prepared)
+    by_patient: dict[str, set[str]] = {}
+    for r in rows:
+        by_patient.setdefault(r["key"].split("_")[0], set()).add(r["group"])
+    assert all(len(groups) == 1 for groups in by_patient.values())  # one patient -> one group (PNG and DICOM)
+    assert len({g for gs in by_patient.values() for g in gs}) == len(by_patient)
+    other = tmp_path / "other"
+    prepare(str(phantom_dir / "images"), str(other), size=32, shard_size=100, salt="another-salt")
+    assert not {r["group"] for r in all_rows(other)} & {r["group"] for r in rows}
+    assert {r["finding_labels"] for r in rows} >= {"No Finding"} and {r["view_position"] for r in rows} <= {"PA", "AP"}
+
+
+def test_no_identifying_dicom_data_anywhere(prepared, phantom_dir):
+    import pydicom
+
+    secrets = set()
+    for dcm in (phantom_dir / "dicom").glob("*.dcm"):
+        ds = pydicom.dcmread(dcm, stop_before_pixels=True)
+        secrets |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.StudyDate, ds.AccessionNumber, ds.InstitutionName}
+    blobs = [p.read_bytes() for p in prepared.rglob("*") if p.is_file()]
+    for secret in secrets:
+        for blob in blobs:
+            assert secret.encode() not in blob, secret
+    assert SALT.encode() not in b"".join(blobs)
+
+
+def test_rerun_resumes_and_is_idempotent(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")}
+    (out / "shards" / "shard-000001.parquet").unlink()
+    (out / "shards" / "shard-000001.json").unlink()
+    (out / "shards" / "shard-000002.parquet").write_bytes(b"half a shard")  # a leftover without its record
+    (out / "shards" / "shard-000002.json").unlink()
+    manifest = prepare(_src(prepared), str(out), size=48, shard_size=16, salt=SALT)
+    assert manifest["totals"]["shards_resumed"] == manifest["totals"]["shards"] - 2
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.parquet")} == before
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    original = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["shards"] == original["shards"]
+
+
+def _src(prepared: Path) -> str:
+    return _src.source  # set by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def _remember_source(phantom_dir):
+    _src.source = str(phantom_dir)
+
+
+def test_workers_give_identical_shards(phantom_dir, prepared, tmp_path):
+    manifest = prepare(str(phantom_dir), str(tmp_path / "w2"), size=48, shard_size=16, salt=SALT, workers=2)
+    assert manifest["shards"] == json.loads((prepared / "manifest.json").read_text())["shards"]
+
+
+def test_16_bit_shards(phantom_dir, tmp_path):
+    prepare(str(phantom_dir / "dicom"), str(tmp_path / "b16"), size=32, bits=16, shard_size=100, salt=SALT)
+    row = all_rows(tmp_path / "b16")[0]
+    pixels = np.frombuffer(row["pixels"], "<u2")
+    assert row["bits"] == 16 and pixels.size == 32 * 32 and len(np.unique(pixels)) > 256
+
+
+def _png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
+    src = tmp_path / "raw"
+    src.mkdir()
+    good = _png((np.arange(40 * 40) % 200).astype(np.uint8).reshape(40, 40))
+    files = {
+        "good1.png": good,
+        "good2.dcm": good,  # wrong extension, valid PNG content
+        "empty.png": b"",
+        "trunc.png": good[:50],
+        "text.png": b"not an image at all\n" * 5,
+        "nopix.dcm": Path(get_testdata_file("rtplan.dcm")).read_bytes(),
+        "mr.dcm": Path(get_testdata_file("MR_small.dcm")).read_bytes(),
+        "unlisted.png": good,
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    labels = tmp_path / "labels.csv"
+    rows = [n for n in files if n != "unlisted.png"] + ["ghost.png"]
+    labels.write_text(
+        "Image Index,Finding Labels,Patient ID,Mystery Column\n" + "".join(f"{n},No Finding,{i},x\n" for i, n in enumerate(rows))
+    )
+    code = cli_main(["prepare", str(src), str(tmp_path / "out"), "--size", "32", "--labels", str(labels), "--salt", SALT])
+    assert code == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    t = manifest["totals"]
+    assert t["inputs_seen"] == len(files) == t["written"] + t["quarantined"]
+    assert t["written"] == 3 and t["labels_rows_without_image"] == 1
+    reasons = {q["source"]: q["reason"] for q in read_quarantine(str(tmp_path / "out"))}
+    assert set(reasons) == {"empty.png", "trunc.png", "text.png", "nopix.dcm", "unlisted.png", "ghost.png"}
+    assert "empty" in reasons["empty.png"] and "no pixel data" in reasons["nopix.dcm"]
+    assert "labels file" in reasons["unlisted.png"] and "without an image" in reasons["ghost.png"]
+    assert any("Mystery Column" in w for w in manifest["warnings"]) and any("View Position" in w for w in manifest["warnings"])
+    assert "quarantined 5" in capsys.readouterr().out
+
+
+def test_bad_labels_file_and_missing_salt_are_clear_errors(tmp_path, phantom_dir, monkeypatch, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Filename,Finding Labels\nx.png,No Finding\n")
+    assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o"), "--labels", str(bad), "--salt", "s"]) == 2
+    assert "no column 'Image Index'" in capsys.readouterr().err
+    monkeypatch.delenv("HF_MEDVIS_SALT", raising=False)
+    assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o2")]) == 2
+    assert "HF_MEDVIS_SALT" in capsys.readouterr().err
+    monkeypatch.setenv("HF_MEDVIS_SALT", "from-env")
+    assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o3"), "--size", "32"]) == 0
