@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from hf_medvis.data.sources import build_train_eval_datasets, resolve_train_source
+from hf_medvis.data.sources import build_train_eval_datasets, first_examples, resolve_train_source
 from hf_medvis.data.transforms import build_eval_transform, build_pretrain_transform
 from hf_medvis.models.build import (
     build_image_processor,
@@ -28,8 +28,15 @@ from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, PretrainingArguments, mae_model_card
 from hf_medvis.training.model_card import write_model_card
 from hf_medvis.training.monitoring import MonitoringArguments
+from hf_medvis.training.outputs import disable_evaluation_without_data
 from hf_medvis.training.reconstructions import reconstruct, save_reconstruction_grid
-from hf_medvis.training.setup import build_recipe_callbacks, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.setup import (
+    build_recipe_callbacks,
+    configure_stream_loading,
+    prepare_run,
+    recipe_errors,
+    setup_logging,
+)
 from hf_medvis.training.trainer import MedVisTrainer
 
 logger = logging.getLogger("pretrain_mae")
@@ -78,7 +85,10 @@ def main(argv=None):
                 holdout_percentage=data_args.validation_split_percentage,
                 max_train_samples=data_args.max_train_samples,
                 max_eval_samples=data_args.max_eval_samples,
+                seed=training_args.seed,
             )
+        configure_stream_loading(training_args, train_dataset)
+        disable_evaluation_without_data(training_args, eval_dataset)
     logger.info(
         "data: %s from %s; %s", train_source.description, describe_path(train_source.location),
         ", ".join(f"{k} {v}" for k, v in data_info.items()),
@@ -108,7 +118,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=collate_pixels,
         processing_class=build_image_processor(image_size, mean, std),
-        callbacks=build_recipe_callbacks(training_args, monitoring_args),
+        callbacks=build_recipe_callbacks(training_args, monitoring_args, train_dataset, run.checkpoint),
         image_mean=mean,
         image_std=std,
         model_card_writer=write_card,
@@ -131,15 +141,14 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         write_card(training_args.output_dir)
         if eval_dataset is not None and data_args.num_reconstruction_images > 0:
-            n = min(data_args.num_reconstruction_images, len(eval_dataset))
-            batch = collate_pixels([eval_dataset[i] for i in range(n)])["pixel_values"]
+            batch = collate_pixels(first_examples(eval_dataset, data_args.num_reconstruction_images))["pixel_values"]
             original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)
             save_reconstruction_grid(
                 Path(training_args.output_dir) / "reconstructions.png", original, masked, recon,
                 title=f"held-out images, step {trainer.state.global_step}",
             )
-        logger.info("outputs in %s (model, preprocessor, README.md, reconstructions.png, loss_history.jsonl)",
-                    Path(training_args.output_dir).resolve())
+        written = sorted(p.name for p in Path(training_args.output_dir).iterdir() if not p.name.startswith("."))
+        logger.info("outputs in %s: %s", Path(training_args.output_dir).resolve(), ", ".join(written))
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"MAE pretraining, step {trainer.state.global_step}")
     return metrics

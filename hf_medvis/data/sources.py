@@ -1,7 +1,11 @@
 """From the recipes' data arguments to training and evaluation datasets.
 
-Raw folders (and the embedded phantoms) become map-style ``datasets.Dataset`` objects that decode on access; prepared
-shards stream. Without a validation location, a deterministic patient-level holdout is taken from the training data.
+Raw folders (and the embedded phantoms) become map-style ``datasets.Dataset`` objects that decode on access; without a
+validation location, a deterministic patient-level holdout is taken from the training data.
+
+Prepared shards stream (``streaming.load_image_dataset``). For them the split is a preparation step (``hf-medvis split``
+then one ``prepare`` per split): a holdout filtered out of a stream would break its exact-once resume accounting, so
+evaluation on shards needs ``--validation_data``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from .folder import build_folder_records, find_labels_file, in_holdout, make_decode_transform
 from .phantoms import ensure_phantom_dataset
+from .streaming import find_manifest, load_image_dataset, stream_control
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +72,18 @@ def build_train_eval_datasets(
     filter_records: Callable[[dict[str, list[Any]]], dict[str, list[Any]]] | None = None,
     split_records: Callable[[dict[str, list[Any]]], tuple[dict[str, list[Any]], dict[str, list[Any]]]] | None = None,
     validation_labels_file: str | None = None,
+    seed: int = 0,
 ):
     """Returns (train_dataset, eval_dataset or None, info dict with counts).
 
     Without ``validation_data``, ``split_records`` (if given) splits the training records into (train, eval) instead of
     the hash holdout; ``validation_labels_file`` labels ``validation_data`` when it has no labels.csv of its own.
     """
+    if find_manifest(train.location, storage_options) is not None:
+        return _build_stream_datasets(
+            train, validation_data, train_transform, eval_transform, storage_options, seed,
+            max_train_samples, max_eval_samples,
+        )
     records = build_folder_records(train.location, train.labels_file, storage_options)
     if filter_records is not None:
         records = filter_records(records)
@@ -103,6 +114,51 @@ def build_train_eval_datasets(
         info.update(eval_images=len(eval_records["path"]), eval_patients=len(set(eval_records["group"])))
         eval_ds = _to_dataset(eval_records, eval_transform, storage_options)
     return train_ds, eval_ds, info
+
+
+def _build_stream_datasets(
+    train: ResolvedSource,
+    validation_data: str | None,
+    train_transform: Callable,
+    eval_transform: Callable,
+    storage_options: dict | None,
+    seed: int,
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+):
+    # Not split by node here: under several processes accelerate gives each rank its own shards
+    # (datasets' IterableDataset.shard) when batches are not dispatched from rank 0 (see configure_stream_loading).
+    train_ds = load_image_dataset(
+        train.location, image_transform=train_transform, storage_options=storage_options, shuffle=True, seed=seed,
+        split_by_node=False,
+    )
+    _, manifest = find_manifest(train.location, storage_options)
+    info: dict[str, Any] = {"train_images": int(manifest["totals"]["written"]), "train_shards": len(manifest["shards"])}
+    if max_train_samples is not None:
+        control = stream_control(train_ds)
+        train_ds = train_ds.take(max_train_samples)
+        train_ds.stream_control = control
+        info["train_images"] = min(info["train_images"], max_train_samples)
+    eval_ds = None
+    if validation_data is not None:
+        eval_ds = load_image_dataset(
+            validation_data, image_transform=eval_transform, storage_options=storage_options, shuffle=False,
+            split_by_node=False,
+        )
+        if max_eval_samples is not None:
+            eval_ds = eval_ds.take(max_eval_samples)
+        found = find_manifest(validation_data, storage_options)
+        info["eval_images"] = int(found[1]["totals"]["written"]) if found else "?"
+    else:
+        logger.warning("prepared shards without --validation_data: training without evaluation (split before prepare)")
+    return train_ds, eval_ds, info
+
+
+def first_examples(dataset, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a map-style or streaming dataset."""
+    if hasattr(dataset, "__len__"):
+        return [dataset[i] for i in range(min(n, len(dataset)))]
+    return list(dataset.take(n))
 
 
 def is_local(location: str) -> bool:

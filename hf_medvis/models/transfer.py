@@ -8,7 +8,7 @@ than ``from_pretrained(..., ignore_mismatched_sizes=True)``) so that position em
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,27 +113,6 @@ def _label_config(config: ViTConfig, spec: LabelSpec, pooling: str) -> None:
     config.pooling = pooling
 
 
-def load_source_state_dict(model_name_or_path: str, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint's safetensors file(s), local or on the Hub. Pickled weights are never loaded."""
-    from safetensors.torch import load_file
-
-    local = Path(model_name_or_path).expanduser()
-    if local.is_dir():
-        index = local / "model.safetensors.index.json"
-        if (local / "model.safetensors").is_file():
-            return load_file(local / "model.safetensors")
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_file(local / shard).items()}
-        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no model.safetensors (safetensors only)")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return load_file(hf_hub_download(model_name_or_path, "model.safetensors", cache_dir=cache_dir))
-    except Exception as err:  # the Hub's errors are many; the message is what matters
-        raise ModelSetupError(f"--model_name_or_path: cannot download {model_name_or_path}: {_first_line(err)}") from None
-
-
 def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: str | None):
     local = Path(model_name_or_path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -214,33 +193,41 @@ def build_classifier(
         return model, LoadReport(source=f"preset {preset}", source_type="new")
 
     report = LoadReport(source=model_name_or_path, source_type=source.model_type)
-    state = load_source_state_dict(model_name_or_path, cache_dir)
-    if state and not any(k.startswith("vit.") for k in state):  # a bare ViTModel / ViTMAEModel
-        state = {f"vit.{k}": v for k, v in state.items()}
-    target = model.state_dict()
-    kept: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith(("decoder.", "vit.pooler.")):
-            report.dropped.append(key)
-        elif key not in target:
-            report.unexpected.append(key)
-        elif key == "vit.embeddings.position_embeddings" and value.shape != target[key].shape:
-            kept[key] = interpolate_position_embeddings(value, target[key].shape[1] - 1)
-            report.interpolated = (
-                f"position embeddings interpolated from {value.shape[1] - 1} to {target[key].shape[1] - 1} patches "
-                f"(image size {source.image_size} -> {config.image_size})"
-            )
-        elif value.shape != target[key].shape:
-            report.reinitialised.append(key)
-        else:
-            kept[key] = value
-    result = model.load_state_dict(kept, strict=False)
-    report.loaded = sorted(kept)
-    report.missing = sorted(k for k in result.missing_keys if k not in report.reinitialised)
-    report.unexpected += list(result.unexpected_keys)
-    if not report.loaded:
-        raise ModelSetupError(f"--model_name_or_path: no weight of {model_name_or_path} matches a ViT encoder")
+    # Load at the checkpoint's own image size first: from_pretrained then maps legacy parameter names (ViTMAE still uses
+    # "encoder.layer.N.attention.attention.query"; transformers 5 ViT uses "layers.N.attention.q_proj"), adds the
+    # "vit." prefix for bare encoders, and reports missing / unexpected / mismatched keys.
+    at_source_size = copy.deepcopy(config)
+    at_source_size.image_size = source.image_size
+    try:
+        loaded, info = cls.from_pretrained(
+            model_name_or_path, config=at_source_size, ignore_mismatched_sizes=True, output_loading_info=True,
+            use_safetensors=True, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors "
+                              f"only): {_first_line(err)}") from None
+    mismatched = sorted(_key(entry) for entry in info.get("mismatched_keys", []))
+    report.reinitialised = mismatched
+    report.missing = sorted(k for k in info.get("missing_keys", []) if k not in mismatched)
+    for key in sorted(info.get("unexpected_keys", [])):
+        (report.dropped if key.startswith(("decoder.", "vit.pooler.", "pooler.")) else report.unexpected).append(key)
+    report.loaded = sorted(k for k in loaded.state_dict() if k not in report.missing and k not in mismatched)
+    if not any(k.startswith("vit.layers.") for k in report.loaded):
+        raise ModelSetupError(f"--model_name_or_path: no encoder weight of {model_name_or_path} matches a ViT")
+    if config.image_size == source.image_size:
+        return loaded, report
+    state = loaded.state_dict()
+    key = "vit.embeddings.position_embeddings"
+    old = state[key]
+    state[key] = interpolate_position_embeddings(old, model.state_dict()[key].shape[1] - 1)
+    model.load_state_dict(state)
+    report.interpolated = (f"position embeddings interpolated from {old.shape[1] - 1} to {state[key].shape[1] - 1} "
+                           f"patches (image size {source.image_size} -> {config.image_size})")
     return model, report
+
+
+def _key(entry: Any) -> str:
+    return entry[0] if isinstance(entry, (tuple, list)) else str(entry)
 
 
 def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:

@@ -182,3 +182,14 @@ def rank_tag(environ: MutableMapping[str, str] | None = None) -> str:
     if detected is None:
         return "node 0 rank 0"
     return f"node {detected.node_rank} rank {detected.rank}"
+
+
+def check_world_size(args) -> None:
+    """A launch of N processes that trains with world size 1 (e.g. ``accelerate launch --cpu --num_processes N`` on some
+    setups) would silently run N independent copies; stop before anything is written."""
+    launched = _int(os.environ, "WORLD_SIZE", 1)
+    if launched > 1 and args.world_size != launched:
+        raise DistributedEnvError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but training sees world size {args.world_size}; "
+            "each process would train alone. On CPU use torchrun or `accelerate launch --multi_gpu`"
+        )

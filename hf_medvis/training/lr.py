@@ -16,22 +16,41 @@ def scaled_learning_rate(base_learning_rate: float, global_batch: int, reference
 
 
 def apply_base_learning_rate(args: TrainingArguments, base_learning_rate: float | None) -> str:
-    """Sets ``args.learning_rate`` from the base lr (if given) and returns the line that explains it.
-
-    With ``--deepspeed``, TrainingArguments already filled the DeepSpeed config's "auto" lr in __post_init__; refresh it
-    so the optimizer DeepSpeed builds uses the derived value.
-    """
+    """Sets ``args.learning_rate`` from the base lr (if given) and returns the line that explains it."""
     batch = global_batch_size(args)
     if base_learning_rate is None:
-        return f"learning rate {args.learning_rate:g} (as given; global batch {batch})"
+        return (
+            f"learning rate {args.learning_rate:g} (as given); global batch {batch} = per-device "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} "
+            f"x world size {max(args.world_size, 1)}"
+        )
     args.learning_rate = scaled_learning_rate(base_learning_rate, batch)
-    ds_config = getattr(args, "hf_deepspeed_config", None)
-    if ds_config is not None:
-        optimizer = ds_config.config.get("optimizer", {}).get("params", {})
-        if "lr" in optimizer:
-            optimizer["lr"] = args.learning_rate
+    refresh_deepspeed_lr(args)
     return (
         f"learning rate {args.learning_rate:.6g} = base_learning_rate {base_learning_rate:g} x global batch {batch} / 256 "
         f"(per-device {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} "
         f"x world size {max(args.world_size, 1)})"
     )
+
+
+# DeepSpeed config entries the Trainer fills from args.learning_rate.
+_DEEPSPEED_LR_KEYS = (("optimizer", "params", "lr"), ("scheduler", "params", "warmup_max_lr"))
+
+
+def refresh_deepspeed_lr(args: TrainingArguments) -> None:
+    """With ``--deepspeed FILE``, TrainingArguments filled the config's "auto" lr in __post_init__, before the recipe
+    derived its lr: write the derived lr into the entries that were "auto" in the file, so the optimizer DeepSpeed builds
+    uses it. (With accelerate's DeepSpeed plugin the config is filled when the Trainer is built, after this.) A literal
+    lr in the file is left alone; ``deepspeed_config.check_deepspeed_config`` reports it as a contradiction."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is None or not getattr(args, "deepspeed", None):
+        return
+    from .deepspeed_config import load_deepspeed_config
+
+    original, _ = load_deepspeed_config(args.deepspeed)
+    for path in _DEEPSPEED_LR_KEYS:
+        raw_node, live_node = original, ds_config.config
+        for key in path[:-1]:
+            raw_node, live_node = raw_node.get(key, {}), live_node.get(key, {})
+        if raw_node.get(path[-1]) == "auto" and path[-1] in live_node:
+            live_node[path[-1]] = args.learning_rate

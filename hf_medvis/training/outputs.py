@@ -39,8 +39,28 @@ def check_output_dir(args: TrainingArguments, overwrite: bool, resuming: bool) -
         return
     if not folder.is_dir():
         raise OutputDirError(f"--output_dir {folder} exists and is not a folder")
-    if any(folder.iterdir()):
+    if holds_a_run(folder):
         raise OutputDirError(
             f"--output_dir {folder} already holds another run; pass --overwrite_output_dir to replace it "
             "or --resume_from_checkpoint last to continue it"
         )
+
+
+# What a finished or interrupted run leaves; logs of a run that failed during setup do not count.
+RUN_MARKERS = ("config.json", "model.safetensors", "trainer_state.json", "all_results.json", "checkpoint-*")
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in RUN_MARKERS)
+
+
+def disable_evaluation_without_data(args: TrainingArguments, eval_dataset) -> None:
+    """No evaluation set (e.g. shards without --validation_data): evaluate never, rather than fail in the Trainer."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    if eval_dataset is None and args.eval_strategy != IntervalStrategy.NO:
+        logger.warning("no evaluation data: --eval_strategy %s ignored", getattr(args.eval_strategy, "value", args.eval_strategy))
+        args.eval_strategy = IntervalStrategy.NO
+        args.do_eval = False
+        if args.load_best_model_at_end:
+            raise OutputDirError("--load_best_model_at_end needs evaluation data (--validation_data)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +14,15 @@ import datasets
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
+from ..data.streaming import stream_control
 from .callbacks import LossHistoryCallback
+from .deepspeed_config import check_deepspeed_config
+from .distributed import check_world_size
 from .hub import HubNotReadyError, check_hub_ready, keep_token_out_of_outputs
 from .lr import apply_base_learning_rate
 from .monitoring import MonitoringArguments, build_monitoring_callbacks
 from .outputs import check_output_dir, resolve_resume_checkpoint
+from .stream_state import StreamStateCallback
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +30,10 @@ logger = logging.getLogger(__name__)
 def setup_logging(args: TrainingArguments) -> None:
     """Rank-tagged log lines; replicas log warnings only unless asked (``--log_level_replica``)."""
     rank = args.process_index
+    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    log_format = f"%(asctime)s [node {node} rank {rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        format=log_format,
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
         force=True,
@@ -42,6 +49,12 @@ def setup_logging(args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # transformers and DeepSpeed log through their own handlers: give them the rank-tagged format too.
+    tagged = logging.Formatter(log_format, datefmt="%H:%M:%S")
+    for name in ("transformers", "DeepSpeed"):
+        for handler in logging.getLogger(name).handlers:
+            handler.setFormatter(tagged)
+    logging.captureWarnings(True)  # Python warnings become tagged log lines as well
 
 
 @contextlib.contextmanager
@@ -63,6 +76,7 @@ class RunPlan:
 def prepare_run(args: TrainingArguments) -> RunPlan:
     """Checks shared by every recipe, in the order that fails fastest, before anything is written:
     resume target, output folder, Hub access (token moved out of the saved arguments), batch-scaled learning rate."""
+    check_world_size(args)
     checkpoint = resolve_resume_checkpoint(args)
     check_output_dir(args, args.overwrite_output_dir, resuming=checkpoint is not None)
     if args.push_to_hub:
@@ -70,9 +84,32 @@ def prepare_run(args: TrainingArguments) -> RunPlan:
         keep_token_out_of_outputs(args)
         logger.info("Hub ready: pushing as %s", user)
     lr_line = apply_base_learning_rate(args, getattr(args, "base_learning_rate", None))
+    deepspeed_line = check_deepspeed_config(args)  # after the lr is final: "auto" is filled with it
+    if deepspeed_line:
+        logger.info("%s", deepspeed_line)
     return RunPlan(checkpoint=checkpoint, lr_line=lr_line)
 
 
-def build_recipe_callbacks(args: TrainingArguments, monitoring_args: MonitoringArguments) -> list[TrainerCallback]:
-    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput)."""
-    return [LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args)]
+def build_recipe_callbacks(
+    args: TrainingArguments,
+    monitoring_args: MonitoringArguments,
+    train_dataset=None,
+    resume_from_checkpoint: str | None = None,
+) -> list[TrainerCallback]:
+    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput), and for a shard
+    stream the position it saves with each checkpoint."""
+    callbacks = [LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args)]
+    if train_dataset is not None and stream_control(train_dataset) is not None:
+        callbacks.append(StreamStateCallback(train_dataset, resume_from_checkpoint))
+    return callbacks
+
+
+def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
+    """A streamed training set has no length: it needs ``--max_steps``. Under several processes each rank reads its
+    own shards (accelerate shards a ``datasets.IterableDataset`` when batches are not dispatched from rank 0)."""
+    if hasattr(train_dataset, "__len__"):
+        return
+    if args.max_steps is None or args.max_steps <= 0:
+        raise ValueError("--max_steps must be set (> 0) when --train_data is a prepared-shard stream (it has no length)")
+    if args.world_size > 1:
+        args.accelerator_config.dispatch_batches = False

@@ -1,0 +1,145 @@
+"""Preemption-safe training: SIGTERM -> checkpoint at the next step boundary and exit 0; checkpoints that resume trusts.
+
+Spot / low-priority nodes get SIGTERM shortly before eviction (torchrun and accelerate forward it to every worker and
+SIGKILL them ~30 s later). ``PreemptionCallback`` turns the signal into "save now, stop" at the next optimizer step; all
+ranks agree on it (one tiny all-reduce per step) so no rank waits in a collective the others left. The recipe then calls
+``exit_if_preempted`` and the job's next attempt runs the same command with ``--resume_from_checkpoint last``.
+
+A checkpoint folder counts only once it holds ``checkpoint_complete.json``, written by rank 0 after every rank has
+finished writing (``CheckpointCommitCallback``, installed last by ``MedVisTrainer``). A crash or SIGKILL mid-save leaves a
+folder without it, which ``last_complete_checkpoint`` skips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike, global_step: int) -> None:
+    """Writes the marker atomically (temp file + rename): it exists whole or not at all."""
+    folder = Path(checkpoint_dir)
+    tmp = folder / f".{COMPLETE_MARKER}.tmp"
+    tmp.write_text(json.dumps({"global_step": global_step, "time": time.time()}) + "\n")
+    os.replace(tmp, folder / COMPLETE_MARKER)
+
+
+def mark_incomplete(checkpoint_dir: str | os.PathLike) -> None:
+    """Before (re)writing into a folder: until the new save is whole, it must not look complete."""
+    marker = Path(checkpoint_dir) / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+
+
+def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
+    return (Path(checkpoint_dir) / COMPLETE_MARKER).is_file()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-<step>`` holding the completion marker; half-written ones are reported and skipped."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))),
+        reverse=True,
+    )
+    for _step, path in steps:
+        if is_complete(path):
+            return str(path)
+        logger.warning("%s has no %s (interrupted while saving?): not resuming from it", path.name, COMPLETE_MARKER)
+    return None
+
+
+class CheckpointCommitCallback(TrainerCallback):
+    """After every checkpoint save (and after the other callbacks' ``on_save``, which may add files), wait for all ranks,
+    then mark the folder complete from the main process."""
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _barrier()  # every rank's shards (DeepSpeed writes one per rank) are on disk
+        if state.is_world_process_zero and folder.is_dir():
+            mark_complete(folder, state.global_step)
+        _barrier()  # nobody moves on (or is killed by a preemption exit) before the marker exists
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM (or the given signals) -> save a checkpoint at the next step boundary and stop training."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.received: int | None = None  # signal number, set by the handler
+        self.stopped_at: int | None = None  # global step of the preemption checkpoint
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        # Only set a flag: the handler runs between two Python bytecodes, possibly inside a collective.
+        self.received = signum
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not on the main thread: SIGTERM will not trigger a preemption checkpoint")
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _any_rank_received(self, args: TrainingArguments) -> bool:
+        flag = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            tensor = torch.tensor([1.0 if flag else 0.0], device=args.device)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.stopped_at is None and self._any_rank_received(args):
+            self.stopped_at = state.global_step
+            control.should_save = True  # whatever save_strategy says: this checkpoint is what the restart resumes
+            control.should_training_stop = True
+            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            logger.warning("%s received: saving checkpoint-%d and stopping", name, state.global_step)
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def find_callback(trainer, kind: type) -> TrainerCallback | None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, kind):
+            return callback
+    return None
+
+
+def exit_if_preempted(trainer) -> None:
+    """After ``trainer.train()``: if training stopped for a preemption, say so and exit 0 (the checkpoint is saved;
+    final evaluation, saving and pushing belong to the run that finishes)."""
+    callback = find_callback(trainer, PreemptionCallback)
+    if callback is None or callback.stopped_at is None:
+        return
+    logger.warning(
+        "preempted: checkpoint-%d saved in %s; rerun the same command with --resume_from_checkpoint last to continue",
+        callback.stopped_at, trainer.args.output_dir,
+    )
+    raise SystemExit(0)
