@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_medvis.infra.env_cli",
     "hf_medvis.infra.size_cli",
     "hf_medvis.infra.logs_cli",
+    "hf_medvis.infra.aml_cli",
     "hf_medvis.data.split_cli",
     "hf_medvis.eval_cli",
 )

@@ -14,7 +14,12 @@ from pathlib import Path
 from transformers import set_seed
 
 from hf_medvis.data.sources import build_train_eval_datasets, first_examples, resolve_train_source
-from hf_medvis.data.transforms import build_eval_transform, build_pretrain_transform
+from hf_medvis.data.transforms import (
+    DeviceRandomResizedCrop,
+    build_eval_transform,
+    build_load_transform,
+    build_pretrain_transform,
+)
 from hf_medvis.models.build import (
     build_image_processor,
     build_mae_model,
@@ -29,10 +34,12 @@ from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, Pretrain
 from hf_medvis.training.model_card import write_model_card
 from hf_medvis.training.monitoring import MonitoringArguments
 from hf_medvis.training.outputs import disable_evaluation_without_data
+from hf_medvis.training.preemption import exit_if_preempted
 from hf_medvis.training.reconstructions import reconstruct, save_reconstruction_grid
 from hf_medvis.training.setup import (
     build_recipe_callbacks,
     configure_stream_loading,
+    log_environment,
     prepare_run,
     recipe_errors,
     setup_logging,
@@ -50,6 +57,7 @@ def main(argv=None):
         (MAEModelArguments, MAEDataArguments, PretrainingArguments, MonitoringArguments), argv, DEFAULT_CONFIG
     )
     setup_logging(training_args)
+    log_environment(training_args)
     with recipe_errors():
         run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
         set_seed(training_args.seed)
@@ -79,7 +87,11 @@ def main(argv=None):
             train_dataset, eval_dataset, data_info = build_train_eval_datasets(
                 train_source,
                 data_args.validation_data,
-                train_transform=build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip),
+                train_transform=(
+                    build_load_transform(round(image_size * 256 / 224))  # crops happen on the device
+                    if data_args.augment_on_device
+                    else build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip)
+                ),
                 eval_transform=build_eval_transform(image_size),
                 storage_options=data_args.parsed_storage_options(),
                 holdout_percentage=data_args.validation_split_percentage,
@@ -122,10 +134,16 @@ def main(argv=None):
         image_mean=mean,
         image_std=std,
         model_card_writer=write_card,
+        train_augment=(
+            DeviceRandomResizedCrop(image_size, data_args.crop_scale, hflip=data_args.hflip)
+            if data_args.augment_on_device
+            else None
+        ),
     )
 
     # 5. Train and evaluate.
     train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
     metrics = dict(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
     if eval_dataset is not None:

@@ -63,3 +63,34 @@ def azurite(tmp_path_factory):
         pytest.fail(f"Azurite unavailable: {err}")
     yield service
     service.stop()
+
+
+# --- multi-process runs (scale-out tests) ------------------------------------------------------------------------------
+# DeepSpeed JIT-compiles its CPU Adam once per machine; keep the build outside the test's temp folders.
+TORCH_EXTENSIONS_DIR = os.environ.get(
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hf_medvis" / "torch_extensions")
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(launcher: str, script: str, *args: str, config_file: str | None = None) -> list[str]:
+    """2 processes on CPU (gloo): ``torchrun`` or ``accelerate`` (with ``config_file``, else --multi_gpu)."""
+    bin_dir = Path(sys.executable).parent
+    port = str(free_port())
+    if launcher == "torchrun":
+        head = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+    else:
+        head = [str(bin_dir / "accelerate"), "launch", "--num_processes", "2", "--main_process_port", port]
+        head += ["--config_file", config_file] if config_file else ["--multi_gpu"]
+    return [*head, str(REPO / "recipes" / f"{script}.py"), *args]
+
+
+def multiprocess_env(**extra: str) -> dict[str, str]:
+    return subprocess_env(TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, **extra)

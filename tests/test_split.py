@@ -99,7 +99,7 @@ def test_split_is_deterministic_per_seed(tmp_path):
     labels = _write_labels(tmp_path / "labels.csv", patients=120)
     a = split_labels_csv(labels, tmp_path / "a", seed=5)
     b = split_labels_csv(labels, tmp_path / "b", seed=5)
-    c = split_labels_csv(labels, tmp_path / "c", seed=6)
+    split_labels_csv(labels, tmp_path / "c", seed=6)
     assert (tmp_path / "a" / "val.csv").read_text() == (tmp_path / "b" / "val.csv").read_text()
     assert (tmp_path / "a" / "val.csv").read_text() != (tmp_path / "c" / "val.csv").read_text()
     assert a.report["splits"]["val"] == b.report["splits"]["val"]
@@ -124,8 +124,8 @@ def test_empty_class_in_validation_is_warned_in_the_report():
 @pytest.mark.parametrize(
     "header, message",
     [
-        (["Image Index", "Finding Labels"], "no column 'Patient ID' (--group-col"),
-        (["Image Index", "Patient ID"], "no column 'Finding Labels' (--label-col"),
+        (["Image Index", "Finding Labels"], "no column 'Patient ID' (the patient column"),
+        (["Image Index", "Patient ID"], "no column 'Finding Labels' (the label column"),
     ],
 )
 def test_labels_without_group_or_label_column_are_refused(tmp_path, capsys, header, message):

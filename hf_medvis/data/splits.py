@@ -238,9 +238,9 @@ def read_label_rows(path: str | os.PathLike, group_col: str, label_col: str) -> 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
-        for column, flag in ((group_col, "--group-col"), (label_col, "--label-col")):
+        for column, role in ((group_col, "patient"), (label_col, "label")):
             if column not in columns:
-                raise SplitError(f"{path.name} has no column '{column}' ({flag}; columns: {', '.join(columns)})")
+                raise SplitError(f"{path.name} has no column '{column}' (the {role} column; columns: {', '.join(columns)})")
         rows = list(reader)
     if not rows:
         raise SplitError(f"{path.name} has no rows")

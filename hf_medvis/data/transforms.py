@@ -3,7 +3,7 @@ replication happen on the accelerator (``normalize_batch``), so loader workers a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -53,9 +53,121 @@ def normalize_batch(
     """uint8 [B, 1, H, W] -> normalised float [B, C, H, W]; float inputs are taken as already normalised."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    x = pixel_values.float().div_(255.0)
+    return normalize_unit_batch(pixel_values.float().div_(255.0), mean, std, num_channels)
+
+
+def normalize_unit_batch(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_channels: int
+) -> torch.Tensor:
+    """float [B, 1 or C, H, W] in [0, 1] -> normalised float [B, C, H, W]."""
     if x.shape[1] == 1 and num_channels > 1:
         x = x.expand(-1, num_channels, -1, -1)
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Augmentation on the accelerator (opt-in). The workers then only hand over fixed-size uint8 images (a memory copy for
+# prepared shards) and the whole batch is cropped, flipped and resized in one grid_sample on the device.
+
+
+def build_load_transform(load_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Worker-side transform for on-device augmentation: a fixed-size uint8 [1, S, S] image so batches stack (shorter
+    side to ``load_size``, centre crop). Images already at that size -- prepared shards -- pass through untouched."""
+    resize = build_eval_transform(load_size)
+
+    def load(image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] == (load_size, load_size):
+            return image
+        return resize(image)
+
+    return load
+
+
+class DeviceRandomResizedCrop:
+    """``RandomResizedCrop(size, scale, ratio)`` + optional horizontal flip for a whole uint8 batch [B, C, H, W] on
+    its device: per-sample boxes drawn like torchvision's (ten tries, then the centre crop), applied as one affine
+    ``grid_sample`` (bicubic by default, like the CPU pipeline). Returns float [B, C, size, size] in [0, 1].
+
+    Draws come from the device's default generator (seeded by ``set_seed``) with no host synchronisation. Antialiasing:
+    a crop of an image at most ~1.25x ``size`` is never shrunk by more than that factor, where aliasing is negligible;
+    larger images are first downscaled (antialiased) to ~1.14x ``size``, the shard size the recipes expect (256 for 224).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        mode: str = "bicubic",
+        tries: int = 10,
+    ):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale needs 0 < min <= max <= 1, got {tuple(scale)}")
+        self.size, self.scale, self.ratio = int(size), (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.hflip, self.mode, self.tries = hflip, mode, tries
+
+    def __repr__(self) -> str:
+        return f"DeviceRandomResizedCrop(size={self.size}, scale={self.scale}, hflip={self.hflip}, mode={self.mode!r})"
+
+    def boxes(self, batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """[B, 4] crop boxes (top, left, h, w) in pixels, sampled as torchvision's RandomResizedCrop.get_params."""
+        import math
+
+        area = height * width
+        t = self.tries
+        target = area * torch.empty(batch, t, device=device).uniform_(*self.scale)
+        log_ratio = torch.empty(batch, t, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_ratio)
+        w = torch.sqrt(target * aspect).round()
+        h = torch.sqrt(target / aspect).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = torch.argmax(ok.float(), dim=1, keepdim=True)  # index of the first valid try
+        any_ok = ok.any(dim=1)
+        w = torch.gather(w, 1, first).squeeze(1)
+        h = torch.gather(h, 1, first).squeeze(1)
+        # torchvision's fallback: the largest centred crop with the ratio clamped to the range.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fh, fw = height, round(height * self.ratio[1])
+        else:
+            fw, fh = width, height
+        w = torch.where(any_ok, w, torch.full_like(w, fw))
+        h = torch.where(any_ok, h, torch.full_like(h, fh))
+        top = torch.floor(torch.rand(batch, device=device) * (height - h + 1))
+        left = torch.floor(torch.rand(batch, device=device) * (width - w + 1))
+        top = torch.where(any_ok, top, torch.full_like(top, (height - fh) // 2))
+        left = torch.where(any_ok, left, torch.full_like(left, (width - fw) // 2))
+        return torch.stack([top, left, h, w], dim=1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if images.ndim != 4:
+            raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x.div_(255.0)
+        height, width = x.shape[-2:]
+        if min(height, width) > 1.25 * self.size:
+            factor = 1.143 * self.size / min(height, width)
+            x = F.interpolate(x, size=(round(height * factor), round(width * factor)), mode="bilinear",
+                              antialias=True, align_corners=False)
+            height, width = x.shape[-2:]
+        b = x.shape[0]
+        top, left, h, w = self.boxes(b, height, width, x.device).unbind(1)
+        # Output pixel centres map onto the crop box (align_corners=False keeps torchvision's pixel-centre convention).
+        sx, sy = w / width, h / height
+        cx = (2 * left + w) / width - 1
+        cy = (2 * top + h) / height - 1
+        if self.hflip:
+            sx = sx * (torch.randint(0, 2, (b,), device=x.device) * 2 - 1).to(sx.dtype)
+        theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+        grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
+        out = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        return out.clamp_(0.0, 1.0)  # bicubic overshoots, as the CPU path clamps to uint8

@@ -14,7 +14,13 @@ from transformers import EarlyStoppingCallback, TrainerCallback, ViTForImageClas
 
 from ..data.labels import MULTI_LABEL, LabelError, LabelSpec, encode_labels, infer_label_spec, label_matrix
 from ..data.sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
-from ..data.splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
+from ..data.splits import (
+    check_patient_disjoint,
+    read_label_rows,
+    split_report,
+    stratified_group_assignment,
+    stratified_subsample,
+)
 from ..data.transforms import build_eval_transform
 from ..models.build import count_parameters, preset_names
 from ..models.param_groups import vit_param_groups
@@ -240,6 +246,9 @@ def build_classification_data(
             "images without labels: no labels.csv beside --train_data; pass --labels_file (NIH layout: Image Index, "
             "Patient ID, Finding Labels)"
         )
+    for labels_file in (source.labels_file, data_args.validation_labels_file):
+        if labels_file:  # without a patient column every image would be its own "patient": a silent leak
+            read_label_rows(labels_file, "Patient ID", "Finding Labels")
     explicit = data_args.labels_file is not None or data_args.validation_labels_file is not None
     hooks = _LabelledRecords(data_args, explicit_labels=explicit, seed=seed, label_names=label_names)
     split = data_args.validation_data is None and data_args.validation_split_percentage > 0

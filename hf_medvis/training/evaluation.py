@@ -21,10 +21,6 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, r
 from ..data.labels import LabelSpec
 from ..data.transforms import build_eval_transform, normalize_batch, to_uint8_tensor
 
-# Metrics whose bootstrap CI is reported (F1 at a fixed threshold is reported without one).
-CI_METRICS_MULTI_LABEL = ("auroc", "ap")
-CI_METRICS_SINGLE_LABEL = ("accuracy", "auroc")
-
 
 def probabilities(logits: np.ndarray, spec: LabelSpec) -> np.ndarray:
     logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
@@ -36,7 +32,12 @@ def _defined(y: np.ndarray) -> bool:
 
 
 def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, spec: LabelSpec, threshold: float = 0.5, per_class: bool = True
+    labels: np.ndarray,
+    probs: np.ndarray,
+    spec: LabelSpec,
+    threshold: float = 0.5,
+    per_class: bool = True,
+    include_f1: bool = True,
 ) -> dict[str, float]:
     """Multi-label: per-class and macro AUROC, average precision, F1 at ``threshold``. Single-label: accuracy, macro
     F1, one-vs-rest AUROC per class and macro. ``labels`` is [N, C] 0/1 (one-hot for single-label). Classes with no
@@ -62,18 +63,20 @@ def classification_metrics(
     if spec.multi_label:
         if aps:
             metrics["ap_macro"] = float(np.mean(aps))
-        predicted = (probs >= threshold).astype(int)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # F1 of a class never predicted is 0 by definition here
-            f1 = f1_score(labels, predicted, average=None, zero_division=0)
-        metrics["f1_macro"] = float(np.mean(f1))
-        if per_class:
-            metrics.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
+        if include_f1:
+            predicted = (probs >= threshold).astype(int)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # F1 of a class never predicted is 0 by definition here
+                f1 = [f1_score(labels[:, c], predicted[:, c], zero_division=0) for c in range(len(spec.names))]
+            metrics["f1_macro"] = float(np.mean(f1))
+            if per_class:
+                metrics.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
     else:
         truth, predicted = labels.argmax(axis=1), probs.argmax(axis=1)
         metrics["accuracy"] = float(accuracy_score(truth, predicted))
-        metrics["f1_macro"] = float(f1_score(truth, predicted, average="macro", labels=range(len(spec.names)),
-                                             zero_division=0))
+        if include_f1:
+            metrics["f1_macro"] = float(f1_score(truth, predicted, average="macro", labels=list(range(len(spec.names))),
+                                                 zero_division=0))
     return metrics
 
 
@@ -98,6 +101,34 @@ def label_targets(label_ids: np.ndarray, spec: LabelSpec) -> np.ndarray:
     return onehot
 
 
+def _auroc_by_ranks(y: np.ndarray, score: np.ndarray) -> float | None:
+    """AUROC as the Mann-Whitney U statistic (ties averaged): the value roc_auc_score returns, without its per-call
+    overhead, which dominates a bootstrap of thousands of small resamples."""
+    from scipy.stats import rankdata
+
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[y > 0].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _bootstrap_values(labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> dict[str, float]:
+    values: dict[str, float] = {}
+    aurocs = []
+    for c, name in enumerate(spec.names):
+        auroc = _auroc_by_ranks(labels[:, c], probs[:, c])
+        if auroc is not None:
+            values[f"auroc_{name}"] = auroc
+            aurocs.append(auroc)
+    if aurocs:
+        values["auroc_macro"] = float(np.mean(aurocs))
+    if not spec.multi_label:
+        values["accuracy"] = float(np.mean(labels.argmax(axis=1) == probs.argmax(axis=1)))
+    return values
+
+
 def bootstrap_confidence_intervals(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -108,12 +139,11 @@ def bootstrap_confidence_intervals(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, list[float]]:
-    """Percentile CIs of AUROC/AP (multi-label) or accuracy/AUROC (single-label), per class and macro.
+    """Percentile CIs of AUROC (per class and macro) and, for multi-class, accuracy.
 
     Patients, not images, are resampled: images of one patient are correlated, and resampling them independently would
     give CIs that are too narrow.
     """
-    keys = CI_METRICS_MULTI_LABEL if spec.multi_label else CI_METRICS_SINGLE_LABEL
     group_ids, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(group_ids))]
     rng = np.random.default_rng(seed)
@@ -121,10 +151,8 @@ def bootstrap_confidence_intervals(
     for _ in range(n_resamples):
         chosen = rng.integers(0, len(members), size=len(members))
         rows = np.concatenate([members[g] for g in chosen])
-        values = classification_metrics(labels[rows], probs[rows], spec, per_class=True)
-        for key, value in values.items():
-            if key.split("_", 1)[0] in keys:
-                samples.setdefault(key, []).append(value)
+        for key, value in _bootstrap_values(labels[rows], probs[rows], spec).items():
+            samples.setdefault(key, []).append(value)
     alpha = (1 - confidence) / 2
     return {
         key: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
@@ -188,7 +216,9 @@ def format_metrics_table(metrics: dict[str, Any], spec: LabelSpec) -> str:
 def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    # Files only, never a GUI window; but keep a notebook's inline backend so that figures display there.
+    if "inline" not in matplotlib.get_backend():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -248,7 +278,7 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         processor = ViTImageProcessor.from_pretrained(model_dir)
-        self.image_size = int(processor.size.get("height", self.model.config.image_size))
+        self.image_size = int(processor.size["height"])
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         config = self.model.config
         self.spec = LabelSpec(tuple(config.id2label[i] for i in range(config.num_labels)), config.problem_type)
@@ -275,3 +305,21 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def plot_image_grid(
+    sources: Sequence[str], titles: Sequence[str], columns: int = 6, storage_options: dict | None = None
+):
+    """A matplotlib figure of images (DICOM/PNG/JPEG through read_image) with a title each; for notebooks."""
+    from ..data.decode import read_image
+
+    plt = _pyplot()
+    rows = max(1, -(-len(sources) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.25 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, src, title in zip(axes.flat, sources, titles, strict=False):
+        ax.imshow(read_image(src, storage_options=storage_options), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -55,6 +55,11 @@ class MAEDataArguments(DataArguments):
     num_reconstruction_images: int = field(
         default=8, metadata={"help": "Held-out images shown in reconstructions.png (0 to skip)."}
     )
+    augment_on_device: bool = field(
+        default=False,
+        metadata={"help": "Crop and flip on the accelerator (one grid_sample per batch); loader workers only hand over "
+                  "fixed-size uint8 images. For GPU hosts whose CPU workers cannot keep up."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

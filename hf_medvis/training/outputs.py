@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+
+from .preemption import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         return None
     if resume in ("last", "latest", "true", "True"):
         folder = Path(args.output_dir)
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        last = last_complete_checkpoint(folder)  # never one left half-written by a crash mid-save
         if last is None:
             logger.info("--resume_from_checkpoint %s: no checkpoint in %s yet, starting fresh", resume, folder)
         return last

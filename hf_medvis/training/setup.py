@@ -22,6 +22,8 @@ from .hub import HubNotReadyError, check_hub_ready, keep_token_out_of_outputs
 from .lr import apply_base_learning_rate
 from .monitoring import MonitoringArguments, build_monitoring_callbacks
 from .outputs import check_output_dir, resolve_resume_checkpoint
+from .preemption import PreemptionCallback
+from .run_report import OptimizerReportCallback
 from .stream_state import StreamStateCallback
 
 logger = logging.getLogger(__name__)
@@ -96,9 +98,13 @@ def build_recipe_callbacks(
     train_dataset=None,
     resume_from_checkpoint: str | None = None,
 ) -> list[TrainerCallback]:
-    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput), and for a shard
-    stream the position it saves with each checkpoint."""
-    callbacks = [LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args)]
+    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput), the optimizer's
+    lr read back at start, SIGTERM -> checkpoint (the recipe then calls ``preemption.exit_if_preempted``), and for a
+    shard stream the position it saves with each checkpoint."""
+    callbacks = [
+        LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args),
+        OptimizerReportCallback(), PreemptionCallback(),
+    ]
     if train_dataset is not None and stream_control(train_dataset) is not None:
         callbacks.append(StreamStateCallback(train_dataset, resume_from_checkpoint))
     return callbacks
@@ -113,3 +119,13 @@ def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
         raise ValueError("--max_steps must be set (> 0) when --train_data is a prepared-shard stream (it has no length)")
     if args.world_size > 1:
         args.accelerator_config.dispatch_batches = False
+
+
+def log_environment(args: TrainingArguments) -> None:
+    """The environment report (versions, GPUs, known-bad combinations) at the top of every run's log."""
+    if not args.should_log:
+        return
+    from ..infra.env import collect_env_report, format_env_report
+
+    report = collect_env_report(include_deepspeed_ops=bool(args.deepspeed))
+    logger.info("environment:\n%s", format_env_report(report))

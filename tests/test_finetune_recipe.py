@@ -1,0 +1,200 @@
+"""The ViT fine-tuning recipe: a short in-process run from an MAE output, its Hub-ready outputs, and bad input."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from conftest import load_recipe
+
+TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "2",
+        "--save_steps", "2", "--validation_split_percentage", "30", "--ci_bootstrap_samples", "50",
+        "--early_stopping_patience", "3", "--eval_subsample", "8"]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("finetune_vit")
+
+
+@pytest.fixture(scope="module")
+def mae_output(tmp_path_factory):
+    from hf_medvis.models.build import build_image_processor, build_mae_model
+
+    folder = tmp_path_factory.mktemp("mae") / "run"
+    build_mae_model(None, preset="tiny", image_size=64).save_pretrained(folder)
+    build_image_processor(64, [0.5] * 3, [0.25] * 3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
+    """One short in-process run from the MAE output, shared by the output checks."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    log = io.StringIO()
+    with redirect_stdout(log):  # setup_logging logs to stdout
+        metrics = recipe.main(["--train_data", str(phantom_dir / "images"), "--model_name_or_path", str(mae_output),
+                               "--output_dir", str(out), "--pos_weight", "true", *TINY])
+    return out, metrics, log.getvalue()
+
+
+def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
+    from huggingface_hub import ModelCard
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    out, metrics, log = finetuned
+    model = ViTForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "Cardiomegaly", 1: "Effusion", 2: "Nodule"}
+    assert model.config.label2id == {"Cardiomegaly": 0, "Effusion": 1, "Nodule": 2}
+    assert model.config.problem_type == "multi_label_classification"
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+    processor = ViTImageProcessor.from_pretrained(out)
+    assert processor.size["height"] == processor.size["width"] == 64 and list(processor.image_mean) == [0.5] * 3  # MAE stats
+
+    # Transfer report in the log: loaded / missing / unexpected, decoder dropped.
+    assert "weights from vit_mae checkpoint" in log and "2 missing (classifier.bias, classifier.weight)" in log
+    assert "0 unexpected" in log and "dropped (decoder.*)" in log and "pos_weight: Cardiomegaly" in log
+
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 4
+    for key in ("eval_auroc_macro", "eval_ap_macro", "eval_f1_macro", "eval_auroc_macro_ci95_low", "eval_loss"):
+        assert key in results, key
+    assert results["eval_auroc_macro_ci95_low"] <= results["eval_auroc_macro"] <= results["eval_auroc_macro_ci95_high"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_metric"] is not None and "checkpoint-" in state["best_model_checkpoint"]
+    evals = [r for r in state["log_history"] if "eval_auroc_macro" in r]
+    assert len(evals) == 2  # --metric_for_best_model auroc_macro found its key at each evaluation
+
+    report = json.loads((out / "split_report.json").read_text())
+    assert set(report["splits"]) == {"train", "val"}
+    assert report["splits"]["val"]["images"] == results["eval_images"]
+    assert report["splits"]["val"]["patients"] == results["eval_patients"]
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # a local folder is not a Hub base model
+    assert "roc_auc" in card.data.metrics
+    auroc = next(r for r in card.data.eval_results if r.metric_type == "roc_auc")
+    assert auroc.metric_value == pytest.approx(results["eval_auroc_macro"], abs=1e-4)
+    assert "95% CI" in auroc.metric_name and "patient bootstrap" in auroc.metric_name
+    assert "Not for clinical use" in card.text and "no horizontal flip" in card.text
+    # No local paths, patient ids or image names in the card.
+    text = (out / "README.md").read_text()
+    assert str(phantom_dir) not in text and str(out.parent) not in text and "Patient ID" not in text
+    assert "00000001_000" not in text and "_000.png" not in text
+
+
+def test_hub_base_model_goes_into_the_card(recipe):
+    from hf_medvis.training.classification import _hub_id
+
+    assert _hub_id("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert _hub_id("outputs/demo/mae") is None or not __import__("pathlib").Path("outputs/demo/mae").exists()
+    assert _hub_id("/abs/path") is None and _hub_id("./rel") is None and _hub_id("az://c/x") is None
+
+
+def _copy_images(phantom_dir, dest, n=None):
+    dest.mkdir()
+    for path in sorted((phantom_dir / "images").glob("*.png"))[:n]:
+        shutil.copy(path, dest / path.name)
+    return dest
+
+
+def _write_csv(path, rows, header):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _bad(recipe, out, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--output_dir", str(out), *argv])
+    message = str(info.value)
+    assert info.value.code != 0
+    assert expected in message and "\n" not in message, message
+    assert not out.exists()
+
+
+def test_bad_input_is_one_clear_line(recipe, tmp_path, phantom_dir):
+    images = str(phantom_dir / "images")
+    labels = phantom_dir / "labels.csv"
+    out = tmp_path / "out"
+    # Images without labels.
+    bare = _copy_images(phantom_dir, tmp_path / "bare", 6)
+    _bad(recipe, out, ["--train_data", str(bare)], "images without labels")
+    # An unknown class in --label_names.
+    _bad(recipe, out, ["--train_data", images, "--label_names", "Effusion", "Pneumonia"],
+         "--label_names: Pneumonia not found in the labels")
+    # A validation set that shares patients with training.
+    _bad(recipe, out, ["--train_data", images, "--validation_data", images], "shares")
+    # A labels CSV without the patient column, or without the label column.
+    rows = list(csv.reader(labels.read_text().splitlines()))
+    header, body = rows[0], rows[1:]
+    keep = [i for i, c in enumerate(header) if c != "Patient ID"]
+    no_group = _write_csv(tmp_path / "nogroup.csv", [[r[i] for i in keep] for r in body], [header[i] for i in keep])
+    _bad(recipe, out, ["--train_data", images, "--labels_file", str(no_group)], "no column 'Patient ID'")
+    keep = [i for i, c in enumerate(header) if c != "Finding Labels"]
+    no_label = _write_csv(tmp_path / "nolabel.csv", [[r[i] for i in keep] for r in body], [header[i] for i in keep])
+    _bad(recipe, out, ["--train_data", images, "--labels_file", str(no_label)], "no column 'Finding Labels'")
+    # A single-class problem.
+    li = header.index("Finding Labels")
+    one = _write_csv(tmp_path / "one.csv", [[*r[:li], "Effusion", *r[li + 1:]] for r in body], header)
+    _bad(recipe, out, ["--train_data", images, "--labels_file", str(one), "--problem_type", "single_label"],
+         "needs at least 2 classes")
+    # A model folder that is not a ViT / ViT-MAE.
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
+    _bad(recipe, out, ["--train_data", images, "--model_name_or_path", str(tmp_path / "bert")], "'bert' model")
+    # Flags that cannot work together or out of range.
+    _bad(recipe, out, ["--early_stopping_patience", "2", "--load_best_model_at_end", "false"],
+         "--early_stopping_patience needs --load_best_model_at_end")
+    _bad(recipe, out, ["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]")
+    _bad(recipe, out, ["--pooling", "max"], "--pooling must be one of cls, mean")
+
+
+def test_split_csvs_drive_training_and_validation(recipe, tmp_path, phantom_dir):
+    """`hf-medvis split` output used as --labels_file / --validation_labels_file on one image folder."""
+    from hf_medvis.data.splits import split_labels_csv
+
+    split_labels_csv(phantom_dir / "labels.csv", tmp_path / "split", val=0.3, test=0.2)
+    images = str(phantom_dir / "images")
+    out = tmp_path / "out"
+    metrics = recipe.main(["--train_data", images, "--labels_file", str(tmp_path / "split" / "train.csv"),
+                           "--validation_data", images, "--validation_labels_file", str(tmp_path / "split" / "val.csv"),
+                           "--output_dir", str(out), "--max_steps", "1", "--eval_strategy", "no", "--save_strategy",
+                           "no", "--load_best_model_at_end", "false", "--ci_bootstrap_samples", "0"])
+    val_rows = list(csv.DictReader((tmp_path / "split" / "val.csv").read_text().splitlines()))
+    assert metrics["eval_images"] == len(val_rows)
+    assert metrics["eval_patients"] == len({r["Patient ID"] for r in val_rows})
+    assert not (out / "split_report.json").exists()  # nothing was split by the recipe
+
+
+@pytest.mark.slow
+def test_default_run_reaches_auroc_090_on_held_out_patients(medvis_cache, tmp_path):
+    """`accelerate launch recipes/finetune_vit.py` with no data or model arguments: the embedded phantoms, the tiny
+    config, macro AUROC >= 0.90 on patients never seen in training, on CPU within 3 minutes."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import REPO, subprocess_env
+
+    out = tmp_path / "default"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+           str(REPO / "recipes" / "finetune_vit.py"), "--output_dir", str(out)]
+    start = time.time()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
+                            env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache), OMP_NUM_THREADS="2"))
+    elapsed = time.time() - start
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    report = json.loads((out / "split_report.json").read_text())
+    assert results["eval_patients"] == report["splits"]["val"]["patients"] > 20
+    assert results["eval_auroc_macro"] >= 0.90, {k: v for k, v in results.items() if k.startswith("eval_auroc")}
+    assert elapsed < 180, f"{elapsed:.0f} s"

@@ -1,0 +1,68 @@
+"""Real 2-process runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 through both launch paths, ZeRO-3; the lr derived from
+base_learning_rate is read back from the optimizer DeepSpeed built; outputs load with from_pretrained."""
+
+import re
+import subprocess
+
+import pytest
+from conftest import REPO, launch_command, multiprocess_env
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
+        "--eval_strategy", "no", "--num_reconstruction_images", "0", "--dataloader_num_workers", "0",
+        "--base_learning_rate", "0.016", "--validation_split_percentage", "0"]
+EXPECTED_LR = 0.016 * (4 * 2) / 256  # base lr x global batch (4 per device x 2 processes) / 256
+
+
+def run(cmd: list[str], timeout: int = 240) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=multiprocess_env(), timeout=timeout, cwd=REPO)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def check_run(log: str, out) -> None:
+    from transformers import ViTMAEForPreTraining
+
+    # Both processes ran, each saw world size 2 (accelerate --cpu would have started one).
+    for rank in (0, 1):
+        assert f"[node 0 rank {rank}]" in log
+    assert "world size 2;" in log and "world size 1" not in log
+    assert "per-device 4 x accumulation 1 x world size 2" in log
+    peak = [float(x) for x in re.findall(r"hf_medvis.training.run_report: optimizer .*?: peak lr ([0-9.e-]+)", log)]
+    assert peak and all(lr == pytest.approx(EXPECTED_LR) for lr in peak), peak
+    model = ViTMAEForPreTraining.from_pretrained(out)
+    assert model.config.hidden_size == 64
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "launcher, extra, tag",
+    [
+        ("torchrun", ["--deepspeed", "ds_configs/zero2.json"], "ZeRO-2"),
+        ("accelerate", [], "ZeRO-2"),  # --config_file recipes/accelerate/deepspeed_zero2.yaml
+        ("accelerate3", [], "ZeRO-3"),  # --config_file recipes/accelerate/deepspeed_zero3.yaml
+    ],
+    ids=["torchrun-deepspeed-zero2", "accelerate-zero2-yaml", "accelerate-zero3-yaml"],
+)
+def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, phantom_dir, launcher, extra, tag):
+    out = tmp_path / "run"
+    args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *TINY, *extra]
+    if launcher == "torchrun":
+        cmd = launch_command("torchrun", "pretrain_mae", *args)
+    else:
+        stage = 3 if launcher == "accelerate3" else 2
+        cmd = launch_command("accelerate", "pretrain_mae", *args,
+                             config_file=str(REPO / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yaml"))
+    log = run(cmd)
+    assert f"DeepSpeed {tag}" in log and "DeepSpeedZeroOptimizer" in log
+    check_run(log, out)
+
+
+def test_ddp_run_through_accelerate_multi_gpu_on_cpu(tmp_path, phantom_dir):
+    out = tmp_path / "run"
+    log = run(launch_command("accelerate", "pretrain_mae", "--train_data", str(phantom_dir / "images"),
+                             "--output_dir", str(out), *TINY))
+    assert "DeepSpeed" not in log
+    check_run(log, out)

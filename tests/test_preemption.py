@@ -1,0 +1,134 @@
+"""Preemption: SIGTERM -> checkpoint at the next step and exit 0; a half-written checkpoint is never resumed; a real
+2-process run stopped by SIGTERM, then SIGKILLed, then resumed consumes each sample of the epoch exactly once."""
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, launch_command, multiprocess_env
+
+from hf_medvis.training.preemption import COMPLETE_MARKER, last_complete_checkpoint, mark_complete, mark_incomplete
+from hf_medvis.training.sample_trace import read_trace
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from hf_medvis.training.outputs import resolve_resume_checkpoint
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    mark_complete(tmp_path / "checkpoint-2", 2)
+    mark_complete(tmp_path / "checkpoint-4", 4)  # checkpoint-6: the crash happened while saving it
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert "checkpoint-6 has no" in caplog.text
+    args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
+    assert resolve_resume_checkpoint(args) == str(tmp_path / "checkpoint-4")
+    mark_incomplete(tmp_path / "checkpoint-4")  # about to be re-saved
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert not list(tmp_path.glob("**/.*.tmp"))
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+# -- the real thing: 2 processes, SIGTERM, SIGKILL, resume --------------------------------------------------------------
+
+STEPS = 12  # one epoch: 48 images / (2 per device x 2 processes)
+ARGS = ["--max_steps", str(STEPS), "--max_train_samples", "48", "--per_device_train_batch_size", "2",
+        "--save_steps", "1", "--logging_steps", "1", "--eval_strategy", "no", "--num_reconstruction_images", "0",
+        "--dataloader_num_workers", "0", "--validation_split_percentage", "0", "--seed", "7",
+        "--resume_from_checkpoint", "last"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    from hf_medvis.data.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("pre") / "set", patients=20, seed=5, image_size=32) / "images"
+
+
+def start(images: Path, out: Path, trace: Path) -> subprocess.Popen:
+    cmd = launch_command("torchrun", "pretrain_mae", "--train_data", str(images), "--output_dir", str(out),
+                         "--image_size", "32", *ARGS)
+    return subprocess.Popen(cmd, cwd=REPO, env=multiprocess_env(HF_MEDVIS_SAMPLE_TRACE=str(trace)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "run ended before the interruption point:\n" + proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out waiting for the interruption point"
+        time.sleep(0.02)
+
+
+def steps_traced(trace: Path) -> int:
+    records = read_trace(trace) if trace.is_dir() else {}
+    return min((max((r["step"] for r in recs), default=0) for recs in records.values()), default=0) if len(records) == 2 else 0
+
+
+def complete_steps(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{COMPLETE_MARKER}"))
+
+
+def consumed(trace: Path, first: int, last: int) -> dict[int, dict[int, list[str]]]:
+    """rank -> step -> sample keys, for steps first..last (the last record of a step wins: a step is retried)."""
+    return {rank: {r["step"]: r["keys"] for r in recs if first <= r["step"] <= last}
+            for rank, recs in read_trace(trace).items()}
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_consumes_each_sample_once(tmp_path, images):
+    import psutil
+
+    # Uninterrupted reference.
+    ref_out, ref_trace = tmp_path / "ref", tmp_path / "ref_trace"
+    ref = start(images, ref_out, ref_trace)
+    ref_log = ref.communicate(timeout=240)[0]
+    assert ref.returncode == 0, ref_log[-3000:]
+
+    # 1) SIGTERM to every worker (what torchrun/accelerate forward, what a spot eviction sends) after step 2.
+    out = tmp_path / "run"
+    traces = [tmp_path / f"trace{i}" for i in range(3)]
+    first = start(images, out, traces[0])
+    wait_for(lambda: steps_traced(traces[0]) >= 1, first)
+    for worker in psutil.Process(first.pid).children():
+        worker.send_signal(signal.SIGTERM)
+    log1 = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, log1[-3000:]
+    assert "SIGTERM received: saving checkpoint-" in log1 and "preempted: checkpoint-" in log1
+    stop1 = complete_steps(out)[-1]
+    assert 1 <= stop1 < STEPS - 2 and not (out / "all_results.json").exists()
+
+    # 2) Resume, then SIGKILL the whole job (node loss) once one more checkpoint is complete.
+    second = start(images, out, traces[1])
+    wait_for(lambda: complete_steps(out)[-1] > stop1, second)
+    job = psutil.Process(second.pid)
+    for proc in [job, *job.children(recursive=True)]:  # torchrun puts workers in their own sessions
+        proc.kill()
+    log2 = second.communicate(timeout=60)[0]
+    stop2 = complete_steps(out)[-1]
+    assert stop1 < stop2 < STEPS, f"the kill came too late to be mid-epoch ({stop1=}, {stop2=})\n{log2[-4000:]}"
+    assert not (out / "all_results.json").exists()
+
+    # 3) Resume to the end.
+    third = start(images, out, traces[2])
+    log3 = third.communicate(timeout=240)[0]
+    assert third.returncode == 0, log3[-3000:]
+
+    import json
+
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == STEPS
+    assert json.loads((ref_out / "all_results.json").read_text())["global_step"] == STEPS
+    # Stitch what each attempt consumed up to the checkpoint the next one resumed from.
+    pieces = [consumed(traces[0], 1, stop1), consumed(traces[1], stop1 + 1, stop2), consumed(traces[2], stop2 + 1, STEPS)]
+    reference = consumed(ref_trace, 1, STEPS)
+    for rank in (0, 1):
+        stitched = {}
+        for piece in pieces:
+            stitched.update(piece[rank])
+        assert sorted(stitched) == list(range(1, STEPS + 1))
+        assert stitched == reference[rank], f"rank {rank}: resumed order differs from the uninterrupted run"
+    keys = [k for rank in (0, 1) for step in range(1, STEPS + 1) for k in reference[rank][step]]
+    assert len(keys) == 48 and len(set(keys)) == 48  # each sample of the epoch exactly once
