@@ -37,7 +37,8 @@ def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
     log = io.StringIO()
     with redirect_stdout(log):  # setup_logging logs to stdout
         metrics = recipe.main(["--train_data", str(phantom_dir / "images"), "--model_name_or_path", str(mae_output),
-                               "--output_dir", str(out), "--pos_weight", "true", *TINY])
+                               "--output_dir", str(out), "--pos_weight", "true", "--dataset_id", "me/cxr-phantoms",
+                               *TINY])
     return out, metrics, log.getvalue()
 
 
@@ -76,7 +77,7 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
     assert card.data.base_model is None  # a local folder is not a Hub base model
-    assert "roc_auc" in card.data.metrics
+    assert "roc_auc" in card.data.metrics and card.data.datasets == ["me/cxr-phantoms"]
     auroc = next(r for r in card.data.eval_results if r.metric_type == "roc_auc")
     assert auroc.metric_value == pytest.approx(results["eval_auroc_macro"], abs=1e-4)
     assert "95% CI" in auroc.metric_name and "patient bootstrap" in auroc.metric_name
@@ -155,6 +156,15 @@ def test_bad_input_is_one_clear_line(recipe, tmp_path, phantom_dir):
          "--early_stopping_patience needs --load_best_model_at_end")
     _bad(recipe, out, ["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]")
     _bad(recipe, out, ["--pooling", "max"], "--pooling must be one of cls, mean")
+
+
+def test_push_to_hub_fails_fast_before_any_data_or_training(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _bad(recipe, tmp_path / "a", ["--push_to_hub", "true", "--hub_model_id", "me/vit"], "needs a Hugging Face token")
+    _bad(recipe, tmp_path / "b", ["--push_to_hub", "true", "--hub_model_id", "me/vit", "--hub_token", "hf_x" * 8],
+         "cannot reach the Hugging Face Hub at http://127.0.0.1:9")
 
 
 def test_split_csvs_drive_training_and_validation(recipe, tmp_path, phantom_dir):

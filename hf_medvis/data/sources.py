@@ -30,9 +30,11 @@ class ResolvedSource:
     description: str  # safe for model cards and logs: no paths, no credentials
 
 
-def resolve_train_source(train_data: str | None, labels_file: str | None, phantom_patients: int, seed: int = 0) -> ResolvedSource:
+def resolve_train_source(
+    train_data: str | None, labels_file: str | None, phantom_patients: int, seed: int = 0, phantom_image_size: int = 256
+) -> ResolvedSource:
     if train_data is None:
-        root = ensure_phantom_dataset(patients=phantom_patients, seed=seed)
+        root = ensure_phantom_dataset(patients=phantom_patients, seed=seed, image_size=phantom_image_size)
         return ResolvedSource(
             str(root / "images"),
             labels_file or str(root / "labels.csv"),

@@ -109,6 +109,12 @@ class ClassificationDataArguments(DataArguments):
         default=None, metadata={"help": "Evaluate during training on a fixed label-stratified subsample of this many "
                                 "validation images (the final evaluation uses all of them)."}
     )
+    phantom_image_size: int = field(
+        default=256, metadata={"help": "Pixel size of the embedded phantom images (smaller decodes faster on CPU)."}
+    )
+    dataset_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset id of the training data, recorded in the model card's metadata."}
+    )
     ci_bootstrap_samples: int = field(
         default=200, metadata={"help": "Patient-level bootstrap resamples for the final metrics' 95% CIs (0: none)."}
     )
@@ -240,7 +246,8 @@ def build_classification_data(
 ) -> ClassificationData:
     """Training and validation datasets with ``labels``; one labelled set is split by patient (stratified).
     ``label_names`` fixes the classes and their order (default: every finding in the training labels)."""
-    source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
+    source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients,
+                                  phantom_image_size=data_args.phantom_image_size)
     if source.labels_file is None:
         raise LabelError(
             "images without labels: no labels.csv beside --train_data; pass --labels_file (NIH layout: Image Index, "
@@ -299,6 +306,10 @@ def training_pos_weight(train_dataset, spec: LabelSpec) -> torch.Tensor:
 
 class ClassificationTrainer(MedVisTrainer):
     """BCE (optional ``pos_weight``) or cross-entropy (optional label smoothing), and layer-wise lr decay groups."""
+
+    # compute_loss returns a per-batch mean: the Trainer must divide it by the gradient-accumulation steps. (ViT's
+    # forward takes **kwargs, which would otherwise make the Trainer assume a loss normalised by num_items_in_batch.)
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, pos_weight: torch.Tensor | None = None, layer_decay: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -381,7 +392,6 @@ def classifier_model_card(
     load_report: LoadReport,
     lr_line: str,
     metrics: dict,
-    dataset_id: str | None = None,
 ) -> str:
     """A model card with Hub metadata (base model, datasets, metrics with CIs in model-index) and no patient data."""
     from huggingface_hub import EvalResult
@@ -390,6 +400,7 @@ def classifier_model_card(
     task = "multi-label" if spec.multi_label else "multi-class"
     headline = "auroc_macro" if spec.multi_label or "accuracy" not in metrics else "accuracy"
     eval_results = []
+    dataset_id = data_args.dataset_id
     dataset_name = dataset_id or data_description
     for key, metric_type in (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", "average_precision")):
         if key in metrics:
