@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# `make demo`: MAE pretraining -> ViT fine-tuning -> evaluation on the embedded phantom chest X-rays, on CPU.
+# `make demo`: phantom data -> patient-level split -> MAE pretraining -> ViT fine-tuning -> evaluation on test patients.
+# Everything runs on CPU in a few minutes; outputs go to $1 (default outputs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/demo}
 BIN=.venv/bin
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 LAUNCH=("$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
+DATA="$OUT/data"
+SPLIT="$OUT/split"
 
-echo "== 1/3 MAE pretraining (tiny ViT-MAE, embedded phantom X-rays) -> $OUT/mae"
-"${LAUNCH[@]}" recipes/pretrain_mae.py --output_dir "$OUT/mae" --overwrite_output_dir --disable_tqdm false
+echo "== 1/5 synthetic chest X-rays -> $DATA"
+"$BIN/hf-medvis" demo-data "$DATA" --overwrite
 
-echo "== 2/3 ViT fine-tuning from the MAE encoder -> $OUT/vit"
-"${LAUNCH[@]}" recipes/finetune_vit.py --model_name_or_path "$OUT/mae" --output_dir "$OUT/vit" --overwrite_output_dir
+echo "== 2/5 patient-level split (train / val / test) -> $SPLIT"
+"$BIN/hf-medvis" split "$DATA/labels.csv" --out "$SPLIT" --val 0.15 --test 0.2 --seed 0
 
-echo "== 3/3 Evaluation on held-out patients (bootstrap CIs over patients) -> $OUT/eval"
-"$BIN/hf-medvis" evaluate --model "$OUT/vit" --data "$OUT/vit/splits/test.csv" --out "$OUT/eval"
+echo "== 3/5 MAE pretraining on the training patients -> $OUT/mae"
+"${LAUNCH[@]}" recipes/pretrain_mae.py --train_data "$DATA/images" --labels_file "$SPLIT/train.csv" \
+    --output_dir "$OUT/mae" --overwrite_output_dir
+
+echo "== 4/5 ViT fine-tuning from the MAE encoder -> $OUT/vit"
+"${LAUNCH[@]}" recipes/finetune_vit.py --model_name_or_path "$OUT/mae" \
+    --train_data "$DATA/images" --labels_file "$SPLIT/train.csv" \
+    --validation_data "$DATA/images" --validation_labels_file "$SPLIT/val.csv" \
+    --output_dir "$OUT/vit" --overwrite_output_dir
+
+echo "== 5/5 evaluation on the held-out test patients (bootstrap CIs over patients) -> $OUT/eval"
+"$BIN/hf-medvis" evaluate --model "$OUT/vit" --data "$DATA/images" --labels "$SPLIT/test.csv" --out "$OUT/eval"
 
 echo
 echo "Outputs:"
-echo "  pretrained MAE:    $OUT/mae   (reconstructions.png, README.md model card, loss_history.jsonl)"
-echo "  fine-tuned ViT:    $OUT/vit   (all_results.json, README.md model card)"
-echo "  evaluation:        $OUT/eval  (metrics.json, roc.png)"
+echo "  data and split:  $DATA, $SPLIT (split_report.json: per-class counts and expected CI widths)"
+echo "  pretrained MAE:  $OUT/mae  (reconstructions.png, README.md model card, loss_history.jsonl)"
+echo "  fine-tuned ViT:  $OUT/vit  (all_results.json, README.md model card)"
+echo "  test metrics:    $OUT/eval (metrics.json, per_class.json, roc.png)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
+from hf_medvis.data.folder import only_listed_images
 from hf_medvis.data.sources import build_train_eval_datasets, first_examples, resolve_train_source
 from hf_medvis.data.transforms import (
     DeviceRandomResizedCrop,
@@ -98,6 +99,8 @@ def main(argv=None):
                 max_train_samples=data_args.max_train_samples,
                 max_eval_samples=data_args.max_eval_samples,
                 seed=training_args.seed,
+                # An explicit labels file lists the images of one split (e.g. train.csv from `hf-medvis split`).
+                filter_records=only_listed_images if data_args.labels_file else None,
             )
         configure_stream_loading(training_args, train_dataset)
         disable_evaluation_without_data(training_args, eval_dataset)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -194,3 +197,13 @@ def make_decode_transform(image_transform: Callable, storage_options: dict | Non
         return batch
 
     return transform
+
+
+def only_listed_images(records: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Keeps the images that have a row in the labels file: an explicit labels file lists the images of one split."""
+    keep = [i for i, labels in enumerate(records["finding_labels"]) if labels is not None]
+    if not keep:
+        raise DataSourceError("none of the images has a row in the labels file (check --labels_file)")
+    if len(keep) < len(records["path"]):
+        logger.info("using the %d of %d images listed in the labels file", len(keep), len(records["path"]))
+    return {key: [values[i] for i in keep] for key, values in records.items()}

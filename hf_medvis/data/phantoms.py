@@ -5,7 +5,8 @@ per-patient anatomy, per-image exposure and positioning, and three learnable fin
 
 - ``Cardiomegaly``: cardiothoracic ratio above ~0.55 (normal hearts are drawn at 0.38-0.47); persistent per patient.
 - ``Effusion``: fluid filling a lung base up to a meniscus, blunting the costophrenic angle; per image.
-- ``Nodule``: a small round opacity in a lung field; persistent per patient (same place on follow-ups).
+- ``Nodule``: a round, well-defined opacity inside a lung field, denser than the ribs crossing it; persistent per
+  patient (about the same place on follow-ups).
 
 The set is written as 8-bit PNG (display orientation), as 16-bit DICOM (mixed MONOCHROME1/MONOCHROME2, with
 RescaleSlope/Intercept and WindowCenter/Width, so the whole display pipeline is exercised), and as ``labels.csv`` in the
@@ -39,7 +40,7 @@ NIH_COLUMNS: tuple[str, ...] = (
     "OriginalImagePixelSpacing[x",
     "y]",
 )
-PHANTOM_FORMAT_VERSION = 1
+PHANTOM_FORMAT_VERSION = 2
 
 # Digital X-Ray Image Storage - For Presentation, and Computed Radiography Image Storage.
 _SOP_CLASS = {"DX": "1.2.840.10008.5.1.4.1.1.1.1", "CR": "1.2.840.10008.5.1.4.1.1.1"}
@@ -85,9 +86,9 @@ def plan_phantoms(patients: int = 200, seed: int = 0) -> list[PhantomImage]:
             "lung_scale": float(rng.uniform(0.92, 1.06)),
             "ctr": float(rng.uniform(0.58, 0.68) if cardiomegaly else rng.uniform(0.38, 0.47)),
             "nodule_side": int(rng.integers(0, 2)),
-            "nodule_u": float(rng.uniform(-0.55, 0.55)),
-            "nodule_v": float(rng.uniform(-0.55, 0.35)),
-            "nodule_radius": float(rng.uniform(0.035, 0.05)),
+            "nodule_u": float(rng.uniform(-0.35, 0.35)),
+            "nodule_v": float(rng.uniform(-0.5, 0.3)),
+            "nodule_radius": float(rng.uniform(0.055, 0.075)),
         }
         effusion_rate = 0.45 if cardiomegaly else 0.2
         for follow_up in range(n_images):
@@ -106,6 +107,8 @@ def plan_phantoms(patients: int = 200, seed: int = 0) -> list[PhantomImage]:
                 noise=float(rng.uniform(0.01, 0.025)),
                 effusion_sides=int(rng.integers(1, 4)),  # bit 0: image-left lung, bit 1: image-right lung
                 effusion_height=float(rng.uniform(0.28, 0.45)),
+                nodule_jitter_u=float(rng.uniform(-0.06, 0.06)),
+                nodule_jitter_v=float(rng.uniform(-0.06, 0.06)),
                 image_seed=int(rng.integers(0, 2**31 - 1)),
             )
             images.append(
@@ -169,12 +172,15 @@ def render_phantom(image: PhantomImage, size: int = 256) -> np.ndarray:
             level = lung_bottom - a["effusion_height"] * lung_ry * 2 * (0.55 + 0.45 * lateral)
             img = np.where(mask & (y > level), 0.45, img)
 
-    # Nodule: a round soft-edged opacity inside a lung field.
+    # Nodule: a well-defined round opacity inside a lung field (a disc with a one-pixel soft edge). Radiologically a
+    # nodule is denser than the rib shadows it overlaps; at 64 px it must stand out from rib crossings and vertebrae.
     if "Nodule" in image.findings:
         side, cx, mask, _ = lung_masks[a["nodule_side"]]
-        ny, nx = lung_cy + a["nodule_v"] * lung_ry, cx + a["nodule_u"] * lung_rx
-        r2 = ((x - nx) ** 2 + (y - ny) ** 2) / a["nodule_radius"] ** 2
-        img = img + 0.34 * np.clip(1.3 - r2, 0, 1) / 1.3 * body
+        ny = lung_cy + (a["nodule_v"] + a["nodule_jitter_v"]) * lung_ry
+        nx = cx + (a["nodule_u"] + a["nodule_jitter_u"]) * lung_rx
+        distance = np.sqrt((x - nx) ** 2 + (y - ny) ** 2)
+        edge = np.clip((a["nodule_radius"] - distance) * size + 0.5, 0.0, 1.0)
+        img = img + 0.32 * edge * body
 
     # Bones add on top of soft tissue: spine, posterior ribs, clavicles.
     spine = np.exp(-(((x - 0.5) / 0.035) ** 4)) * body

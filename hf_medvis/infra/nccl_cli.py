@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.warmup < 0 or args.timeout <= 0:
         raise ValueError("--iters must be >= 1, --warmup >= 0 and --timeout > 0")
     try:
-        ctx = init_distributed(args.backend, timeout_s=args.timeout)
+        # The backend's own timeout stays well behind --timeout so that the watchdog's clear message always wins the race
+        # (gloo raises its own timeout as a bare traceback).
+        ctx = init_distributed(args.backend, timeout_s=args.timeout * 2 + 10)
     except NotDistributedError as err:
         raise ValueError(str(err)) from None
     if args.debug_absent_rank == ctx.rank:

@@ -331,6 +331,18 @@ class ClassificationTrainer(MedVisTrainer):
                                                      label_smoothing=self.args.label_smoothing_factor)
         return (loss, outputs) if return_outputs else loss
 
+    def _load_best_model(self) -> None:
+        # transformers 5 saves ViT weights under their legacy names (encoder.layer.N.attention.attention.query) and
+        # Trainer._load_best_model loads that file with a non-strict load_state_dict: every encoder weight is silently
+        # skipped, leaving the last step's encoder under the best step's head. from_pretrained maps the names.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        checkpoint = self.state.best_model_checkpoint
+        logger.info("loading the best model from %s (%s %s)", checkpoint, self.args.metric_for_best_model,
+                    self.state.best_metric)
+        best = type(self.model).from_pretrained(checkpoint, use_safetensors=True)
+        self.model.load_state_dict(best.state_dict(), strict=True)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
