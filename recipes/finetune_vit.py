@@ -32,6 +32,7 @@ from hf_medvis.training.classification import (
     resolve_image_size,
     training_pos_weight,
 )
+from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.evaluation import (
     build_compute_metrics,
     format_metrics_table,
@@ -42,19 +43,28 @@ from hf_medvis.training.evaluation import (
 )
 from hf_medvis.training.model_card import write_model_card
 from hf_medvis.training.monitoring import MonitoringArguments
-from hf_medvis.training.setup import build_recipe_callbacks, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.preemption import exit_if_preempted
+from hf_medvis.training.setup import (
+    build_recipe_callbacks,
+    log_environment,
+    prepare_run,
+    recipe_errors,
+    setup_logging,
+)
 
 logger = logging.getLogger("finetune_vit")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vit_tiny_demo.yaml"
 
 
 def main(argv=None):
+    setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(
         (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments), argv,
         DEFAULT_CONFIG,
     )
     setup_logging(training_args)
+    log_environment(training_args)
     with recipe_errors():
         run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
         set_seed(training_args.seed)
@@ -125,6 +135,7 @@ def main(argv=None):
 
     # 5. Train, then evaluate on every validation image with patient-bootstrap 95% CIs.
     train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
     metrics = dict(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
     if data.eval_dataset is not None:

@@ -1,5 +1,6 @@
-"""Real 2-process runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 through both launch paths, ZeRO-3; the lr derived from
-base_learning_rate is read back from the optimizer DeepSpeed built; outputs load with from_pretrained."""
+"""Real 2-process runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 through both launch paths, ZeRO-3, for the tiny MAE and the
+tiny ViT; the lr derived from base_learning_rate is read back from the optimizer that was built; outputs load with
+from_pretrained."""
 
 import re
 import subprocess
@@ -66,3 +67,34 @@ def test_ddp_run_through_accelerate_multi_gpu_on_cpu(tmp_path, phantom_dir):
                              "--output_dir", str(out), *TINY))
     assert "DeepSpeed" not in log
     check_run(log, out)
+
+
+VIT_TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
+            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dataloader_num_workers", "0",
+            "--base_learning_rate", "0.016", "--ci_bootstrap_samples", "20"]
+
+
+@pytest.mark.parametrize(
+    "launcher, extra, config",
+    [
+        ("accelerate", [], None),  # DDP: --multi_gpu on CPU (gloo)
+        ("torchrun", ["--deepspeed", "ds_configs/zero2.json"], None),
+        ("accelerate", [], "deepspeed_zero3.yaml"),
+    ],
+    ids=["ddp", "torchrun-deepspeed-zero2", "accelerate-zero3-yaml"],
+)
+def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, extra, config):
+    from transformers import ViTForImageClassification
+
+    out = tmp_path / "vit"
+    args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *VIT_TINY, *extra]
+    config_file = str(REPO / "recipes" / "accelerate" / config) if config else None
+    log = run(launch_command(launcher, "finetune_vit", *args, config_file=config_file))
+    for rank in (0, 1):
+        assert f"[node 0 rank {rank}]" in log
+    assert "world size 2;" in log and "world size 1" not in log
+    peak = [float(x) for x in re.findall(r"hf_medvis.training.run_report: optimizer .*?: peak lr ([0-9.e-]+)", log)]
+    assert peak and all(lr == pytest.approx(EXPECTED_LR) for lr in peak), peak
+    model = ViTForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 3 and model.config.problem_type == "multi_label_classification"
+    assert list(out.glob("checkpoint-*/checkpoint_complete.json"))

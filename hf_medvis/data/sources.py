@@ -128,11 +128,11 @@ def _build_stream_datasets(
     max_train_samples: int | None,
     max_eval_samples: int | None,
 ):
-    # Not split by node here: under several processes accelerate gives each rank its own shards
-    # (datasets' IterableDataset.shard) when batches are not dispatched from rank 0 (see configure_stream_loading).
+    # Split by node here (RANK / WORLD_SIZE), the split StreamStateCallback's twin replays on resume; MedVisTrainer
+    # then keeps accelerate from sharding this stream a second time (trainer.py, get_train_dataloader).
     train_ds = load_image_dataset(
         train.location, image_transform=train_transform, storage_options=storage_options, shuffle=True, seed=seed,
-        split_by_node=False,
+        split_by_node=True,
     )
     _, manifest = find_manifest(train.location, storage_options)
     info: dict[str, Any] = {"train_images": int(manifest["totals"]["written"]), "train_shards": len(manifest["shards"])}

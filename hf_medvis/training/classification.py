@@ -322,7 +322,7 @@ class ClassificationTrainer(MedVisTrainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits
-        if model.config.problem_type == MULTI_LABEL:
+        if self.model.config.problem_type == MULTI_LABEL:  # self.model: `model` may be wrapped (DDP, DeepSpeed)
             pos_weight = self.pos_weight.to(logits.device, logits.dtype) if self.pos_weight is not None else None
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
                                                                         pos_weight=pos_weight)

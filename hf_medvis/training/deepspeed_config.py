@@ -168,3 +168,21 @@ def check_deepspeed_config(args: TrainingArguments) -> str | None:
     where = source if isinstance(source, str) else "dict"
     return (f"DeepSpeed ZeRO-{zero.get('stage', 0)} ({where}), {precision}"
             + (f", offload {'+'.join(offload)}" if offload else ""))
+
+
+def prefer_torch_adam_without_cuda(config: dict) -> bool:
+    """On a host without CUDA (CPU runs, CI), DeepSpeed's Adam variants are C++ ops JIT-compiled at first use (~100 s
+    per machine and per install path) that bring nothing over torch's AdamW there: ask DeepSpeed for torch's optimizer.
+    GPU hosts keep FusedAdam. An explicit ``torch_adam`` in the file is respected. Returns whether it changed."""
+    import torch
+
+    optimizer = config.get("optimizer")
+    if torch.cuda.is_available() or not isinstance(optimizer, dict):
+        return False
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return False
+    params = optimizer.setdefault("params", {})
+    if "torch_adam" in params:
+        return False
+    params["torch_adam"] = True
+    return True

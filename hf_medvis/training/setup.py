@@ -112,7 +112,8 @@ def build_recipe_callbacks(
 
 def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
     """A streamed training set has no length: it needs ``--max_steps``. Under several processes each rank reads its
-    own shards (accelerate shards a ``datasets.IterableDataset`` when batches are not dispatched from rank 0)."""
+    own shards: the training stream is split by node when loaded and MedVisTrainer keeps accelerate from sharding it
+    again; a streamed validation set is sharded by accelerate, which needs batches not dispatched from rank 0."""
     if hasattr(train_dataset, "__len__"):
         return
     if args.max_steps is None or args.max_steps <= 0:

@@ -8,6 +8,8 @@ every skipped batch. This callback records the stream's own epoch and the batche
 the samples it had already delivered before they are decoded (``hf_medvis.data.streaming.StreamControl``).
 
 Use with non-persistent DataLoader workers (the default), the same world size, worker count, batch size and data.
+Under several processes only rank 0 writes the record: the ranks step together (MedVisTrainer ends an epoch on all
+ranks at once), so its epoch and step count hold for every rank, and each rank's twin replays its own node split.
 """
 
 from __future__ import annotations

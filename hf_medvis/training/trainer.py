@@ -3,17 +3,54 @@ accelerator, and the model card is ours (written by the recipe) rather than the 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from ..data.streaming import stream_control
 from ..data.transforms import normalize_batch, normalize_unit_batch
+from .deepspeed_config import prefer_torch_adam_without_cuda
 from .preemption import CheckpointCommitCallback, mark_incomplete
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
+
+
+class _RanksStopTogether(DataLoader):
+    """The DataLoader of one rank's share of a shard stream, ending the epoch on every rank as soon as one rank runs out.
+
+    Ranks must take the same number of optimizer steps per epoch, or DDP's gradient all-reduce waits forever. Their
+    shares can differ by a batch or more (a short last shard, shards that do not divide among ranks or workers, each
+    worker's partial last batch), so before every batch the ranks agree (all-reduce MIN of "I have one") whether all of
+    them have one; the samples left on the longer ranks are not seen in that epoch. This only truncates the end of the
+    epoch, so the batches consumed before a checkpoint are still a prefix of each rank's deterministic stream, which is
+    what StreamStateCallback replays on resume."""
+
+    def __init__(self, *args: Any, sync_device: torch.device, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sync_device = sync_device
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            batch = next(batches, None)
+            have = torch.tensor([0 if batch is None else 1], device=self.sync_device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():
+                return
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        # What accelerate's DataLoaderShard.set_epoch does; the stream's set_epoch takes its epoch from StreamControl.
+        self.dataset.set_epoch(epoch)
+
+
+logger = logging.getLogger(__name__)
 
 
 class MedVisTrainer(Trainer):
@@ -30,6 +67,9 @@ class MedVisTrainer(Trainer):
         float [0, 1] crops; the workers then only hand over fixed-size uint8 images. Evaluation batches skip it."""
         super().__init__(*args, **kwargs)
         self.train_augment = train_augment
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
+            logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
         # Checkpoints count for resume only once marked complete (preemption.py); tracing is opt-in (sample_trace.py).
         if not any(isinstance(cb, CheckpointCommitCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(CheckpointCommitCallback())
@@ -49,6 +89,36 @@ class MedVisTrainer(Trainer):
             self.callback_handler.callbacks.remove(callback)
             self.callback_handler.callbacks.append(callback)
         return super().train(*args, **kwargs)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A shard stream under several processes is already this rank's share (``split_by_node``, the split that
+        StreamStateCallback replays on resume). ``accelerator.prepare`` would shard it again (``IterableDataset.shard``
+        or ``IterableDatasetShard``: each rank would see 1/world² of the data, in an order the resume twin does not
+        model) or, with ``dispatch_batches``, read everything on rank 0. So it is not prepared. Nothing it adds is
+        needed here: the Trainer moves batches to the device (``_prepare_inputs``) and sets gradient sync itself, the
+        stream's epoch comes from StreamStateCallback, and equal step counts across ranks come from
+        ``_RanksStopTogether``."""
+        control = stream_control(self.train_dataset)
+        if control is None or self.args.world_size <= 1:
+            return super().get_train_dataloader()
+        if not control.split_by_node or control.world_size != self.args.world_size:
+            raise ValueError(
+                f"the training stream must be split by node for the {self.args.world_size} processes "
+                f"(it was loaded with split_by_node={control.split_by_node}, world size {control.world_size})"
+            )
+        args = self.args
+        return _RanksStopTogether(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description="Training"),
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            drop_last=args.dataloader_drop_last,
+            sync_device=args.device,
+        )
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.args.should_save:  # re-saving into an existing folder: incomplete until the commit callback says so
