@@ -34,8 +34,9 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path, caplog):
 
 # -- the real thing: 2 processes, SIGTERM, SIGKILL, resume --------------------------------------------------------------
 
-STEPS = 12  # one epoch: 48 images / (2 per device x 2 processes)
-ARGS = ["--max_steps", str(STEPS), "--max_train_samples", "48", "--per_device_train_batch_size", "2",
+EPOCH_IMAGES = 44  # of the 46 phantom images below: divisible by the global batch, so one epoch is exact
+STEPS = EPOCH_IMAGES // 4  # one epoch: 2 per device x 2 processes
+ARGS = ["--max_steps", str(STEPS), "--max_train_samples", str(EPOCH_IMAGES), "--per_device_train_batch_size", "2",
         "--save_steps", "1", "--logging_steps", "1", "--eval_strategy", "no", "--num_reconstruction_images", "0",
         "--dataloader_num_workers", "0", "--validation_split_percentage", "0", "--seed", "7",
         "--resume_from_checkpoint", "last"]
@@ -45,7 +46,9 @@ ARGS = ["--max_steps", str(STEPS), "--max_train_samples", "48", "--per_device_tr
 def images(tmp_path_factory) -> Path:
     from hf_medvis.data.phantoms import write_phantom_dataset
 
-    return write_phantom_dataset(tmp_path_factory.mktemp("pre") / "set", patients=20, seed=5, image_size=32) / "images"
+    folder = write_phantom_dataset(tmp_path_factory.mktemp("pre") / "set", patients=20, seed=5, image_size=32) / "images"
+    assert len(list(folder.glob("*.png"))) >= EPOCH_IMAGES
+    return folder
 
 
 def start(images: Path, out: Path, trace: Path) -> subprocess.Popen:
@@ -131,4 +134,4 @@ def test_sigterm_then_sigkill_then_resume_consumes_each_sample_once(tmp_path, im
         assert sorted(stitched) == list(range(1, STEPS + 1))
         assert stitched == reference[rank], f"rank {rank}: resumed order differs from the uninterrupted run"
     keys = [k for rank in (0, 1) for step in range(1, STEPS + 1) for k in reference[rank][step]]
-    assert len(keys) == 48 and len(set(keys)) == 48  # each sample of the epoch exactly once
+    assert len(keys) == EPOCH_IMAGES and len(set(keys)) == EPOCH_IMAGES  # each sample of the epoch exactly once

@@ -210,3 +210,19 @@ def test_entry_point_without_arguments_uses_the_embedded_default(medvis_cache, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "embedded synthetic chest X-ray phantoms" in result.stdout + result.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_new_models_get_sincos_position_embeddings():
+    """transformers 5.x leaves a fresh ViTMAE's frozen position embeddings at zero (a position-blind model)."""
+    import torch
+
+    from hf_medvis.models.build import build_mae_model
+
+    model = build_mae_model(None, preset="tiny", image_size=64)
+    encoder = model.vit.embeddings.position_embeddings[0, 1:]
+    decoder = model.decoder.decoder_pos_embed[0, 1:]
+    for table in (encoder, decoder):
+        assert table.abs().sum() > 0 and not table.requires_grad
+        # Every patch position is distinguishable from every other one.
+        distances = torch.cdist(table, table) + torch.eye(len(table)) * 1e3
+        assert distances.min() > 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from torchvision.transforms import v2
 from transformers import EarlyStoppingCallback, TrainerCallback, ViTForImageClassification
 
+from ..data.folder import read_labels_csv
 from ..data.labels import MULTI_LABEL, LabelError, LabelSpec, encode_labels, infer_label_spec, label_matrix
+from ..data.shard_table import load_shard_table, make_shard_transform, shard_metadata
 from ..data.sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from ..data.splits import (
     check_patient_disjoint,
@@ -21,6 +24,7 @@ from ..data.splits import (
     stratified_group_assignment,
     stratified_subsample,
 )
+from ..data.streaming import find_manifest
 from ..data.transforms import build_eval_transform
 from ..models.build import count_parameters, preset_names
 from ..models.param_groups import vit_param_groups
@@ -211,16 +215,17 @@ class _LabelledRecords:
         self.report: dict[str, Any] | None = None
 
     def __call__(self, records: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        total = len(records["group"])  # folder records and shard records both carry ``group``
         labelled = [i for i, v in enumerate(records["finding_labels"]) if v is not None and str(v).strip()]
-        unlabelled = len(records["path"]) - len(labelled)
+        unlabelled = total - len(labelled)
         if not labelled:
             raise LabelError(
-                f"none of the {len(records['path'])} images has a label: give an NIH-style labels CSV "
+                f"none of the {total} images has a label: give an NIH-style labels CSV "
                 "(Image Index, Patient ID, Finding Labels) with --labels_file, or put labels.csv beside the images"
             )
         if unlabelled:
             if not self.explicit:
-                raise LabelError(f"{unlabelled} of {len(records['path'])} images have no row in the labels file")
+                raise LabelError(f"{unlabelled} of {total} images have no row in the labels file")
             logger.info("skipping %d image(s) not listed in the labels file", unlabelled)
             records = {k: [v[i] for i in labelled] for k, v in records.items()}
         if self.spec is None:  # the first call sees the training data: it defines the classes
@@ -236,7 +241,7 @@ class _LabelledRecords:
         for warning in self.report["warnings"]:
             logger.warning("%s", warning)
         parts = [{k: [v[i] for i in np.flatnonzero(assignment == s)] for k, v in records.items()} for s in (0, 1)]
-        if not parts[0]["path"] or not parts[1]["path"]:
+        if not parts[0]["group"] or not parts[1]["group"]:
             raise LabelError(f"too few patients ({len(set(records['group']))}) for a patient-level validation split")
         return parts[0], parts[1]
 
@@ -245,7 +250,13 @@ def build_classification_data(
     data_args: ClassificationDataArguments, image_size: int, seed: int = 0, label_names: Sequence[str] | None = None
 ) -> ClassificationData:
     """Training and validation datasets with ``labels``; one labelled set is split by patient (stratified).
-    ``label_names`` fixes the classes and their order (default: every finding in the training labels)."""
+    ``label_names`` fixes the classes and their order (default: every finding in the training labels).
+    ``--train_data`` is a raw folder (labels from a CSV) or prepared shards (labels stored in the shards)."""
+    options = data_args.parsed_storage_options()
+    if data_args.train_data is not None and find_manifest(data_args.train_data, options) is not None:
+        hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
+        source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options)
+        return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks)
     source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients,
                                   phantom_image_size=data_args.phantom_image_size)
     if source.labels_file is None:
@@ -273,6 +284,19 @@ def build_classification_data(
         split_records=hooks.split if split else None,
         holdout_percentage=0.0,
     )
+    return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks)
+
+
+def _finish_classification_data(
+    data_args: ClassificationDataArguments,
+    seed: int,
+    source: ResolvedSource,
+    train: Any,
+    evaluation: Any | None,
+    info: dict[str, Any],
+    hooks: _LabelledRecords,
+) -> ClassificationData:
+    """Checks shared by folders and shards: patient-disjoint validation, classes without positives, eval subsample."""
     spec = hooks.spec
     during = evaluation
     if evaluation is not None:
@@ -286,6 +310,74 @@ def build_classification_data(
             during = evaluation.select(stratified_subsample(eval_matrix, data_args.eval_subsample, seed).tolist())
             info["eval_subsample"] = len(during)
     return ClassificationData(train, evaluation, during, spec, source, info, hooks.report)
+
+
+def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, list[Any]]:
+    """Records (``index`` into ``table``, ``key``, ``group``, ``finding_labels``) of the labelled samples of a shard
+    table; an explicit labels file keeps only the samples it lists (as for folders), its labels are not used."""
+    records = shard_metadata(table)
+    records["index"] = list(range(len(table)))
+    total = len(records["key"])
+    labelled = [bool(v is not None and str(v).strip()) for v in records["finding_labels"]]
+    if not any(labelled):
+        raise LabelError(
+            f"{flag} holds prepared shards without labels: re-run `hf-medvis prepare` with --labels (NIH-style CSV: "
+            "Image Index, Patient ID, Finding Labels)"
+        )
+    keep = labelled
+    if labels_file:
+        # Keys are the labels file's Image Index stems (prepare stores them so), so a split CSV selects its samples.
+        listed = {Path(name).stem for name in read_labels_csv(labels_file)}
+        keep = [ok and key in listed for ok, key in zip(labelled, records["key"], strict=True)]
+        if not any(keep):
+            raise LabelError(f"none of the {total} labelled samples of {flag} is listed in {Path(labels_file).name}")
+        logger.info("%s: using the %d of %d samples listed in %s", flag, sum(keep), total, Path(labels_file).name)
+    elif not all(labelled):
+        raise LabelError(
+            f"{total - sum(labelled)} of {total} samples of {flag} have no labels (no labels row at prepare): pass a "
+            "labels file listing the samples to use"
+        )
+    return {k: [v[i] for i in range(total) if keep[i]] for k, v in records.items()}
+
+
+def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) -> Any:
+    """The selected rows of ``table`` with their encoded ``labels``, decoding pixels on access."""
+    labels: list[Any] = [None] * len(table)
+    for index, encoded in zip(records["index"], records["labels"], strict=True):
+        labels[index] = encoded
+    # add_column joins an in-memory column to the memory-mapped table (no copy of the pixels); select only maps indices.
+    return table.add_column("labels", labels).select(records["index"]).with_transform(make_shard_transform(transform))
+
+
+def _build_shard_datasets(
+    data_args: ClassificationDataArguments, image_size: int, hooks: _LabelledRecords, options: dict | None
+) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
+    """Prepared shards -> map-style train/validation datasets; the split and label logic is the folders' (hooks)."""
+    train_table = load_shard_table(data_args.train_data, options)
+    source = ResolvedSource(data_args.train_data, data_args.labels_file, "user-provided prepared shards")
+    records = hooks(_shard_records(train_table, data_args.labels_file, "--train_data"))
+    eval_table, eval_records = None, None
+    if data_args.validation_data is not None:
+        if find_manifest(data_args.validation_data, options) is None:
+            raise LabelError("--validation_data must be prepared shards too when --train_data is (run `hf-medvis prepare`)")
+        eval_table = load_shard_table(data_args.validation_data, options)
+        eval_records = hooks(_shard_records(eval_table, data_args.validation_labels_file, "--validation_data"))
+    elif data_args.validation_split_percentage > 0:
+        records, eval_records = hooks.split(records)
+        eval_table = train_table
+    if data_args.max_train_samples is not None:
+        records = {k: v[: data_args.max_train_samples] for k, v in records.items()}
+    info: dict[str, Any] = {"train_images": len(records["key"]), "train_patients": len(set(records["group"]))}
+    train_transform = build_finetune_transform(image_size, data_args.crop_scale, data_args.rotation_degrees,
+                                               data_args.rand_augment_magnitude, data_args.hflip)
+    train = _shard_dataset(train_table, records, train_transform)
+    evaluation = None
+    if eval_records is not None:
+        if data_args.max_eval_samples is not None:
+            eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
+        info.update(eval_images=len(eval_records["key"]), eval_patients=len(set(eval_records["group"])))
+        evaluation = _shard_dataset(eval_table, eval_records, build_eval_transform(image_size))
+    return source, train, evaluation, info
 
 
 def collate_classification(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
