@@ -5,7 +5,7 @@ eval subsample) and random access for bootstrap CIs. So the whole shard set beco
 writes it to its cache (memory-mapped, so DataLoader workers and ranks share the pages instead of each holding a copy)
 and reuses it while the manifest's shard list is unchanged.
 
-Bytes come through the same reader as the stream (``streaming._ShardReader``): fsspec/adlfs with our storage options
+Bytes come through the same reader as the stream (``streaming.ShardReader``): fsspec/adlfs with our storage options
 (``datasets``' own Parquet loading drops them for ``az://``), retries on transient errors, and the manifest's sha256 per
 shard. A shard that stays unreadable or fails its checksum is an error here (no skipping: a silently smaller labelled
 set would change the split and the metrics).
@@ -18,7 +18,7 @@ from typing import Any
 
 from . import shards as shard_format
 from . import storage
-from .streaming import ShardReadError, _Decode, _ShardReader, find_manifest
+from .streaming import DecodeStoredPixels, ShardReader, ShardReadError, find_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = ("pixels", "height", "width", "bits")
 TABLE_METADATA_COLUMNS: tuple[str, ...] = ("key", "group", "finding_labels")
@@ -41,7 +41,7 @@ def load_shard_table(source: str, storage_options: dict | str | None = None, cac
     features = datasets.Features.from_arrow_schema(shard_format.schema())
     try:
         table = datasets.Dataset.from_generator(
-            _ShardReader(base, options, skip_bad_shards=False),
+            ShardReader(base, options, skip_bad_shards=False),
             gen_kwargs={"shards": shards},
             features=features,
             cache_dir=cache_dir,
@@ -68,7 +68,7 @@ def shard_metadata(table) -> dict[str, list[Any]]:
 def make_shard_transform(image_transform: Callable | None) -> Callable[[dict[str, list]], dict[str, list]]:
     """A batched ``datasets`` transform: stored pixels -> uint8 tensor [1, H, W] -> ``image_transform`` ->
     ``pixel_values``; the raw pixel columns are dropped so batches carry tensors and metadata only."""
-    decode = _Decode(image_transform)
+    decode = DecodeStoredPixels(image_transform)
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
         size = len(batch["pixels"])

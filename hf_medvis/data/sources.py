@@ -3,9 +3,10 @@
 Raw folders (and the embedded phantoms) become map-style ``datasets.Dataset`` objects that decode on access; without a
 validation location, a deterministic patient-level holdout is taken from the training data.
 
-Prepared shards stream (``streaming.load_image_dataset``). For them the split is a preparation step (``hf-medvis split``
-then one ``prepare`` per split): a holdout filtered out of a stream would break its exact-once resume accounting, so
-evaluation on shards needs ``--validation_data``.
+Prepared shards stream (``streaming.load_image_dataset``) for pretraining. There the split is a preparation step
+(``hf-medvis split`` then one ``prepare`` per split): a holdout filtered out of a stream would break its exact-once
+resume accounting, so evaluation on streamed shards needs ``--validation_data``. (Fine-tuning reads labelled shards as a
+map-style table instead: ``shard_table.py``.)
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
-class _ShardReader:
+class ShardReader:
     """Generator body for one data source (a shard): bytes through fsspec with retries, checksum, rows in order."""
 
     def __init__(self, base: str, storage_options: dict, skip_bad_shards: bool, with_pixels: bool = True):
@@ -139,7 +139,7 @@ class _ShardReader:
             yield from rows
 
     def __repr__(self) -> str:
-        return f"_ShardReader({storage.describe(self.base)!r})"
+        return f"ShardReader({storage.describe(self.base)!r})"
 
 
 class _ResumeSkip:
@@ -155,7 +155,7 @@ class _ResumeSkip:
         return index >= c.skip.get(_worker_id(), 0)
 
 
-class _Decode:
+class DecodeStoredPixels:
     """Stored pixels -> uint8 tensor [1, H, W] -> ``image_transform`` -> ``pixel_values``."""
 
     def __init__(self, image_transform: Callable | None):
@@ -192,7 +192,7 @@ def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _build_stream(control: StreamControl, reader: _ShardReader):
+def _build_stream(control: StreamControl, reader: ShardReader):
     import datasets
     from datasets.distributed import split_dataset_by_node
 
@@ -239,9 +239,9 @@ def load_shard_stream(
         manifest_sha256=shard_format.sha256_hex(json.dumps(manifest["shards"], sort_keys=True).encode()),
         total_samples=int(manifest["totals"]["written"]),
     )
-    ds = _build_stream(control, _ShardReader(base, options, skip_bad_shards))
+    ds = _build_stream(control, ShardReader(base, options, skip_bad_shards))
     ds = ds.filter(_ResumeSkip(control), with_indices=True)
-    ds = ds.map(_Decode(image_transform), remove_columns=["pixels", "height", "width", "bits"])
+    ds = ds.map(DecodeStoredPixels(image_transform), remove_columns=["pixels", "height", "width", "bits"])
     ds = ds.remove_columns(["source_hash", "orig_height", "orig_width"])
     ds.stream_control = control
     return ds
@@ -276,7 +276,7 @@ def worker_skip_counts(
         return {}
     if num_workers == 0:
         return {0: batches * batch_size}
-    twin = _build_stream(control, _ShardReader(control.base, control.storage_options, False, with_pixels=False))
+    twin = _build_stream(control, ShardReader(control.base, control.storage_options, False, with_pixels=False))
     twin.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(
         twin, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, collate_fn=_first_item

@@ -14,7 +14,7 @@ import datasets
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
-from ..data.streaming import stream_control
+from ..data.streaming import ShardReadError, stream_control
 from .callbacks import LossHistoryCallback
 from .deepspeed_config import check_deepspeed_config
 from .distributed import check_world_size
@@ -64,7 +64,10 @@ def recipe_errors() -> Iterator[None]:
     """Bad input found while setting up (data, model, output folder, Hub) -> one line on stderr, exit status 1."""
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError) as err:
+    except (
+        ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError,
+        ShardReadError,
+    ) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}") from None
 
