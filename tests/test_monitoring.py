@@ -139,7 +139,11 @@ def test_profiled_run_with_planted_slowdown(tmp_path, capsys):
     traces = list((out / "profile").glob("*.pt.trace.json"))
     assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
     assert "Top 5 operators (profiled steps 2-3)" in capsys.readouterr().out
-    assert (out / "profile" / "top_ops-rank0.txt").read_text().count("aten::") >= 5
+    table = (out / "profile" / "top_ops-rank0.txt").read_text().splitlines()
+    rows = [line.strip() for line in table if line.strip() and not line.startswith("-")]
+    rows = [row for row in rows if not row.startswith(("Name", "Self CPU time"))]
+    # Five operator rows; which ones lead (aten ops, optimizer step, profiler step markers) varies from run to run.
+    assert len(rows) >= 5 and any(row.startswith("aten::") for row in rows), table
 
     kinds = {a["kind"]: a for a in _alerts(out)}
     assert "data_wait" in kinds and "throughput_drop" in kinds, kinds
