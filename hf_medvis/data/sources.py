@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .folder import build_folder_records, find_labels_file, in_holdout, make_decode_transform
@@ -162,7 +161,3 @@ def first_examples(dataset, n: int) -> list[dict[str, Any]]:
     if hasattr(dataset, "__len__"):
         return [dataset[i] for i in range(min(n, len(dataset)))]
     return list(dataset.take(n))
-
-
-def is_local(location: str) -> bool:
-    return "://" not in location and Path(location).exists()
