@@ -17,7 +17,8 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from hf_medvis.models.build import build_image_processor, count_parameters, describe_path, resolve_normalization
+from hf_medvis.data.storage import describe
+from hf_medvis.models.build import build_image_processor, count_parameters, resolve_normalization
 from hf_medvis.models.transfer import build_classifier
 from hf_medvis.training.args import parse_recipe_args
 from hf_medvis.training.classification import (
@@ -96,7 +97,7 @@ def main(argv=None):
         )
         pos_weight = training_pos_weight(data.train_dataset, spec) if data_args.pos_weight and spec.multi_label else None
     logger.info(
-        "data: %s from %s; %s", data.source.description, describe_path(data.source.location),
+        "data: %s from %s; %s", data.source.description, describe(data.source.location),
         ", ".join(f"{k} {v}" for k, v in data.info.items()),
     )
     logger.info("labels (%s): %s", spec.problem_type, ", ".join(spec.names))

@@ -15,6 +15,7 @@ from transformers import set_seed
 
 from hf_medvis.data.folder import only_listed_images
 from hf_medvis.data.sources import build_train_eval_datasets, first_examples, resolve_train_source
+from hf_medvis.data.storage import describe
 from hf_medvis.data.transforms import (
     DeviceRandomResizedCrop,
     build_eval_transform,
@@ -25,7 +26,6 @@ from hf_medvis.models.build import (
     build_image_processor,
     build_mae_model,
     count_parameters,
-    describe_path,
     resolve_normalization,
 )
 from hf_medvis.training.args import parse_recipe_args
@@ -105,7 +105,7 @@ def main(argv=None):
         configure_stream_loading(training_args, train_dataset)
         disable_evaluation_without_data(training_args, eval_dataset)
     logger.info(
-        "data: %s from %s; %s", train_source.description, describe_path(train_source.location),
+        "data: %s from %s; %s", train_source.description, describe(train_source.location),
         ", ".join(f"{k} {v}" for k, v in data_info.items()),
     )
     logger.info(

@@ -208,3 +208,11 @@ def test_bad_inputs_raise_with_the_path(tmp_path):
     (tmp_path / "really_png.dcm").write_bytes(good)  # wrong extension: content decides
     (tmp_path / "really_png.jpg").write_bytes(good)
     np.testing.assert_array_equal(read_image(tmp_path / "really_png.dcm"), read_image(tmp_path / "really_png.jpg"))
+
+
+def test_sources_are_described_without_credentials():
+    from hf_medvis.data.storage import describe
+
+    assert describe("az://container/x.png?sv=2024&sig=SECRET") == "az://container/x.png"
+    assert describe("abfs://user:SECRET@account.dfs.core.windows.net/c/x.dcm") == "abfs://account.dfs.core.windows.net/c/x.dcm"
+    assert "SECRET" not in str(ImageDecodeError("https://a:SECRET@host/x.png?sig=SECRET", "empty file"))

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .storage import describe
+
 
 class ImageDecodeError(ValueError):
     """An input that cannot be decoded into an image; the message names the source and the reason."""
@@ -22,9 +24,7 @@ class ImageDecodeError(ValueError):
 def _describe(source: Any) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
-    text = str(source)
-    # Never echo credentials carried in a URL's query (SAS tokens).
-    return text.split("?", 1)[0]
+    return describe(str(source))  # never echo credentials carried in a URL
 
 
 def _read_bytes(src: str | os.PathLike | bytes, storage_options: dict | None = None) -> bytes:

@@ -68,9 +68,13 @@ def redact(options: dict) -> dict:
     return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in options.items()}
 
 
-def describe(url: str) -> str:
-    """A URL without its query (SAS tokens live there)."""
-    return str(url).split("?", 1)[0]
+def describe(url: str | os.PathLike) -> str:
+    """A location safe to log or write: no query (SAS tokens live there), no ``user:secret@`` in the authority."""
+    text = os.fspath(url).split("?", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        text = f"{scheme}://{rest.split('@', 1)[1]}"
+    return text
 
 
 def filesystem(url: str, storage_options: dict | str | None = None):

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .launch_env import normalize_distributed_env
+
 COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,27 +90,12 @@ class DistributedContext:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def _map_mpi_env(environ: dict[str, str]) -> None:
-    """Azure ML's MPI distribution sets OMPI_* and AZ_BATCH_MASTER_NODE instead of torchrun's variables."""
-    if "RANK" in environ or "OMPI_COMM_WORLD_RANK" not in environ:
-        return
-    environ["RANK"] = environ["OMPI_COMM_WORLD_RANK"]
-    environ["WORLD_SIZE"] = environ["OMPI_COMM_WORLD_SIZE"]
-    environ.setdefault("LOCAL_RANK", environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
-    environ.setdefault("LOCAL_WORLD_SIZE", environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
-    master = environ.get("AZ_BATCH_MASTER_NODE") or environ.get("AZ_BATCHAI_MPI_MASTER_NODE")
-    if master:
-        addr, _, port = master.partition(":")
-        environ.setdefault("MASTER_ADDR", addr)
-        environ.setdefault("MASTER_PORT", port or "6105")
-
-
 def init_distributed(
     backend: str = "auto", timeout_s: float = 300.0, environ: dict[str, str] | None = None
 ) -> DistributedContext:
     """Joins the process group described by the launcher's environment (torchrun, accelerate launch, Azure ML)."""
     env = os.environ if environ is None else environ
-    _map_mpi_env(env)  # type: ignore[arg-type]
+    normalize_distributed_env(env)  # MPI / Azure ML launches -> torch's variables, as the recipes do
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env]
     if missing:
         raise NotDistributedError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -207,14 +206,3 @@ def build_image_processor(image_size: int, mean: list[float], std: list[float]) 
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe_path(path: str | os.PathLike | None) -> str:
-    """A location safe to log: no query string (SAS tokens), no credentials in the authority."""
-    if path is None:
-        return "(none)"
-    text = os.fspath(path).split("?", 1)[0]
-    if "://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = text.split("://", 1)
-        text = f"{scheme}://{rest.split('@', 1)[1]}"
-    return text
