@@ -168,19 +168,27 @@ def build_folder_records(
     return records
 
 
+def dataset_from_records(
+    records: dict[str, list[Any]], image_transform: Callable | None = None, storage_options: dict | None = None
+):
+    """A ``datasets.Dataset`` of file references; with ``image_transform`` rows decode on access (``pixel_values``)."""
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(records)
+    if image_transform is not None:
+        dataset = dataset.with_transform(make_decode_transform(image_transform, storage_options))
+    return dataset
+
+
 def build_folder_dataset(
     source: str | os.PathLike,
-    transform: Callable[[dict[str, list]], dict[str, list]] | None = None,
+    image_transform: Callable | None = None,
     labels_file: str | os.PathLike | None = None,
     storage_options: dict | None = None,
 ):
-    """A ``datasets.Dataset`` of file references; ``transform`` (if given) decodes on access."""
-    import datasets
-
-    dataset = datasets.Dataset.from_dict(build_folder_records(source, labels_file, storage_options))
-    if transform is not None:
-        dataset = dataset.with_transform(transform)
-    return dataset
+    """Every image under ``source`` as a ``datasets.Dataset`` (see ``dataset_from_records``)."""
+    records = build_folder_records(source, labels_file, storage_options)
+    return dataset_from_records(records, image_transform, storage_options)
 
 
 def make_decode_transform(image_transform: Callable, storage_options: dict | None = None) -> Callable:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .folder import build_folder_records, find_labels_file, in_holdout, make_decode_transform
+from .folder import build_folder_records, dataset_from_records, find_labels_file, in_holdout
 from .phantoms import ensure_phantom_dataset
 from .streaming import find_manifest, load_image_dataset, stream_control
 
@@ -53,12 +53,6 @@ def _truncate(records: dict[str, list[Any]], limit: int | None) -> dict[str, lis
     if limit is None:
         return records
     return {key: values[:limit] for key, values in records.items()}
-
-
-def _to_dataset(records: dict[str, list[Any]], transform: Callable, storage_options: dict | None):
-    import datasets
-
-    return datasets.Dataset.from_dict(records).with_transform(make_decode_transform(transform, storage_options))
 
 
 def build_train_eval_datasets(
@@ -109,12 +103,12 @@ def build_train_eval_datasets(
         train_records, eval_records = records, None
     train_records = _truncate(train_records, max_train_samples)
     info = {"train_images": len(train_records["path"]), "train_patients": len(set(train_records["group"]))}
-    train_ds = _to_dataset(train_records, train_transform, storage_options)
+    train_ds = dataset_from_records(train_records, train_transform, storage_options)
     eval_ds = None
     if eval_records is not None:
         eval_records = _truncate(eval_records, max_eval_samples)
         info.update(eval_images=len(eval_records["path"]), eval_patients=len(set(eval_records["group"])))
-        eval_ds = _to_dataset(eval_records, eval_transform, storage_options)
+        eval_ds = dataset_from_records(eval_records, eval_transform, storage_options)
     return train_ds, eval_ds, info
 
 

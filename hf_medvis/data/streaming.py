@@ -318,12 +318,7 @@ def load_image_dataset(
             skip_bad_shards=skip_bad_shards,
             split_by_node=split_by_node,
         )
-    from .folder import build_folder_dataset, make_decode_transform
+    from .folder import build_folder_dataset
 
     options = storage.storage_options_for(source, storage_options)
-    return build_folder_dataset(
-        source,
-        transform=make_decode_transform(image_transform, options),
-        labels_file=labels_file,
-        storage_options=options,
-    )
+    return build_folder_dataset(source, image_transform, labels_file=labels_file, storage_options=options)

@@ -20,6 +20,8 @@ from .preemption import CheckpointCommitCallback, mark_incomplete
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
 
+logger = logging.getLogger(__name__)
+
 
 class _RanksStopTogether(DataLoader):
     """The DataLoader of one rank's share of a shard stream, ending the epoch on every rank as soon as one rank runs out.
@@ -48,9 +50,6 @@ class _RanksStopTogether(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         # What accelerate's DataLoaderShard.set_epoch does; the stream's set_epoch takes its epoch from StreamControl.
         self.dataset.set_epoch(epoch)
-
-
-logger = logging.getLogger(__name__)
 
 
 class MedVisTrainer(Trainer):
