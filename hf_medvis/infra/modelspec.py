@@ -3,30 +3,37 @@ device (no memory, no compute), for counting parameters, activations and FLOPs."
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, ViTConfig, ViTMAEConfig
 
-from .catalog import load_data
-
 TASKS = ("mae", "classify")
 
 
+def _presets() -> dict[str, dict[str, Any]]:
+    """The architecture presets the recipes build from (``hf_medvis/models/presets.json``): read as data, so ``size``
+    and training always mean the same model by a name (infra imports no code from the rest of the package)."""
+    data = json.loads(resources.files("hf_medvis.models").joinpath("presets.json").read_text())
+    return {name: spec for name, spec in data.items() if not name.startswith("_")}
+
+
 def preset_names() -> list[str]:
-    return sorted(load_data("model_presets")["encoders"])
+    return sorted(_presets())
 
 
 def build_config(model: str, task: str, image_size: int | None = None, num_labels: int = 14) -> PretrainedConfig:
     """ViTMAEConfig for task "mae", ViTConfig for "classify", from a preset name or CONFIG_OR_DIR (config.json)."""
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-    presets = load_data("model_presets")
-    if model in presets["encoders"]:
-        fields: dict[str, Any] = dict(presets["encoders"][model])
-        if task == "mae":
-            fields.update(presets["mae_decoder"])
+    presets = _presets()
+    if model in presets:
+        fields: dict[str, Any] = dict(presets[model])
+        if task == "classify":  # the MAE decoder is not part of a classifier
+            fields = {key: value for key, value in fields.items() if not key.startswith("decoder_")}
     else:
         path = Path(model)
         file = path / "config.json" if path.is_dir() else path

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "headroom and the largest batch per GPU that fits.",
     )
     parser.add_argument(
-        "--model", default="vit-base", help="vit-base, vit-large, vit-huge, or CONFIG_OR_DIR (config.json)"
+        "--model", default="vit-base", help="a preset of hf_medvis/models/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
+        "(config.json)"
     )
     parser.add_argument("--task", default="mae", choices=["mae", "classify"], help="MAE pretraining or classification")
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
