@@ -11,7 +11,13 @@ import torch  # noqa: F401  (imported before timing: the recipes have torch load
 
 from hf_medvis.cli import main
 from hf_medvis.infra.catalog import load_data
-from hf_medvis.infra.env import _arch_supported, collect_env_report, env_exit_code, format_env_report
+from hf_medvis.infra.env import (
+    _arch_supported,
+    collect_env_report,
+    env_exit_code,
+    format_env_report,
+    package_requirements,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,5 +80,7 @@ def test_matrix_requirements_match_setup_cfg():
         name, _, spec = line.partition(">=")
         declared[name.strip().lower()] = f">={spec.strip()}"
     declared["python"] = parser["options"]["python_requires"].strip()
-    for name, spec in load_data("compat")["requirements"].items():
-        assert declared.get(name) == spec, f"compat.yaml {name}{spec} vs setup.cfg {declared.get(name)}"
+    checked = package_requirements()
+    assert set(checked) == set(load_data("compat")["requirements"])
+    for name, spec in checked.items():
+        assert declared.get(name) == spec, f"env check {name}{spec} vs setup.cfg {declared.get(name)}"

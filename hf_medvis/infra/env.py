@@ -142,9 +142,20 @@ def _version_of(report: Mapping[str, Any], name: str) -> str | None:
     return report["python"] if name == "python" else report["packages"].get(name)
 
 
+def package_requirements() -> dict[str, str]:
+    """This package's declared minimum versions (installed metadata of setup.cfg) for the packages compat.yaml lists."""
+    dist = metadata.metadata("hf_medvis")
+    declared = {"python": str(dist.get("Requires-Python", ""))}
+    for line in metadata.requires("hf_medvis") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None:  # extras ("; extra == ...") are optional
+            declared[requirement.name.lower().replace("-", "_")] = str(requirement.specifier)
+    return {name: declared[name] for name in load_data("compat")["requirements"] if declared.get(name)}
+
+
 def _requirement_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
     problems = []
-    for name, spec in load_data("compat")["requirements"].items():
+    for name, spec in package_requirements().items():
         found = _version_of(report, name)
         if found is None:
             problems.append(
@@ -294,7 +305,7 @@ def _check_image(image: Mapping[str, Any]) -> dict[str, Any]:
     """Whether an ACPT image's documented versions meet this package's requirements."""
     versions = {k: str(v) for k, v in image.items() if k not in ("name", "ubuntu", "cuda")}
     reasons = []
-    for name, spec in load_data("compat")["requirements"].items():
+    for name, spec in package_requirements().items():
         if name in versions and not _satisfies(versions[name], spec):
             reasons.append(f"{name} {versions[name]} (needs {spec})")
     return {**dict(image), "usable": not reasons, "reasons": reasons}
