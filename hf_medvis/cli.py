@@ -8,6 +8,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .data.storage import explain_storage_error
+
 # One module per subcommand (or family of subcommands); add a line here to add a command.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_medvis.data.phantoms_cli",
@@ -38,11 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
-        # Bad input: one line naming what is wrong, no traceback.
-        print(f"hf-medvis {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # Bad input (including storage that refuses our credentials): one line naming what is wrong, no traceback.
+        message = explain_storage_error(err)
+        if message is None and isinstance(err, (ValueError, FileExistsError, FileNotFoundError, PermissionError)):
+            message = " ".join(str(err).split())
+        if message is None:
+            raise
+        print(f"hf-medvis {args.command}: error: {message}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

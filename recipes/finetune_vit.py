@@ -132,6 +132,7 @@ def main(argv=None):
         model_card_writer=write_card,
         pos_weight=pos_weight,
         layer_decay=training_args.layer_decay,
+        sample_augmentation=data.train_augmentation,
     )
 
     # 5. Train, then evaluate on every validation image with patient-bootstrap 95% CIs.
@@ -151,7 +152,6 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             logger.info("held-out patients:\n%s", format_metrics_table(final, spec))
     trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
 
     # 6. Save (model with id2label, processor, card, split report) and push.
     trainer.save_model()
@@ -164,6 +164,7 @@ def main(argv=None):
             write_json(Path(training_args.output_dir) / "split_report.json", data.split_report)
         logger.info("outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
                     Path(training_args.output_dir).resolve())
+    trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"ViT fine-tuning, step {trainer.state.global_step}")
     return metrics

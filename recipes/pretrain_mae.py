@@ -18,6 +18,7 @@ from hf_medvis.data.sources import build_train_eval_datasets, first_examples, re
 from hf_medvis.data.storage import describe
 from hf_medvis.data.transforms import (
     DeviceRandomResizedCrop,
+    SeededAugmentation,
     build_eval_transform,
     build_load_transform,
     build_pretrain_transform,
@@ -82,17 +83,18 @@ def main(argv=None):
             model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
         )
 
-        # 3. Data: uint8 crops from the workers; normalisation happens on the device (MedVisTrainer).
+        # 3. Data: uint8 crops from the workers (drawn per sample, so a resumed run sees the same crops); normalisation
+        # happens on the device (MedVisTrainer).
+        augmentation = None if data_args.augment_on_device else SeededAugmentation(
+            build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=training_args.seed
+        )
         with training_args.main_process_first(desc="preparing data"):
             train_source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
             train_dataset, eval_dataset, data_info = build_train_eval_datasets(
                 train_source,
                 data_args.validation_data,
-                train_transform=(
-                    build_load_transform(round(image_size * 256 / 224))  # crops happen on the device
-                    if data_args.augment_on_device
-                    else build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip)
-                ),
+                # With --augment_on_device the workers only resize; crops happen on the device.
+                train_transform=augmentation or build_load_transform(round(image_size * 256 / 224)),
                 eval_transform=build_eval_transform(image_size),
                 storage_options=data_args.parsed_storage_options(),
                 holdout_percentage=data_args.validation_split_percentage,
@@ -142,6 +144,7 @@ def main(argv=None):
             if data_args.augment_on_device
             else None
         ),
+        sample_augmentation=augmentation,
     )
 
     # 5. Train and evaluate.
@@ -153,7 +156,6 @@ def main(argv=None):
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
     trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
 
     # 6. Save (model, processor, card, reconstructions) and push.
     trainer.save_model()
@@ -170,6 +172,7 @@ def main(argv=None):
             )
         written = sorted(p.name for p in Path(training_args.output_dir).iterdir() if not p.name.startswith("."))
         logger.info("outputs in %s: %s", Path(training_args.output_dir).resolve(), ", ".join(written))
+    trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"MAE pretraining, step {trainer.state.global_step}")
     return metrics

@@ -194,13 +194,14 @@ def build_folder_dataset(
 def make_decode_transform(image_transform: Callable, storage_options: dict | None = None) -> Callable:
     """A batched ``datasets`` transform: read_image -> uint8 [1, H, W] -> ``image_transform`` -> ``pixel_values``."""
     from .decode import read_image
-    from .transforms import to_uint8_tensor
+    from .transforms import apply_image_transform, to_uint8_tensor
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
         batch = dict(batch)
         # Bytes go through fsspec/adlfs with our storage options: datasets' own Image feature loses them for az://.
         batch["pixel_values"] = [
-            image_transform(to_uint8_tensor(read_image(path, storage_options=storage_options))) for path in batch["path"]
+            apply_image_transform(image_transform, to_uint8_tensor(read_image(path, storage_options=storage_options)), key)
+            for path, key in zip(batch["path"], batch["key"], strict=True)
         ]
         return batch
 

@@ -74,7 +74,8 @@ def make_shard_transform(image_transform: Callable | None) -> Callable[[dict[str
         size = len(batch["pixels"])
         out = {k: v for k, v in batch.items() if k not in PIXEL_COLUMNS}
         out["pixel_values"] = [
-            decode({name: batch[name][i] for name in PIXEL_COLUMNS})["pixel_values"] for i in range(size)
+            decode({"key": batch["key"][i], **{name: batch[name][i] for name in PIXEL_COLUMNS}})["pixel_values"]
+            for i in range(size)
         ]
         return out
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -47,20 +48,23 @@ def parse_storage_options(value: dict | str | None) -> dict:
 def storage_options_for(url: str, storage_options: dict | str | None = None) -> dict:
     """Explicit options win; for Azure URLs without any, credentials come from the environment."""
     options = parse_storage_options(storage_options)
-    if protocol_of(url) not in AZURE_PROTOCOLS or options:
+    if protocol_of(url) in AZURE_PROTOCOLS:
+        # adlfs would otherwise turn a refused container lookup into a warning and carry on into a later failure.
+        options.setdefault("assume_container_exists", False)
+    if protocol_of(url) not in AZURE_PROTOCOLS or set(options) != {"assume_container_exists"}:
         return options
     env = os.environ
     if env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        return {"connection_string": env["AZURE_STORAGE_CONNECTION_STRING"]}
+        return {**options, "connection_string": env["AZURE_STORAGE_CONNECTION_STRING"]}
     account = env.get("AZURE_STORAGE_ACCOUNT_NAME")
     if account and env.get("AZURE_STORAGE_ACCOUNT_KEY"):
-        return {"account_name": account, "account_key": env["AZURE_STORAGE_ACCOUNT_KEY"]}
+        return {**options, "account_name": account, "account_key": env["AZURE_STORAGE_ACCOUNT_KEY"]}
     if account and env.get("AZURE_STORAGE_SAS_TOKEN"):
-        return {"account_name": account, "sas_token": env["AZURE_STORAGE_SAS_TOKEN"]}
+        return {**options, "account_name": account, "sas_token": env["AZURE_STORAGE_SAS_TOKEN"]}
     if account:
         # No secret: adlfs uses DefaultAzureCredential (needs azure-identity, the [azure] extra).
-        return {"account_name": account, "anon": False}
-    return {}
+        return {**options, "account_name": account, "anon": False}
+    return options
 
 
 def redact(options: dict) -> dict:
@@ -77,12 +81,65 @@ def describe(url: str | os.PathLike) -> str:
     return text
 
 
+class StorageAccessError(ValueError):
+    """A storage location that cannot be used as given: bad name, refused credentials. The message says which and how
+    to fix it, in one line, without any secret."""
+
+
+# Azure Blob container names: 3-63 lowercase letters, digits and hyphens; a letter or digit first and last; no "--".
+_CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+def check_container_name(url: str, path: str) -> None:
+    container = path.split("/", 1)[0]
+    if container and container != "$root" and not _CONTAINER_NAME.match(container):
+        raise StorageAccessError(
+            f"{describe(url)}: '{container}' is not a valid Azure container name (3-63 lowercase letters, digits and "
+            "single hyphens, a letter or digit first and last)"
+        )
+
+
 def filesystem(url: str, storage_options: dict | str | None = None):
     """(fsspec filesystem, path inside it) for a URL or local path."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
+    if protocol_of(url) in AZURE_PROTOCOLS:
+        check_container_name(url, path)
     return fs, path
+
+
+def explain_storage_error(err: BaseException, url: str | None = None) -> str | None:
+    """One line for a storage failure a user can fix (credentials, names, reachability); None for anything else. The
+    Azure SDK's own message (a page of HTTP headers and XML) is reduced to its error code."""
+    try:
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+    except ImportError:  # pragma: no cover - azure is a base dependency through adlfs
+        return None
+    while err.__cause__ is not None and not isinstance(err, (HttpResponseError, ServiceRequestError)):
+        err = err.__cause__  # adlfs wraps some SDK errors (ValueError ... from HttpResponseError)
+    where = f"{describe(url)}: " if url else ""
+    if type(err).__name__ == "AzureSigningError":
+        return (f"{where}cannot sign requests: the storage account key is not valid base64 (cut short when copied?) "
+                f"({_first_sentence(err)})")
+    if isinstance(err, ClientAuthenticationError) or (isinstance(err, HttpResponseError) and err.status_code == 403):
+        code = getattr(err, "error_code", None) or getattr(err, "status_code", None) or type(err).__name__
+        return (f"{where}access denied by Azure Storage ({_code_name(code)}): check the account key, SAS token or the "
+                "identity's role (Storage Blob Data Reader / Contributor); credentials are not shown")
+    if isinstance(err, HttpResponseError) and err.status_code == 400:
+        return f"{where}Azure Storage refused the request ({_code_name(err.error_code)}): {_first_sentence(err)}"
+    if isinstance(err, ServiceRequestError):
+        return f"{where}cannot reach the storage service ({_first_sentence(err)})"
+    return None
+
+
+def _code_name(code) -> str:
+    return str(getattr(code, "value", code))
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text.split(". ", 1)[0].split(" RequestId:", 1)[0].rstrip(".")[:200]
 
 
 def join(base: str, *parts: str) -> str:
@@ -127,6 +184,9 @@ def with_retries(
             return fn()
         except Exception as err:
             if attempt == attempts or not is_transient(err):
+                message = explain_storage_error(err)
+                if message is not None:
+                    raise StorageAccessError(f"{what}: {message}") from None
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
             logger.warning("%s: %s (attempt %d/%d), retrying in %.1fs", what, type(err).__name__, attempt, attempts, delay)
@@ -186,11 +246,15 @@ def make_dirs(url: str, storage_options: dict | str | None = None) -> None:
         os.makedirs(url.removeprefix("file://"), exist_ok=True)
         return
     fs, path = filesystem(url, storage_options)
-    if protocol_of(url) in AZURE_PROTOCOLS:
-        container = path.split("/", 1)[0]
-        if not fs.exists(container):
-            with contextlib.suppress(FileExistsError):  # another worker made it first
-                fs.mkdir(container)
-    else:
-        fs.makedirs(path, exist_ok=True)
+
+    def make() -> None:
+        if protocol_of(url) in AZURE_PROTOCOLS:
+            container = path.split("/", 1)[0]
+            if not fs.exists(container):
+                with contextlib.suppress(FileExistsError):  # another worker made it first
+                    fs.mkdir(container)
+        else:
+            fs.makedirs(path, exist_ok=True)
+
+    with_retries(make, f"creating {describe(url)}")
 

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader, default_collate
 
 from . import shards as shard_format
 from . import storage
+from .transforms import apply_image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class StreamControl:
     epoch: int | None = None
     skip: dict[int, int] | None = None
     skip_epoch: int | None = None
+    resume_order: list[int] | None = None  # worker id of each batch left in epoch ``skip_epoch``
 
     def __repr__(self) -> str:  # never show storage options (credentials)
         return f"StreamControl(base={storage.describe(self.base)!r}, shards={len(self.shards)}, epoch={self.epoch})"
@@ -170,10 +173,7 @@ class DecodeStoredPixels:
         else:  # 16-bit shards keep depth on disk; batches travel as uint8
             array = (np.frombuffer(example["pixels"], dtype="<u2").reshape(1, h, w).astype(np.float32) / 257.0)
             array = np.round(array).astype(np.uint8)
-        tensor = torch.from_numpy(array.copy())
-        if self.image_transform is not None:
-            tensor = self.image_transform(tensor)
-        return {"pixel_values": tensor}
+        return {"pixel_values": apply_image_transform(self.image_transform, torch.from_numpy(array.copy()), example["key"])}
 
 
 class _EpochFromControl:
@@ -261,32 +261,99 @@ def _first_item(batch: list) -> tuple[int, int]:
     return batch[0]["worker"], len(batch)
 
 
-def worker_skip_counts(
-    control: StreamControl, *, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False
-) -> dict[int, int]:
-    """Samples each DataLoader worker had delivered after ``batches`` batches of ``epoch``.
+def epoch_batches(
+    control: StreamControl, *, epoch: int, batch_size: int, num_workers: int, drop_last: bool = False
+) -> list[tuple[int, int]]:
+    """(worker id, batch size) of every batch this rank's DataLoader delivers in ``epoch``, in delivery order.
 
     Runs a pixel-free twin of the stream (same shards, node split, seeds and epoch; one row per sample) through a real
     DataLoader with the same worker count, so worker assignment and round-robin order, including workers that run out
-    early, come from the same code as in training.
-    """
+    early, come from the same code as in training. Reads no shard."""
     import torch.utils.data
 
-    if batches <= 0:
-        return {}
-    if num_workers == 0:
-        return {0: batches * batch_size}
     twin = _build_stream(control, ShardReader(control.base, control.storage_options, False, with_pixels=False))
     twin.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(
         twin, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, collate_fn=_first_item
     )
-    counts: dict[int, int] = {}
-    for index, (worker, size) in enumerate(loader):
-        if index >= batches:
-            break
-        counts[worker] = counts.get(worker, 0) + size
-    return counts
+    return list(loader)
+
+
+@dataclass
+class ResumePosition:
+    """Where a stream resumes after ``batches`` batches of an epoch (see ``resume_position``)."""
+
+    epoch_ended: bool  # those batches were the whole epoch: the next pass is the next epoch, from its start
+    skip: dict[int, int]  # DataLoader worker id -> samples it had delivered (dropped undecoded on resume)
+    order: list[int]  # worker id of each remaining batch, in the order the uninterrupted run delivers them
+
+
+def resume_position(
+    control: StreamControl, *, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False
+) -> ResumePosition:
+    plan = epoch_batches(control, epoch=epoch, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last)
+    skip: dict[int, int] = {}
+    for worker, size in plan[:batches]:
+        skip[worker] = skip.get(worker, 0) + size
+    return ResumePosition(len(plan) <= batches, skip, [worker for worker, _ in plan[batches:]])
+
+
+def worker_skip_counts(
+    control: StreamControl, *, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False
+) -> dict[int, int]:
+    """Samples each DataLoader worker had delivered after ``batches`` batches of ``epoch``."""
+    return resume_position(control, epoch=epoch, batches=batches, batch_size=batch_size, num_workers=num_workers,
+                           drop_last=drop_last).skip
+
+
+class _TagWorker:
+    """Collate wrapper run in the DataLoader worker: (worker id, batch), so the main process knows each batch's source."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, examples: list) -> tuple[int, Any]:
+        return _worker_id(), self.collate_fn(examples)
+
+
+def _in_planned_order(tagged: Iterator[tuple[int, Any]], order: list[int]) -> Iterator[Any]:
+    pending: dict[int, list] = {}
+    for expected in order:
+        while not pending.get(expected):
+            item = next(tagged, None)
+            if item is None:
+                return
+            pending.setdefault(item[0], []).append(item[1])
+        yield pending[expected].pop(0)
+    for items in pending.values():  # nothing is expected here; never drop a batch silently
+        yield from items
+    for _, batch in tagged:
+        yield batch
+
+
+class StreamDataLoader(DataLoader):
+    """A DataLoader over a shard stream: in the epoch a checkpoint interrupted, the
+    remaining batches come in the order the uninterrupted run delivers them. (A new DataLoader iterator starts its
+    worker round-robin at worker 0, while the interrupted epoch would have continued with the next worker in turn.)
+    Batches are buffered only while they arrive out of turn: at most about one per worker."""
+
+    def __init__(self, dataset, *args: Any, collate_fn: Callable | None = None, **kwargs: Any):
+        super().__init__(dataset, *args, collate_fn=_TagWorker(collate_fn or default_collate), **kwargs)
+        self.stream = stream_control(dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        # What accelerate's DataLoaderShard.set_epoch does: the Trainer calls it before each epoch.
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        tagged = super().__iter__()
+        control = self.stream
+        if control is not None and control.resume_order and control.epoch == control.skip_epoch:
+            order, control.resume_order = control.resume_order, None  # the resumed epoch only
+            yield from _in_planned_order(tagged, order)
+        else:
+            for _, batch in tagged:
+                yield batch
 
 
 def load_image_dataset(

@@ -3,6 +3,7 @@ replication happen on the accelerator (``normalize_batch``), so loader workers a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +26,40 @@ def build_pretrain_transform(
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
+
+
+class SeededAugmentation:
+    """A random image transform whose draws depend only on (seed, epoch, sample key): each sample gets its own
+    generator state, so a sample's crop is the same whichever DataLoader worker decodes it, with any worker count,
+    and after a resume (the interrupted epoch continues with exactly the crops it would have had).
+
+    ``epoch`` is set by the Trainer (``MedVisTrainer``) before each epoch's workers start; outside the Trainer it stays
+    0 unless the caller sets it. The global CPU generator is left as it was (``fork_rng``), so the training process's
+    own draws (MAE masks, dropout) do not depend on how many samples were decoded in it."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], seed: int):
+        self.transform, self.seed, self.epoch = transform, int(seed), 0
+
+    def __repr__(self) -> str:
+        return f"SeededAugmentation({self.transform!r}, seed={self.seed}, epoch={self.epoch})"
+
+    def sample_seed(self, key: str) -> int:
+        digest = hashlib.blake2b(f"{self.seed}\x00{self.epoch}\x00{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
+    def __call__(self, image: torch.Tensor, key: str) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(self.sample_seed(key))  # CPU only: CUDA generators untouched
+            return self.transform(image)
+
+
+def apply_image_transform(transform: Callable | None, image: torch.Tensor, key: str) -> torch.Tensor:
+    """``transform(image)``, or ``transform(image, key)`` for a ``SeededAugmentation``."""
+    if transform is None:
+        return image
+    if isinstance(transform, SeededAugmentation):
+        return transform(image, key)
+    return transform(image)
 
 
 def build_eval_transform(image_size: int) -> v2.Compose:

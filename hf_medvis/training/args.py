@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .deepspeed_config import load_deepspeed_config
+
 
 class RecipeArgumentError(SystemExit):
     """A bad argument. Uncaught, the interpreter prints the one-line message to stderr and exits with status 1."""
@@ -63,6 +65,12 @@ def _yaml_to_tokens(config: dict[str, Any], known: set[str], config_path: str) -
     return tokens
 
 
+def _flags_given(argv: Sequence[str], known: set[str]) -> set[str]:
+    """Argument names present on a command line (``--name value`` or ``--name=value``)."""
+    names = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    return {name for name in names if name in known}
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -96,9 +104,17 @@ def parse_recipe_args(
     pre_args, rest = pre.parse_known_args(argv)
     if pre_args.config is None and default_config is not None:
         pre_args.config = os.fspath(default_config)
-    tokens: list[str] = []
-    if pre_args.config:
-        tokens = _yaml_to_tokens(load_config_file(pre_args.config), known, pre_args.config)
+    config: dict[str, Any] = load_config_file(pre_args.config) if pre_args.config else {}
+    given = _flags_given(rest, known)
+    for rate, other in (("learning_rate", "base_learning_rate"), ("base_learning_rate", "learning_rate")):
+        # A learning rate on the command line replaces the config's way of setting it; both at once is ambiguous.
+        if rate in given and other in given:
+            raise RecipeArgumentError("give --learning_rate or --base_learning_rate, not both")
+        if rate in given and other in config:
+            config = {k: v for k, v in config.items() if k != other}
+    if "learning_rate" in config and "base_learning_rate" in config and config["base_learning_rate"] is not None:
+        raise RecipeArgumentError(f"config file {pre_args.config}: set learning_rate or base_learning_rate, not both")
+    tokens = _yaml_to_tokens(config, known, pre_args.config) if config else []
     # Let the parser see which config was used (recipes record it in the model card).
     if "config" in known and pre_args.config:
         rest = [*rest, "--config", pre_args.config]
@@ -182,4 +198,23 @@ class RecipeTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.base_learning_rate is not None and self.base_learning_rate <= 0:
             raise ValueError(f"--base_learning_rate must be > 0, got {self.base_learning_rate}")
+        if self.base_learning_rate is None and not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.deepspeed and isinstance(self.deepspeed, str):
+            # TrainingArguments reads it next with an error that names neither the file nor the flag.
+            try:
+                load_deepspeed_config(self.deepspeed)
+            except ValueError as err:
+                raise ValueError(f"--deepspeed: {err}") from None
+        if self.dataloader_pin_memory and not _cuda_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every epoch otherwise
         super().__post_init__()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -20,8 +20,18 @@ class LossHistoryCallback(TrainerCallback):
         self._start = time.time()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero and not args.resume_from_checkpoint and self.path.exists():
-            self.path.unlink()  # a fresh run starts a fresh history; a resumed one appends
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        if state.global_step == 0:  # a fresh run (or a first attempt started again) starts a fresh history
+            self.path.unlink()
+            return
+        # Resumed: keep what was logged up to the checkpoint; steps after it (lost with the interrupted attempt) are
+        # trained again and logged again.
+        kept = "".join(line for line in self.path.read_text().splitlines(keepends=True)
+                       if _logged_step(line) is not None and _logged_step(line) <= state.global_step)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(kept)
+        os.replace(tmp, self.path)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -31,3 +41,11 @@ class LossHistoryCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one history line; None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

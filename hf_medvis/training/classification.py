@@ -25,7 +25,7 @@ from ..data.splits import (
     stratified_subsample,
 )
 from ..data.streaming import find_manifest
-from ..data.transforms import build_eval_transform
+from ..data.transforms import SeededAugmentation, build_eval_transform
 from ..models.build import count_parameters, preset_names
 from ..models.param_groups import vit_param_groups
 from ..models.transfer import POOLINGS, LoadReport
@@ -199,6 +199,7 @@ class ClassificationData:
     source: ResolvedSource
     info: dict[str, Any]
     split_report: dict[str, Any] | None = None
+    train_augmentation: SeededAugmentation | None = None  # the Trainer sets its epoch
 
 
 class _LabelledRecords:
@@ -253,10 +254,15 @@ def build_classification_data(
     ``label_names`` fixes the classes and their order (default: every finding in the training labels).
     ``--train_data`` is a raw folder (labels from a CSV) or prepared shards (labels stored in the shards)."""
     options = data_args.parsed_storage_options()
+    augmentation = SeededAugmentation(
+        build_finetune_transform(image_size, data_args.crop_scale, data_args.rotation_degrees,
+                                 data_args.rand_augment_magnitude, data_args.hflip),
+        seed=seed,
+    )
     if data_args.train_data is not None and find_manifest(data_args.train_data, options) is not None:
         hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
-        source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options)
-        return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks)
+        source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options, augmentation)
+        return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
     source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients,
                                   phantom_image_size=data_args.phantom_image_size)
     if source.labels_file is None:
@@ -274,8 +280,7 @@ def build_classification_data(
         source,
         data_args.validation_data,
         validation_labels_file=data_args.validation_labels_file,
-        train_transform=build_finetune_transform(image_size, data_args.crop_scale, data_args.rotation_degrees,
-                                                 data_args.rand_augment_magnitude, data_args.hflip),
+        train_transform=augmentation,
         eval_transform=build_eval_transform(image_size),
         storage_options=data_args.parsed_storage_options(),
         max_train_samples=data_args.max_train_samples,
@@ -284,7 +289,7 @@ def build_classification_data(
         split_records=hooks.split if split else None,
         holdout_percentage=0.0,
     )
-    return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks)
+    return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
 
 
 def _finish_classification_data(
@@ -295,6 +300,7 @@ def _finish_classification_data(
     evaluation: Any | None,
     info: dict[str, Any],
     hooks: _LabelledRecords,
+    augmentation: SeededAugmentation,
 ) -> ClassificationData:
     """Checks shared by folders and shards: patient-disjoint validation, classes without positives, eval subsample."""
     spec = hooks.spec
@@ -309,7 +315,7 @@ def _finish_classification_data(
         if data_args.eval_subsample and data_args.eval_subsample < len(evaluation):
             during = evaluation.select(stratified_subsample(eval_matrix, data_args.eval_subsample, seed).tolist())
             info["eval_subsample"] = len(during)
-    return ClassificationData(train, evaluation, during, spec, source, info, hooks.report)
+    return ClassificationData(train, evaluation, during, spec, source, info, hooks.report, augmentation)
 
 
 def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, list[Any]]:
@@ -350,7 +356,11 @@ def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) ->
 
 
 def _build_shard_datasets(
-    data_args: ClassificationDataArguments, image_size: int, hooks: _LabelledRecords, options: dict | None
+    data_args: ClassificationDataArguments,
+    image_size: int,
+    hooks: _LabelledRecords,
+    options: dict | None,
+    train_transform: SeededAugmentation,
 ) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
     """Prepared shards -> map-style train/validation datasets; the split and label logic is the folders' (hooks)."""
     train_table = load_shard_table(data_args.train_data, options)
@@ -368,8 +378,6 @@ def _build_shard_datasets(
     if data_args.max_train_samples is not None:
         records = {k: v[: data_args.max_train_samples] for k, v in records.items()}
     info: dict[str, Any] = {"train_images": len(records["key"]), "train_patients": len(set(records["group"]))}
-    train_transform = build_finetune_transform(image_size, data_args.crop_scale, data_args.rotation_degrees,
-                                               data_args.rand_augment_magnitude, data_args.hflip)
     train = _shard_dataset(train_table, records, train_transform)
     evaluation = None
     if eval_records is not None:
@@ -422,18 +430,6 @@ class ClassificationTrainer(MedVisTrainer):
             loss = torch.nn.functional.cross_entropy(logits, labels.long(),
                                                      label_smoothing=self.args.label_smoothing_factor)
         return (loss, outputs) if return_outputs else loss
-
-    def _load_best_model(self) -> None:
-        # transformers 5 saves ViT weights under their legacy names (encoder.layer.N.attention.attention.query) and
-        # Trainer._load_best_model loads that file with a non-strict load_state_dict: every encoder weight is silently
-        # skipped, leaving the last step's encoder under the best step's head. from_pretrained maps the names.
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_best_model()
-        checkpoint = self.state.best_model_checkpoint
-        logger.info("loading the best model from %s (%s %s)", checkpoint, self.args.metric_for_best_model,
-                    self.state.best_metric)
-        best = type(self.model).from_pretrained(checkpoint, use_safetensors=True)
-        self.model.load_state_dict(best.state_dict(), strict=True)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

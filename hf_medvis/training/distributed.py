@@ -10,6 +10,7 @@ global rank decides who writes (``is_world_process_zero``).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import MutableMapping
 
@@ -28,7 +29,17 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
     detected = normalize_distributed_env(environ)
     if detected is not None and detected.world_size > 1:
         use_gloo_without_accelerators()
+        atexit.register(_destroy_process_group)
     return detected
+
+
+def _destroy_process_group() -> None:
+    # A process group left to the interpreter's teardown can abort the process after a finished run (gloo's threads:
+    # "terminate called without an active exception", SIGABRT), which a launcher reports as a failed rank.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def use_gloo_without_accelerators() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .preemption import last_complete_checkpoint
+from .preemption import COMPLETE_MARKER, is_complete, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -16,11 +18,15 @@ class OutputDirError(ValueError):
     pass
 
 
+def resume_requested(args: TrainingArguments) -> bool:
+    return args.resume_from_checkpoint not in (None, "", "false", "False")
+
+
 def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
     """``--resume_from_checkpoint last`` -> the newest complete checkpoint in output_dir (None when there is none yet,
     so a preempted job's first attempt and its restarts run the same command)."""
     resume = args.resume_from_checkpoint
-    if resume in (None, "", "false", "False"):
+    if not resume_requested(args):
         return None
     if resume in ("last", "latest", "true", "True"):
         folder = Path(args.output_dir)
@@ -28,23 +34,69 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         if last is None:
             logger.info("--resume_from_checkpoint %s: no checkpoint in %s yet, starting fresh", resume, folder)
         return last
-    if not Path(resume).is_dir():
+    folder = Path(resume)
+    if not folder.is_dir():
         raise OutputDirError(f"--resume_from_checkpoint: no checkpoint folder at {resume}")
+    if not is_complete(folder):
+        raise OutputDirError(
+            f"--resume_from_checkpoint {resume}: incomplete checkpoint (no {COMPLETE_MARKER}: interrupted while saving, "
+            "or not written by hf_medvis); pass --resume_from_checkpoint last to take the newest complete one"
+        )
     return resume
 
 
+FINAL_RESULTS = "all_results.json"  # the recipes write it last: a run that has it has finished
+
+
+def finished_run_step(args: TrainingArguments, checkpoint: str | None) -> int | None:
+    """The step at which the run in ``output_dir`` finished, when resuming ``checkpoint`` would only repeat it: its
+    final results are there, from that checkpoint's step, and the run asks for no more steps (or epochs)."""
+    results = Path(args.output_dir) / FINAL_RESULTS
+    if not results.is_file() or not resume_requested(args):
+        return None
+    try:
+        done = json.loads(results.read_text()).get("global_step")
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text()) if checkpoint else None
+    except (OSError, ValueError):
+        return None
+    if state is None:  # finished without keeping a checkpoint: there is nothing to continue from
+        return done
+    if done is None or state.get("global_step") != done:
+        return None  # the newest checkpoint is past the results: a later attempt trained on
+    if args.max_steps > 0:
+        return done if args.max_steps <= done else None
+    same_epochs = float(state.get("num_train_epochs") or -1) == float(args.num_train_epochs)
+    return done if same_epochs and 0 < (state.get("max_steps") or 0) <= done else None
+
+
 def check_output_dir(args: TrainingArguments, overwrite: bool, resuming: bool) -> None:
-    """An output_dir that already holds another run is an error unless the user asked to overwrite or resume."""
+    """An output folder that is a file or cannot be written is an error, and so is one that already holds another run
+    unless the user asked to overwrite or resume. Nothing is left behind by the check."""
     folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"--output_dir {folder} exists and is not a folder")
+    _check_writable(folder)
     if not folder.exists() or overwrite or resuming:
         return
-    if not folder.is_dir():
-        raise OutputDirError(f"--output_dir {folder} exists and is not a folder")
     if holds_a_run(folder):
         raise OutputDirError(
             f"--output_dir {folder} already holds another run; pass --overwrite_output_dir to replace it "
             "or --resume_from_checkpoint last to continue it"
         )
+
+
+def _check_writable(folder: Path) -> None:
+    """Create-and-remove a probe in the folder, or in its nearest existing parent (the folder itself is made later)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"--output_dir {folder}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OutputDirError(f"--output_dir {folder} cannot be written ({err.strerror or type(err).__name__})") from None
 
 
 # What a finished or interrupted run leaves; logs of a run that failed during setup do not count.

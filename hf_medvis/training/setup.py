@@ -14,6 +14,7 @@ import datasets
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
+from ..data.storage import explain_storage_error
 from ..data.streaming import ShardReadError, stream_control
 from .callbacks import LossHistoryCallback
 from .deepspeed_config import check_deepspeed_config
@@ -21,7 +22,13 @@ from .distributed import check_world_size
 from .hub import HubNotReadyError, check_hub_ready, keep_token_out_of_outputs
 from .lr import apply_base_learning_rate
 from .monitoring import MonitoringArguments, build_monitoring_callbacks
-from .outputs import check_output_dir, resolve_resume_checkpoint
+from .outputs import (
+    FINAL_RESULTS,
+    check_output_dir,
+    finished_run_step,
+    resolve_resume_checkpoint,
+    resume_requested,
+)
 from .preemption import PreemptionCallback
 from .run_report import OptimizerReportCallback
 from .stream_state import StreamStateCallback
@@ -64,13 +71,18 @@ def recipe_errors() -> Iterator[None]:
     """Bad input found while setting up (data, model, output folder, Hub) -> one line on stderr, exit status 1."""
     try:
         yield
-    except (
-        ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError,
-        ShardReadError,
-    ) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+    except Exception as err:
+        message = explain_storage_error(err)  # refused credentials, bad names: the SDK's page reduced to one line
+        if message is None and isinstance(err, _SETUP_INPUT_ERRORS):
+            message = " ".join(str(err).split()) or type(err).__name__
+        if message is None:
+            raise
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}") from None
 
+
+_SETUP_INPUT_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError, ShardReadError,
+)
 
 @dataclass
 class RunPlan:
@@ -83,7 +95,16 @@ def prepare_run(args: TrainingArguments) -> RunPlan:
     resume target, output folder, Hub access (token moved out of the saved arguments), batch-scaled learning rate."""
     check_world_size(args)
     checkpoint = resolve_resume_checkpoint(args)
-    check_output_dir(args, args.overwrite_output_dir, resuming=checkpoint is not None)
+    # With --resume_from_checkpoint last and no complete checkpoint yet (a first attempt stopped before its first
+    # save), the folder holds that attempt's leftovers: start fresh in it.
+    check_output_dir(args, args.overwrite_output_dir, resuming=resume_requested(args))
+    finished = finished_run_step(args, checkpoint)
+    if finished is not None:  # a restart of a job that already finished: change nothing
+        logger.info(
+            "%s holds a finished run (step %d, %s): nothing to do. Raise --max_steps / --num_train_epochs to train on, "
+            "or pass another --output_dir", args.output_dir, finished, FINAL_RESULTS,
+        )
+        raise SystemExit(0)
     if args.push_to_hub:
         user = check_hub_ready(args)
         keep_token_out_of_outputs(args)

@@ -18,10 +18,11 @@ import json
 import logging
 import os
 
+import torch
 from transformers import TrainerCallback
 
 from hf_medvis.data import storage
-from hf_medvis.data.streaming import StreamControl, drive_epochs, stream_control, worker_skip_counts
+from hf_medvis.data.streaming import StreamControl, drive_epochs, resume_position, stream_control
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ def _datasets_in(loader) -> list:
         if obj is not None and hasattr(obj, "set_epoch"):
             found.append(obj)
     return found
+
+
+def _any_rank(flag: bool, args) -> bool:
+    """True on every rank when it is True on one (one collective; resume only)."""
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = torch.tensor([1 if flag else 0], device=args.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        flag = bool(tensor.item())
+    return flag
 
 
 class StreamStateCallback(TrainerCallback):
@@ -79,17 +89,22 @@ class StreamStateCallback(TrainerCallback):
             logger.warning("stream position not restored, the run differs from the checkpoint in %s", sorted(mismatched))
             return
         batches = saved["steps_in_epoch"] * args.gradient_accumulation_steps
-        self.control.skip = worker_skip_counts(
-            self.control,
-            epoch=saved["epoch"],
-            batches=batches,
-            batch_size=args.per_device_train_batch_size,
-            num_workers=args.dataloader_num_workers,
-            drop_last=args.dataloader_drop_last,
+        position = resume_position(
+            self.control, epoch=saved["epoch"], batches=batches, batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
         )
-        self.control.skip_epoch = saved["epoch"]
         # We position the stream; the Trainer must not also skip (it would count from the wrong epoch).
         args.ignore_data_skip = True
+        # Ranks stop an epoch together as soon as one runs out (MedVisTrainer), so the epoch ended if it did on any.
+        if _any_rank(position.epoch_ended, args):
+            # Saved exactly at the end of an epoch: the next pass is the next epoch, from its start. (Replaying the
+            # finished epoch would give an empty pass, which the Trainer takes for the end of the data.)
+            self._epoch, self._epoch_start_step = saved["epoch"], state.global_step
+            logger.info("stream resumes at the start of epoch %d (the checkpoint ended epoch %d)", saved["epoch"] + 1,
+                        saved["epoch"])
+            return
+        self.control.skip, self.control.resume_order = position.skip, position.order
+        self.control.skip_epoch = saved["epoch"]
         self._epoch = saved["epoch"] - 1
         self._epoch_start_step = state.global_step - saved["steps_in_epoch"]
         self._resumed_pass = True

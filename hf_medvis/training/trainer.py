@@ -13,8 +13,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from ..data.streaming import stream_control
-from ..data.transforms import normalize_batch, normalize_unit_batch
+from ..data.streaming import StreamDataLoader, stream_control
+from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
+from ..models.weights import load_saved_weights
 from .deepspeed_config import prefer_torch_adam_without_cuda
 from .preemption import CheckpointCommitCallback, mark_incomplete
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
@@ -23,7 +24,7 @@ from .sample_trace import SampleTrace
 logger = logging.getLogger(__name__)
 
 
-class _RanksStopTogether(DataLoader):
+class _RanksStopTogether(StreamDataLoader):
     """The DataLoader of one rank's share of a shard stream, ending the epoch on every rank as soon as one rank runs out.
 
     Ranks must take the same number of optimizer steps per epoch, or DDP's gradient all-reduce waits forever. Their
@@ -47,10 +48,6 @@ class _RanksStopTogether(DataLoader):
                 return
             yield batch
 
-    def set_epoch(self, epoch: int) -> None:
-        # What accelerate's DataLoaderShard.set_epoch does; the stream's set_epoch takes its epoch from StreamControl.
-        self.dataset.set_epoch(epoch)
-
 
 class MedVisTrainer(Trainer):
     def __init__(
@@ -60,12 +57,16 @@ class MedVisTrainer(Trainer):
         image_std: Sequence[float],
         model_card_writer: Callable[[str], None] | None = None,
         train_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sample_augmentation: SeededAugmentation | None = None,
         **kwargs: Any,
     ):
         """``train_augment`` (e.g. ``transforms.DeviceRandomResizedCrop``) maps a uint8 training batch on the device to
-        float [0, 1] crops; the workers then only hand over fixed-size uint8 images. Evaluation batches skip it."""
+        float [0, 1] crops; the workers then only hand over fixed-size uint8 images. Evaluation batches skip it.
+        ``sample_augmentation``: the training set's per-sample seeded augmentation, told the epoch before each epoch."""
         super().__init__(*args, **kwargs)
         self.train_augment = train_augment
+        self.sample_augmentation = sample_augmentation
+        self._deferred_rng_checkpoint: str | None = None
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
             logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
@@ -89,40 +90,93 @@ class MedVisTrainer(Trainer):
             self.callback_handler.callbacks.append(callback)
         return super().train(*args, **kwargs)
 
-    def get_train_dataloader(self) -> DataLoader:
-        """A shard stream under several processes is already this rank's share (``split_by_node``, the split that
-        StreamStateCallback replays on resume). ``accelerator.prepare`` would shard it again (``IterableDataset.shard``
-        or ``IterableDatasetShard``: each rank would see 1/world² of the data, in an order the resume twin does not
-        model) or, with ``dispatch_batches``, read everything on rank 0. So it is not prepared. Nothing it adds is
-        needed here: the Trainer moves batches to the device (``_prepare_inputs``) and sets gradient sync itself, the
-        stream's epoch comes from StreamStateCallback, and equal step counts across ranks come from
-        ``_RanksStopTogether``."""
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        # Resumed from a checkpoint at (or past) --max_steps, e.g. one saved on SIGTERM at the last step: the Trainer
+        # would take one more step before it checks the limit. Nothing is left to train; finish as the run would have.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
         control = stream_control(self.train_dataset)
-        if control is None or self.args.world_size <= 1:
+        if self.sample_augmentation is not None:  # before this epoch's DataLoader workers take their copy
+            stream_epoch = control.epoch if control is not None else None
+            self.sample_augmentation.epoch = stream_epoch if stream_epoch is not None else kwargs["epoch"]
+        checkpoint = kwargs.get("resume_from_checkpoint")
+        if control is not None and checkpoint is not None and kwargs.get("epoch") == kwargs.get("epochs_trained"):
+            # A positioned stream: the Trainer skips nothing and restores no RNG state; do it in the right place.
+            if control.skip and control.epoch == control.skip_epoch:
+                self._deferred_rng_checkpoint = checkpoint
+            else:
+                self._load_rng_state(checkpoint)
+        super()._run_epoch(*args, **kwargs)
+
+    # -- exact resume of random draws ----------------------------------------------------------------------------------
+    # The checkpoint's RNG state is the one after its step. An uninterrupted run draws from it next in the forward of the
+    # following step (MAE masks, dropout): batches come from workers or through per-sample seeded augmentation
+    # (SeededAugmentation), which draw nothing from the training process's generators, but creating a DataLoader
+    # iterator does draw (its base seed). So a resume into a new epoch restores the state before that epoch's iterator
+    # exists (the uninterrupted run crossed the epoch boundary after the checkpoint), and a resume inside an epoch
+    # restores it once the resumed iterator has delivered its first batches -- the Trainer's own order for map-style
+    # data, and ours (``_deferred_rng_checkpoint``) for a shard stream positioned by StreamStateCallback.
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> Any:
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._deferred_rng_checkpoint is not None:
+            checkpoint, self._deferred_rng_checkpoint = self._deferred_rng_checkpoint, None
+            super()._load_rng_state(checkpoint)
+        return batches
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A shard stream is not handed to ``accelerator.prepare``. Under several processes it is already this rank's
+        share (``split_by_node``, the split that StreamStateCallback replays on resume): accelerate would shard it again
+        (``IterableDataset.shard`` or ``IterableDatasetShard``: each rank would see 1/world² of the data, in an order the
+        resume twin does not model) or, with ``dispatch_batches``, read everything on rank 0. And its own loader
+        (``StreamDataLoader``) keeps the batch order of an interrupted epoch on resume. Nothing accelerate's wrapper adds
+        is needed: the Trainer moves batches to the device (``_prepare_inputs``) and sets gradient sync itself, the
+        stream's epoch comes from StreamStateCallback, and equal step counts across ranks from ``_RanksStopTogether``."""
+        control = stream_control(self.train_dataset)
+        if control is None:
             return super().get_train_dataloader()
-        if not control.split_by_node or control.world_size != self.args.world_size:
+        args = self.args
+        if args.world_size > 1 and (not control.split_by_node or control.world_size != args.world_size):
             raise ValueError(
-                f"the training stream must be split by node for the {self.args.world_size} processes "
+                f"the training stream must be split by node for the {args.world_size} processes "
                 f"(it was loaded with split_by_node={control.split_by_node}, world size {control.world_size})"
             )
-        args = self.args
-        return _RanksStopTogether(
-            self.train_dataset,
-            batch_size=self._train_batch_size,
-            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description="Training"),
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-            persistent_workers=args.dataloader_persistent_workers,
-            multiprocessing_context=args.dataloader_multiprocessing_context,
-            prefetch_factor=args.dataloader_prefetch_factor,
-            drop_last=args.dataloader_drop_last,
-            sync_device=args.device,
-        )
+        options: dict[str, Any] = {
+            "batch_size": self._train_batch_size,
+            "collate_fn": self._get_collator_with_removed_columns(self.data_collator, description="Training"),
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "drop_last": args.dataloader_drop_last,
+        }
+        if args.world_size > 1:
+            return _RanksStopTogether(self.train_dataset, sync_device=args.device, **options)
+        return StreamDataLoader(self.train_dataset, **options)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.args.should_save:  # re-saving into an existing folder: incomplete until the commit callback says so
             mark_incomplete(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
         super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # The Trainer's reload skips (with a warning) every weight transformers 5 saved under a legacy name; ours goes
+        # through the same name conversion as from_pretrained and fails on any key that does not match.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = load_saved_weights(self.model if model is None else model, resume_from_checkpoint)
+        logger.info("resuming from %s: %d tensors restored", resume_from_checkpoint, loaded)
+
+    def _load_best_model(self) -> None:
+        # Same reason as _load_from_checkpoint: the Trainer's version would keep the last step's encoder.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        checkpoint = self.state.best_model_checkpoint
+        logger.info("loading the best model from %s (%s %s)", checkpoint, self.args.metric_for_best_model,
+                    self.state.best_metric)
+        load_saved_weights(self.model, checkpoint)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         keys = inputs.pop(TRACE_BATCH_KEY, None) if isinstance(inputs, dict) else None

@@ -1,0 +1,66 @@
+"""Loading saved weights back into a live model exactly, or failing.
+
+transformers 5.x saves ViT / ViTMAE weights under their legacy names (``vit.encoder.layer.0.attention.attention.query``)
+and maps them to the module names (``vit.layers.0.attention.q_proj``) only inside ``from_pretrained``. The Trainer's own
+reloads (``_load_from_checkpoint`` on resume, ``_load_best_model``) call ``load_state_dict(strict=False)`` on the file
+as saved: every renamed tensor is reported as a warning and skipped, and training goes on from the weights the model
+had. Here the folder goes through ``from_pretrained`` (the same name conversion, whatever the transformers version)
+and the result is copied in with a strict load; any key that does not match is an error naming the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class WeightLoadError(ValueError):
+    """Saved weights that do not match the model they are loaded into."""
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int:
+    """Copies the weights saved in ``folder`` (``save_pretrained`` / a Trainer checkpoint) into ``model`` in place.
+
+    Every tensor of ``model`` must be in the folder and every tensor of the folder must belong to ``model``, with the
+    same shape; otherwise ``WeightLoadError``. Returns the number of tensors loaded."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise WeightLoadError(f"{folder}: no model.safetensors (not a complete checkpoint?)")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its own missing/unexpected warnings: we raise below instead
+    try:
+        saved, info = type(model).from_pretrained(
+            folder, config=model.config, use_safetensors=True, output_loading_info=True, dtype=torch.float32
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise WeightLoadError(f"{folder}: cannot load the saved weights: {' '.join(str(err).split())[:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({_names(keys)})")
+    if problems:
+        raise WeightLoadError(f"{folder}: saved weights do not match the model: {'; '.join(problems)}")
+    state = saved.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightLoadError(
+            f"{folder}: saved weights do not match the model: missing {_names(result.missing_keys)}; "
+            f"unexpected {_names(result.unexpected_keys)}"
+        )
+    logger.info("loaded %d tensors from %s", len(state), folder)
+    return len(state)
