@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Warnings of the library (a labels file with mixed patient-id spellings, ...) reach the terminal once, plainly.
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -56,7 +56,7 @@ def _storage_options(text: str | None) -> dict | None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .data.folder import build_folder_records, find_labels_file
-    from .data.labels import encode_labels, label_matrix
+    from .data.labels import encode_labels, is_labelled, label_matrix
     from .training.evaluation import (
         Predictor,
         format_metrics_table,
@@ -76,9 +76,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if labels_file is None:
         raise ValueError(f"images without labels: no labels.csv beside {args.data}; pass --labels CSV")
     records = build_folder_records(args.data, labels_file, storage_options)
-    keep = [i for i, v in enumerate(records["finding_labels"]) if v is not None and str(v).strip()]
+    keep = [i for i, v in enumerate(records["finding_labels"]) if is_labelled(v)]
     if not keep:
-        raise ValueError(f"none of the images in {args.data} is listed in {Path(labels_file).name}")
+        raise ValueError(f"none of the images in {args.data} has a label in {Path(labels_file).name}")
+    blank = sum(1 for v in records["finding_labels"] if v is not None and not is_labelled(v))
+    if blank:
+        print(f"skipping {blank} image(s) with an empty Finding Labels (unlabelled)", file=sys.stderr)
     paths = [records["path"][i] for i in keep]
     groups = [records["group"][i] for i in keep]
     encoded = encode_labels([records["finding_labels"][i] for i in keep], spec)

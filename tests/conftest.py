@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,72 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# --- output guard ---------------------------------------------------------------------------------------------------
+# Two classes of defect must never come back silently: a checkpoint reload that drops weights (transformers reports it
+# as a WARNING and trains on) and a traceback where a recipe or CLI should have printed one line. Every command a test
+# runs through subprocess, and every transformers log record of the test itself, is checked for both; a test whose
+# commands print a traceback on purpose names its exception: @pytest.mark.allow_traceback("SignalException", reason=...).
+
+WEIGHT_LOAD_WARNING = re.compile(r"(missing|unexpected) keys in the checkpoint|were not used when initializing")
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def output_defects(text: str, allowed_traceback: str | None = None) -> list[str]:
+    """Lines of ``text`` that make a test fail: weight-load warnings, and tracebacks -- unless the output names the
+    ``allowed_traceback`` exception (one command's output is one text)."""
+    defects = [line for line in text.splitlines() if WEIGHT_LOAD_WARNING.search(line)]
+    if TRACEBACK in text and not (allowed_traceback and allowed_traceback in text):
+        start = text.index(TRACEBACK)
+        defects.append(text[start : start + 1500])
+    return defects
+
+
+class _RecordWeightWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if WEIGHT_LOAD_WARNING.search(message):
+            self.found.append(message[:500])
+
+
+@pytest.fixture(autouse=True)
+def output_guard(request, monkeypatch):
+    marker = request.node.get_closest_marker("allow_traceback")
+    allow = marker.args[0] if marker else None
+    seen: list[str] = []
+
+    def text_of(*parts) -> str:
+        return "\n".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in parts if p)
+
+    original_run, original_communicate = subprocess.run, subprocess.Popen.communicate
+
+    def run(*args, **kwargs):
+        result = original_run(*args, **kwargs)
+        seen.append(text_of(result.stdout, result.stderr))
+        return result
+
+    def communicate(self, *args, **kwargs):
+        out, err = original_communicate(self, *args, **kwargs)
+        seen.append(text_of(out, err))
+        return out, err
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    handler = _RecordWeightWarnings()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        transformers_logger.removeHandler(handler)
+    defects = handler.found + [d for text in seen for d in output_defects(text, allow)]
+    if defects:
+        pytest.fail("defects in the output of this test's commands:\n" + "\n---\n".join(defects[:5]), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -216,3 +216,18 @@ def test_sources_are_described_without_credentials():
     assert describe("az://container/x.png?sv=2024&sig=SECRET") == "az://container/x.png"
     assert describe("abfs://user:SECRET@account.dfs.core.windows.net/c/x.dcm") == "abfs://account.dfs.core.windows.net/c/x.dcm"
     assert "SECRET" not in str(ImageDecodeError("https://a:SECRET@host/x.png?sig=SECRET", "empty file"))
+
+
+def test_non_finite_pixels_are_an_error_not_black_pixels():
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    values[2, 3] = np.inf
+    tiff = io.BytesIO()
+    Image.fromarray(values, mode="F").save(tiff, format="TIFF")
+    with pytest.raises(ImageDecodeError, match="non-finite pixel values"):
+        read_image(tiff.getvalue())
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.RescaleSlope = "NaN"
+    dicom = io.BytesIO()
+    ds.save_as(dicom)
+    with pytest.raises(ImageDecodeError, match="non-finite pixel values after the modality LUT .RescaleSlope NaN"):
+        read_image(dicom.getvalue())

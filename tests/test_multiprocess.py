@@ -2,8 +2,11 @@
 tiny ViT; the lr derived from base_learning_rate is read back from the optimizer that was built; outputs load with
 from_pretrained."""
 
+import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO, launch_command, multiprocess_env
@@ -21,6 +24,27 @@ def run(cmd: list[str], timeout: int = 240) -> str:
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return log
+
+
+def resume_from_checkpoint_2(command, out: Path, tmp_path: Path) -> None:
+    """Run the same command again in a folder holding only checkpoint-2 of ``out``: the resumed step 3 has the loss of
+    the uninterrupted step 3 and ends with the same weights (DeepSpeed restores its own checkpoint files, DDP ours)."""
+    import torch
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run(command(resumed, ["--resume_from_checkpoint", "last"]))
+
+    def step_losses(folder: Path) -> dict[int, float]:
+        lines = (folder / "loss_history.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    assert step_losses(resumed) == pytest.approx({3: step_losses(out)[3]}, rel=1e-6)
+    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def check_run(log: str, out) -> None:
@@ -48,17 +72,20 @@ def check_run(log: str, out) -> None:
     ids=["torchrun-deepspeed-zero2", "accelerate-zero2-yaml", "accelerate-zero3-yaml"],
 )
 def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, phantom_dir, launcher, extra, tag):
-    out = tmp_path / "run"
-    args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *TINY, *extra]
-    if launcher == "torchrun":
-        cmd = launch_command("torchrun", "pretrain_mae", *args)
-    else:
+    def command(out: Path, more: list[str] = ()) -> list[str]:
+        args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *TINY, *extra, *more]
+        if launcher == "torchrun":
+            return launch_command("torchrun", "pretrain_mae", *args)
         stage = 3 if launcher == "accelerate3" else 2
-        cmd = launch_command("accelerate", "pretrain_mae", *args,
-                             config_file=str(REPO / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yaml"))
-    log = run(cmd)
+        return launch_command("accelerate", "pretrain_mae", *args,
+                              config_file=str(REPO / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yaml"))
+
+    out = tmp_path / "run"
+    log = run(command(out))
     assert f"DeepSpeed {tag}" in log and "DeepSpeedZeroOptimizer" in log
     check_run(log, out)
+    if launcher != "accelerate":  # ZeRO-2 (torchrun --deepspeed) and ZeRO-3: resume exactly
+        resume_from_checkpoint_2(command, out, tmp_path)
 
 
 def test_ddp_run_through_accelerate_multi_gpu_on_cpu(tmp_path, phantom_dir):
@@ -86,10 +113,13 @@ VIT_TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging
 def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, extra, config):
     from transformers import ViTForImageClassification
 
+    def command(out: Path, more: list[str] = ()) -> list[str]:
+        args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *VIT_TINY, *extra, *more]
+        config_file = str(REPO / "recipes" / "accelerate" / config) if config else None
+        return launch_command(launcher, "finetune_vit", *args, config_file=config_file)
+
     out = tmp_path / "vit"
-    args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *VIT_TINY, *extra]
-    config_file = str(REPO / "recipes" / "accelerate" / config) if config else None
-    log = run(launch_command(launcher, "finetune_vit", *args, config_file=config_file))
+    log = run(command(out))
     for rank in (0, 1):
         assert f"[node 0 rank {rank}]" in log
     assert "world size 2;" in log and "world size 1" not in log
@@ -98,3 +128,4 @@ def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, e
     model = ViTForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 3 and model.config.problem_type == "multi_label_classification"
     assert list(out.glob("checkpoint-*/checkpoint_complete.json"))
+    resume_from_checkpoint_2(command, out, tmp_path)

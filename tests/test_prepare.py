@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.decode import read_image
-from hf_medvis.data.prepare import prepare, read_quarantine, resize_to_square
+from hf_medvis.data.prepare import locate_quarantined, prepare, read_quarantine, resize_to_square
 from hf_medvis.data.shards import iter_shard_rows
 
 SALT = "test-salt-not-secret"
@@ -121,9 +121,14 @@ def _png(array) -> bytes:
 
 
 def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
+    import os
+
     src = tmp_path / "raw"
     src.mkdir()
     good = _png((np.arange(40 * 40) % 200).astype(np.uint8).reshape(40, 40))
+    nan_tiff = io.BytesIO()
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(nan_tiff, format="TIFF")
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     files = {
         "good1.png": good,
         "good2.dcm": good,  # wrong extension, valid PNG content
@@ -133,26 +138,82 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
         "nopix.dcm": Path(get_testdata_file("rtplan.dcm")).read_bytes(),
         "mr.dcm": Path(get_testdata_file("MR_small.dcm")).read_bytes(),
         "unlisted.png": good,
+        "IM0001": ct,  # DICOM files often have no extension ...
+        "1.2.840.113619.2.55.3.604688119.969": ct,  # ... or a UID for a name
+        "DOE^JOHN_MRN1234567_19610412.dcm": ct,  # a name that identifies the patient
+        "nan.tif": nan_tiff.getvalue(),
+        "notes.txt": b"scanner export notes\n",  # not an image: skipped, counted
     }
     for name, data in files.items():
         (src / name).write_bytes(data)
+    (src / "dangling.png").symlink_to(tmp_path / "moved-away.png")
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.png"), "wb") as f:  # a file name that is not UTF-8
+        f.write(good)
+    names = [n for n in files if n not in ("unlisted.png", "notes.txt")] + ["dangling.png", "ghost.png"]
     labels = tmp_path / "labels.csv"
-    rows = [n for n in files if n != "unlisted.png"] + ["ghost.png"]
     labels.write_text(
-        "Image Index,Finding Labels,Patient ID,Mystery Column\n" + "".join(f"{n},No Finding,{i},x\n" for i, n in enumerate(rows))
+        "Image Index,Finding Labels,Patient ID,Mystery Column\n" + "".join(f"{n},No Finding,{i},x\n" for i, n in enumerate(names))
     )
-    code = cli_main(["prepare", str(src), str(tmp_path / "out"), "--size", "32", "--labels", str(labels), "--salt", SALT])
+    out = tmp_path / "out"
+    code = cli_main(["prepare", str(src), str(out), "--size", "32", "--labels", str(labels), "--salt", SALT,
+                     "--workers", "2"])
     assert code == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
     t = manifest["totals"]
-    assert t["inputs_seen"] == len(files) == t["written"] + t["quarantined"]
-    assert t["written"] == 3 and t["labels_rows_without_image"] == 1
-    reasons = {q["source"]: q["reason"] for q in read_quarantine(str(tmp_path / "out"))}
-    assert set(reasons) == {"empty.png", "trunc.png", "text.png", "nopix.dcm", "unlisted.png", "ghost.png"}
-    assert "empty" in reasons["empty.png"] and "no pixel data" in reasons["nopix.dcm"]
-    assert "labels file" in reasons["unlisted.png"] and "without an image" in reasons["ghost.png"]
+    assert t["files_seen"] == len(files) + 2 == t["written"] + t["quarantined"] + t["skipped"]
+    assert t["skipped"] == 1 and list(manifest["skipped"].values()) == [1]
+    assert t["written"] == 6 and t["labels_rows_without_image"] == 1
+    quarantine = read_quarantine(str(out))
+    assert [q["image_index"] for q in quarantine if "image_index" in q] == ["ghost.png"]
+    # Nothing under DST names a source file; the operator maps the hashes back with the salt and the source.
+    blobs = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    for secret in (b"DOE^JOHN", b"MRN1234567", b"19610412", b"dangling", b"nan.tif", b"caf", b"trunc.png", b"notes.txt"):
+        assert secret not in blobs, secret
+    located = {}
+    for path, reason in locate_quarantined(str(src), str(out), salt=SALT):
+        located[os.fsencode(path).rsplit(b"/", 1)[-1].decode(errors="replace")] = reason
+    assert located.keys() == {"empty.png", "trunc.png", "text.png", "nopix.dcm", "unlisted.png", "dangling.png",
+                              "nan.tif", "caf\ufffd.png", "notes.txt"}
+    assert "empty" in located["empty.png"] and "no pixel data" in located["nopix.dcm"]
+    assert "labels file" in located["unlisted.png"] and "caf\ufffd.png" in located  # no row: not UTF-8 in the CSV
+    assert located["dangling.png"] == "broken symbolic link (its target does not exist)"
+    assert "non-finite pixel values" in located["nan.tif"] and located["notes.txt"].startswith("not an image")
     assert any("Mystery Column" in w for w in manifest["warnings"]) and any("View Position" in w for w in manifest["warnings"])
-    assert "quarantined 5" in capsys.readouterr().out
+    assert "quarantined 8" in printed and "skipped 1 files" in printed and f"hf-medvis quarantine {out}" in printed
+    assert cli_main(["quarantine", str(out), "--src", str(src), "--salt", "not-the-salt"]) == 2
+    assert "not the one" in capsys.readouterr().err
+
+
+def test_workers_die_with_the_prepare_that_started_them(tmp_path):
+    """SIGKILL of `hf-medvis prepare --workers 2` (an evicted node, an OOM kill) takes its workers with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    image = _png((np.arange(256 * 256) % 251).astype(np.uint8).reshape(256, 256))
+    for i in range(3000):
+        (src / f"{i:05d}.png").write_bytes(image)
+    cmd = [str(Path(sys.executable).parent / "hf-medvis"), "prepare", str(src), str(tmp_path / "out"), "--workers", "2",
+           "--shard-size", "50", "--salt", SALT]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(job.pid)
+    deadline = time.time() + 60
+    while len(parent.children()) < 2:
+        assert job.poll() is None and time.time() < deadline, "prepare ended before its workers started"
+        time.sleep(0.05)
+    workers = parent.children()
+    time.sleep(0.5)  # mid-shard
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=10)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
+    assert not (tmp_path / "out" / "manifest.json").exists()  # an interrupted prepare never looks finished
 
 
 def test_bad_labels_file_and_missing_salt_are_clear_errors(tmp_path, phantom_dir, monkeypatch, capsys):

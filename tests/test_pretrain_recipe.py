@@ -111,6 +111,9 @@ def test_config_file_and_flag_precedence(tmp_path, recipe):
     # Without --config the recipe's default config applies, and flags still win.
     model_args, _, training_args, _ = parse_recipe_args(types, ["--mask_ratio", "0.6"], recipe.DEFAULT_CONFIG)
     assert model_args.mask_ratio == 0.6 and model_args.model_preset == "tiny" and training_args.max_steps == 300
+    # A learning rate on the command line replaces the config's base_learning_rate (it is not scaled, not ignored).
+    _, _, training_args, _ = parse_recipe_args(types, ["--learning_rate", "5e-4"], recipe.DEFAULT_CONFIG)
+    assert training_args.learning_rate == 5e-4 and training_args.base_learning_rate is None
 
 
 def test_learning_rate_scales_with_global_batch():
@@ -139,16 +142,35 @@ def test_learning_rate_scales_with_global_batch():
         (["--num_channels", "2"], "--num_channels must be 1 or 3"),
         (["--crop_scale", "0.9", "0.1"], "--crop_scale"),
         (["--config", "/nonexistent.yaml"], "--config: file not found"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),  # not replaced by the config's base lr
+        (["--learning_rate", "1e-3", "--base_learning_rate", "1e-3"], "give --learning_rate or --base_learning_rate"),
+        (["--deepspeed", "{tmp}/ds.json"], "--deepspeed: DeepSpeed config {tmp}/ds.json: not valid JSON"),
+        (["--resume_from_checkpoint", "{tmp}/half/checkpoint-4"], "{tmp}/half/checkpoint-4: incomplete checkpoint"),
+        (["--output_dir", "{tmp}/a_file", "--overwrite_output_dir", "true"], "{tmp}/a_file exists and is not a folder"),
+        (["--output_dir", "{tmp}/a_file/run"], "--output_dir {tmp}/a_file/run: {tmp}/a_file is not a folder"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(recipe, tmp_path, argv, expected):
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2,}}')  # a trailing comma
+    (tmp_path / "half" / "checkpoint-4").mkdir(parents=True)  # killed while saving: no completion marker
+    (tmp_path / "a_file").write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        recipe.main(["--output_dir", str(out), *argv])
+        recipe.main(["--output_dir", str(out), *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
     message = str(info.value)
     assert info.value.code != 0
-    assert expected in message and "\n" not in message
-    assert not out.exists()
+    assert expected.replace("{tmp}", str(tmp_path)) in message and "\n" not in message
+    assert not out.exists() and sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", ["pretrain_mae", "finetune_vit"])
+def test_help_lists_every_argument(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        load_recipe(name).main(["--help"])
+    assert info.value.code == 0
+    assert "--resume_from_checkpoint" in capsys.readouterr().out
 
 
 def test_bad_config_key_and_empty_folder(recipe, tmp_path):

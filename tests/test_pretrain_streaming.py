@@ -57,3 +57,35 @@ def test_pretrain_from_azure_blob_shards(recipe, azurite, phantom_dir, tmp_path,
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".md", ".txt"}:
             assert account_key not in path.read_text(errors="ignore"), path
+
+
+@pytest.mark.azurite
+def test_refused_credentials_and_bad_container_names_are_one_line(recipe, azurite, phantom_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A wrong account key, a key cut short when copied, a container name Azure refuses: one line naming the location and
+    what to check, no SDK page, no secret; nothing written."""
+    from hf_medvis.cli import main as cli_main
+
+    container = azurite.create_container("refused")
+    prepare(str(phantom_dir / "images"), f"{container}/train", size=32, shard_size=50, salt=SALT,
+            dst_storage_options=azurite.storage_options)
+    good_key = azurite.connection_string.split("AccountKey=")[1].split(";")[0]
+    wrong_key = "A" * 8 + good_key[8:]  # valid base64, another key
+    cases = [
+        (azurite.connection_string.replace(good_key, wrong_key), f"{container}/train",
+         "access denied by Azure Storage (AuthorizationFailure)"),
+        (azurite.connection_string.replace(good_key, good_key[:-3]), f"{container}/train",
+         "the storage account key is not valid base64"),
+        (azurite.connection_string, "az://ab/train", "'ab' is not a valid Azure container name"),
+    ]
+    for connection_string, location, expected in cases:
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection_string)
+        with pytest.raises(SystemExit) as info:
+            _run(recipe, tmp_path / "out", location, location)
+        message = str(info.value)
+        assert expected in message and "\n" not in message, message
+        assert good_key not in message and wrong_key not in message
+        assert cli_main(["prepare", str(phantom_dir / "images"), f"{location}-copy", "--salt", SALT]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

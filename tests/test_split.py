@@ -124,8 +124,8 @@ def test_empty_class_in_validation_is_warned_in_the_report():
 @pytest.mark.parametrize(
     "header, message",
     [
-        (["Image Index", "Finding Labels"], "no column 'Patient ID' (the patient column"),
-        (["Image Index", "Patient ID"], "no column 'Finding Labels' (the label column"),
+        (["Image Index", "Finding Labels"], "labels.csv has no column 'Patient ID'"),
+        (["Image Index", "Patient ID"], "labels.csv has no column 'Finding Labels'"),
     ],
 )
 def test_labels_without_group_or_label_column_are_refused(tmp_path, capsys, header, message):
@@ -138,6 +138,48 @@ def test_labels_without_group_or_label_column_are_refused(tmp_path, capsys, head
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_excel_csv_mixed_patient_spellings_and_empty_labels(tmp_path, caplog):
+    """What a spreadsheet does to a labels file: a byte-order mark, CRLF line ends, '7' written '7.0' or '007'. And
+    an empty Finding Labels cell: unlabelled, never a negative."""
+    lines = ["Image Index,Finding Labels,Patient ID"]
+    for patient in range(1, 31):
+        for image in range(2):
+            label = "Effusion" if (patient + image) % 3 == 0 else ("Nodule" if patient % 4 == 0 else "No Finding")
+            lines.append(f"{patient:05d}_{image:03d}.png,{label},{patient}")
+    lines += ["00007_100.png,Effusion,7.0", "00007_101.png,No Finding,007", "00031_000.png,,31", "00032_000.png,,32"]
+    path = tmp_path / "labels.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    assert cli_main(["split", str(path), "--out", str(tmp_path / "o"), "--val", "0.2", "--test", "0.2"]) == 0
+    assert "'Patient ID' written in several ways for 1 patient(s) (e.g. '007', '7', '7.0')" in caplog.text
+    assert "2 row(s) with an empty 'Finding Labels' are unlabelled" in caplog.text
+    split_of = {}
+    for name in ("train", "val", "test"):
+        raw = (tmp_path / "o" / f"{name}.csv").read_bytes()
+        assert raw.startswith(b"Image Index,") and b"\r" not in raw  # no BOM, no CRLF carried over
+        split_of.update({row["Image Index"]: (name, row["Patient ID"]) for row in _rows(tmp_path / "o" / f"{name}.csv")})
+    assert len(split_of) == len(lines) - 1
+    patient7 = {split_of[n] for n in ("00007_000.png", "00007_001.png", "00007_100.png", "00007_101.png")}
+    assert len(patient7) == 1 and next(iter(patient7))[1] == "7"  # one patient, one split, one spelling
+    report = json.loads((tmp_path / "o" / "split_report.json").read_text())
+    assert sum(s["unlabelled_images"] for s in report["splits"].values()) == 2
+    for split in report["splits"].values():
+        labelled = split["images"] - split["unlabelled_images"]
+        assert all(c["positives"] + c["negatives"] == labelled for c in split["classes"].values())
+
+
+def test_an_image_listed_twice_is_refused_naming_the_rows(tmp_path, capsys):
+    path = tmp_path / "labels.csv"
+    path.write_text("Image Index,Finding Labels,Patient ID\na.png,Effusion,1\nb.png,No Finding,2\na.png,No Finding,3\n")
+    assert cli_main(["split", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "labels.csv: the same 'Image Index' is listed more than once: a.png (lines 2 and 4)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("Image Index,Finding Labels,Patient ID\ncaf\u00e9.png,Effusion,1\n".encode("latin-1"))
+    assert cli_main(["split", str(latin1), "--out", str(tmp_path / "o")]) == 2
+    assert "latin1.csv is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_bad_label_sets_are_refused():

@@ -72,11 +72,14 @@ def read_image(
         raise ImageDecodeError(src, "empty file (0 bytes)")
     name = "" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src).lower().split("?", 1)[0]
     if _is_dicom(data):
-        return _decode_dicom(src, data, window=window, frame=frame)
-    if _looks_like_raster(data) or not name.endswith((".dcm", ".dicom")):
-        return _decode_raster(src, data)
-    # A .dcm without the 128-byte preamble + "DICM" (old ACR-NEMA style files): parse it leniently.
-    return _decode_dicom(src, data, window=window, frame=frame, strict=False)
+        image = _decode_dicom(src, data, window=window, frame=frame)
+    elif _looks_like_raster(data) or not name.endswith((".dcm", ".dicom")):
+        image = _decode_raster(src, data)
+    else:  # a .dcm without the 128-byte preamble + "DICM" (old ACR-NEMA style files): parse it leniently
+        image = _decode_dicom(src, data, window=window, frame=frame, strict=False)
+    if not np.isfinite(image).all():  # NaN would otherwise become black pixels, silently
+        raise ImageDecodeError(src, "non-finite pixel values (NaN or Inf)")
+    return image
 
 
 # Magic numbers of the raster formats Pillow reads for us: PNG, JPEG, TIFF (both byte orders), BMP, JPEG 2000.
@@ -85,6 +88,11 @@ _RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", 
 
 def _looks_like_raster(data: bytes) -> bool:
     return data.startswith(_RASTER_MAGIC)
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether the first bytes of a file carry a DICOM (preamble + ``DICM``) or PNG/JPEG/TIFF/BMP/JPEG 2000 signature."""
+    return _is_dicom(head) or _looks_like_raster(head)
 
 
 def _decode_raster(src: Any, data: bytes) -> np.ndarray:
@@ -101,11 +109,16 @@ def _decode_raster(src: Any, data: bytes) -> np.ndarray:
                 return np.clip(arr / scale, 0.0, 1.0)
             if im.mode == "F":
                 arr = np.asarray(im, dtype=np.float32)
+                if not np.isfinite(arr).all():
+                    bad = int((~np.isfinite(arr)).sum())
+                    raise ImageDecodeError(src, f"non-finite pixel values ({bad} NaN or Inf pixels in a float image)")
                 lo, hi = float(arr.min()), float(arr.max())
                 return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
             if im.mode != "L":
                 im = im.convert("L")
             return np.asarray(im, dtype=np.float32) / 255.0
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError:
         raise ImageDecodeError(src, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as err:
@@ -195,6 +208,11 @@ def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndar
         return _colour_to_luminance(ds, pixels, photometric)
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ImageDecodeError(
+            src, f"non-finite pixel values after the modality LUT (RescaleSlope {ds.get('RescaleSlope', 1)!s}, "
+            f"RescaleIntercept {ds.get('RescaleIntercept', 0)!s})"
+        )
     if isinstance(window, tuple):
         center, width = window
         values = _linear_window(values, float(center), float(width))

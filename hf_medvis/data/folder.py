@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from . import storage
+from .decode import looks_like_image
+from .labels import read_labels_table
 
 logger = logging.getLogger(__name__)
 
@@ -25,44 +27,10 @@ def _has_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def list_image_files(source: str | os.PathLike, storage_options: dict | None = None) -> list[str]:
-    """Sorted image paths under a local folder (recursive), a glob, or an fsspec URL (folder or glob)."""
-    text = os.fspath(source)
-    if "://" in text:
-        import fsspec
-
-        fs, _, paths = fsspec.get_fs_token_paths(text, storage_options=storage_options or {})
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        if _has_glob(text):
-            found = fs.glob(paths[0])
-        elif fs.isdir(paths[0]):
-            found = fs.find(paths[0])
-        elif fs.exists(paths[0]):
-            found = [paths[0]]
-        else:
-            raise DataSourceError(f"data location does not exist: {text.split('?', 1)[0]}")
-        files = [f"{protocol}://{p}" for p in found if p.lower().endswith(IMAGE_EXTENSIONS)]
-    else:
-        path = Path(text).expanduser()
-        if _has_glob(text):
-            files = [p for p in glob.glob(str(path), recursive=True) if p.lower().endswith(IMAGE_EXTENSIONS)]
-        elif path.is_dir():
-            files = [str(p) for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)]
-        elif path.is_file():
-            files = [str(path)]
-        else:
-            raise DataSourceError(f"data location does not exist: {text}")
-    if not files:
-        raise DataSourceError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {text.split('?', 1)[0]}")
-    return sorted(files)
-
-
-def iter_image_files(source: str | os.PathLike, storage_options: dict | None = None) -> Iterator[str]:
-    """Image paths under a folder (recursive), a glob, or an fsspec URL, in a deterministic order, streamed.
-
-    Unlike ``list_image_files`` this never holds the whole listing: folders are walked one at a time (names sorted
-    within each), so millions of files cost memory for one folder's names only.
-    """
+def _walk_files(source: str | os.PathLike, storage_options: dict | None = None) -> Iterator[tuple[str, Any]]:
+    """(path or URL, fsspec filesystem or None for local) of every file under a folder (recursive), a glob, or an
+    fsspec URL, in a deterministic order, streamed: folders are walked one at a time (names sorted within each), so
+    millions of files cost memory for one folder's names only. Local symbolic links are listed, dangling ones too."""
     import fnmatch
 
     text = os.fspath(source)
@@ -73,26 +41,24 @@ def iter_image_files(source: str | os.PathLike, storage_options: dict | None = N
     else:
         root = text
     if "://" in text:
-        import fsspec
-
-        fs, _, (path,) = fsspec.get_fs_token_paths(root, storage_options=storage_options or {})
+        fs, path = storage.filesystem(root, storage_options)
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        if not fs.exists(path):
-            raise DataSourceError(f"data location does not exist: {root.split('?', 1)[0]}")
+        if not storage.with_retries(lambda: fs.exists(path), f"listing {storage.describe(root)}"):
+            raise DataSourceError(f"data location does not exist: {storage.describe(root)}")
         if fs.isfile(path):
-            yield f"{protocol}://{path}"
+            yield f"{protocol}://{path}", fs
             return
         full_pattern = pattern.split("://", 1)[1] if pattern else None
         for folder, dirs, files in fs.walk(path):
             dirs.sort()
             for name in sorted(files):
                 full = f"{folder.rstrip('/')}/{name}"
-                if name.lower().endswith(IMAGE_EXTENSIONS) and (full_pattern is None or fnmatch.fnmatch(full, full_pattern)):
-                    yield f"{protocol}://{full}"
+                if full_pattern is None or fnmatch.fnmatch(full, full_pattern):
+                    yield f"{protocol}://{full}", fs
         return
     base = Path(root).expanduser()
     if base.is_file():
-        yield str(base)
+        yield str(base), None
         return
     if not base.is_dir():
         raise DataSourceError(f"data location does not exist: {text}")
@@ -100,8 +66,60 @@ def iter_image_files(source: str | os.PathLike, storage_options: dict | None = N
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(folder, name)
-            if name.lower().endswith(IMAGE_EXTENSIONS) and (pattern is None or fnmatch.fnmatch(full, pattern)):
-                yield full
+            if pattern is None or fnmatch.fnmatch(full, pattern):
+                yield full, None
+
+
+def _head(path: str, fs: Any, size: int = 132) -> bytes:
+    if fs is None:
+        with open(path, "rb") as f:
+            return f.read(size)
+    return fs.cat_file(path.split("://", 1)[1], start=0, end=size)
+
+
+def not_an_image_reason(path: str, fs: Any = None) -> str | None:
+    """None when ``path`` may be an image: an image extension, or (DICOM files often have none, or a UID for a name)
+    a DICOM or PNG/JPEG/TIFF signature in its first bytes. Otherwise why it is skipped. A file that cannot be read
+    counts as an image, so that decoding reports the precise failure."""
+    name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith(IMAGE_EXTENSIONS):
+        return None
+    try:
+        head = _head(path, fs)
+    except OSError:
+        return None
+    if looks_like_image(head):
+        return None
+    return "not an image (no image extension, no DICOM or PNG/JPEG/TIFF signature)"
+
+
+def iter_image_files(
+    source: str | os.PathLike,
+    storage_options: dict | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> Iterator[str]:
+    """Image paths under a folder (recursive), a glob, or an fsspec URL, in a deterministic order, streamed (see
+    ``_walk_files``). Other files are passed to ``on_skip(path, reason)``."""
+    for path, fs in _walk_files(source, storage_options):
+        reason = not_an_image_reason(path, fs)
+        if reason is None:
+            yield path
+        elif on_skip is not None:
+            on_skip(path, reason)
+
+
+def list_image_files(source: str | os.PathLike, storage_options: dict | None = None) -> list[str]:
+    """Sorted image paths under a local folder (recursive), a glob, or an fsspec URL (folder or glob); the count of
+    other files skipped is logged."""
+    skipped: list[str] = []
+    files = sorted(iter_image_files(source, storage_options, on_skip=lambda path, reason: skipped.append(path)))
+    where = os.fspath(source).split("?", 1)[0]
+    if skipped:
+        logger.info("%s: %d file(s) skipped: not images (no image extension, no DICOM or image signature)", where,
+                    len(skipped))
+    if not files:
+        raise DataSourceError(f"no image files (DICOM, PNG, JPEG, TIFF) found in {where}")
+    return files
 
 
 def find_labels_file(source: str | os.PathLike) -> Path | None:
@@ -115,24 +133,6 @@ def find_labels_file(source: str | os.PathLike) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def read_labels_csv(
-    path: str | os.PathLike, image_col: str = "Image Index", required: Iterable[str] = ()
-) -> dict[str, dict[str, str]]:
-    """Rows of an NIH-style labels CSV keyed by image file name (and by stem, so ``.dcm`` files match too)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        for column in (image_col, *required):
-            if column not in columns:
-                raise DataSourceError(f"labels file {path} has no column '{column}' (columns: {', '.join(columns)})")
-        rows: dict[str, dict[str, str]] = {}
-        for row in reader:
-            name = row[image_col].strip()
-            rows[name] = row
-            rows.setdefault(Path(name).stem, row)
-    return rows
 
 
 def group_key_hash(value: str, salt: str = "") -> str:
@@ -155,7 +155,7 @@ def build_folder_records(
     """Columns ``path``, ``group`` (hashed patient id, or the file stem when unknown) and ``finding_labels``."""
     files = list_image_files(source, storage_options)
     labels_path = labels_file or find_labels_file(source)
-    rows = read_labels_csv(labels_path) if labels_path else {}
+    rows = read_labels_table(labels_path, group_col=group_col).by_image() if labels_path else {}
     records: dict[str, list[Any]] = {"path": [], "key": [], "group": [], "finding_labels": []}
     for file in files:
         name = file.rsplit("/", 1)[-1]
@@ -199,9 +199,10 @@ def make_decode_transform(image_transform: Callable, storage_options: dict | Non
     def transform(batch: dict[str, list]) -> dict[str, list]:
         batch = dict(batch)
         # Bytes go through fsspec/adlfs with our storage options: datasets' own Image feature loses them for az://.
+        keys = batch.get("key") or batch["path"]  # per-sample seeds (SeededAugmentation) follow the sample's key
         batch["pixel_values"] = [
             apply_image_transform(image_transform, to_uint8_tensor(read_image(path, storage_options=storage_options)), key)
-            for path, key in zip(batch["path"], batch["key"], strict=True)
+            for path, key in zip(batch["path"], keys, strict=True)
         ]
         return batch
 

@@ -6,14 +6,23 @@ parsing; ``LabelSpec`` fixes the label order that the model's ``id2label`` will 
 
 from __future__ import annotations
 
+import csv
+import functools
+import logging
+import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 NO_FINDING = "No Finding"
 SEPARATOR = "|"
+IMAGE_COL, PATIENT_COL, LABEL_COL = "Image Index", "Patient ID", "Finding Labels"
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 
@@ -22,8 +31,15 @@ class LabelError(ValueError):
     """Labels that cannot define a classification problem."""
 
 
+def is_labelled(text: str | None) -> bool:
+    """One meaning everywhere (split, prepare, recipes, evaluate): an empty ``Finding Labels`` cell is *unlabelled*
+    (the image is not used where labels are needed, and not counted as a negative); ``No Finding`` is the negative."""
+    return text is not None and bool(str(text).strip())
+
+
 def parse_finding_labels(text: str | None, negative: str = NO_FINDING, separator: str = SEPARATOR) -> list[str]:
-    """``"Effusion|Nodule"`` -> ``["Effusion", "Nodule"]``; ``"No Finding"`` and blanks -> ``[]``."""
+    """``"Effusion|Nodule"`` -> ``["Effusion", "Nodule"]``; ``"No Finding"`` -> ``[]`` (callers skip blanks:
+    ``is_labelled``)."""
     if text is None:
         return []
     names = [part.strip() for part in str(text).split(separator)]
@@ -128,3 +144,116 @@ def positive_weights(matrix: np.ndarray, max_weight: float = 100.0) -> np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         weights = np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
     return np.clip(weights, 1.0 / max_weight, max_weight).astype(np.float32)
+
+
+# ---- labels files ----------------------------------------------------------------------------------------------------
+
+_NUMERIC_ID = re.compile(r"^0*(\d+)(?:\.0*)?$")
+
+
+def normalize_patient_id(value: str | None) -> str:
+    """``" 001 "``, ``"1"`` and ``"1.0"`` are one patient (a spreadsheet drops leading zeros and adds ``.0``): numeric
+    ids become their integer spelling; any other id is only stripped of surrounding spaces."""
+    text = "" if value is None else str(value).strip()
+    match = _NUMERIC_ID.match(text)
+    return match.group(1) if match else text
+
+
+@dataclass
+class LabelsTable:
+    """The rows of an NIH-layout labels CSV (one row per image), read once with one set of rules for every command.
+
+    Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8") and any line ending; the image column must
+    name each image once; patient ids are normalised (``normalize_patient_id``); values are stripped."""
+
+    path: Path
+    columns: list[str]
+    rows: list[dict[str, str]]
+    image_col: str = IMAGE_COL
+    warnings: list[str] = field(default_factory=list)
+
+    def by_image(self) -> dict[str, dict[str, str]]:
+        """Rows keyed by image file name and by its stem (so ``x.dcm`` matches a row for ``x.png``)."""
+        index: dict[str, dict[str, str]] = {}
+        for row in self.rows:
+            name = row[self.image_col]
+            index[name] = row
+            index.setdefault(Path(name).stem, row)
+        return index
+
+
+def read_labels_table(
+    path: str | os.PathLike,
+    *,
+    image_col: str = IMAGE_COL,
+    required: Iterable[str] = (),
+    group_col: str = PATIENT_COL,
+) -> LabelsTable:
+    """Reads a labels CSV; ``LabelError`` (one line naming the file, and the rows where it applies) for a missing file or
+    column, a file that is not UTF-8, an empty image name, or an image listed more than once. The table is shared by
+    the callers of one process (read and warned about once per file version): do not modify it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"labels file not found: {path}")
+    stat = path.stat()
+    return _read_labels_table(path.resolve(), stat.st_mtime_ns, stat.st_size, image_col, tuple(required), group_col)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_labels_table(
+    path: Path, _mtime_ns: int, _size: int, image_col: str, required: tuple[str, ...], group_col: str
+) -> LabelsTable:
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LabelError(
+            f"{name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as "
+            "'CSV UTF-8'"
+        ) from None
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    columns = [column.strip() for column in reader.fieldnames or []]
+    reader.fieldnames = columns
+    for column in (image_col, *required):
+        if column not in columns:
+            raise LabelError(f"{name} has no column '{column}' (columns: {', '.join(columns) or 'none'})")
+    rows: list[dict[str, str]] = []
+    first_line: dict[str, int] = {}
+    duplicates: list[str] = []
+    spellings: dict[str, set[str]] = {}
+    for row in reader:
+        line = reader.line_num
+        clean = {key: (value or "").strip() for key, value in row.items() if key is not None}
+        image = clean.get(image_col, "")
+        if not image:
+            if not any(clean.values()):
+                continue  # a blank line
+            raise LabelError(f"{name} line {line}: empty '{image_col}'")
+        if image in first_line:
+            duplicates.append(f"{image} (lines {first_line[image]} and {line})")
+        first_line.setdefault(image, line)
+        if group_col in clean and clean[group_col]:
+            raw = clean[group_col]
+            clean[group_col] = normalize_patient_id(raw)
+            spellings.setdefault(clean[group_col], set()).add(raw)
+        rows.append(clean)
+    if duplicates:
+        shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)" if len(duplicates) > 3 else "")
+        raise LabelError(f"{name}: the same '{image_col}' is listed more than once: {shown}")
+    table = LabelsTable(path, columns, rows, image_col)
+    merged = {pid: forms for pid, forms in spellings.items() if len(forms) > 1}
+    if merged:
+        example = ", ".join(repr(f) for f in sorted(next(iter(merged.values()))))
+        table.warnings.append(
+            f"{name}: '{group_col}' written in several ways for {len(merged)} patient(s) (e.g. {example}); read as one "
+            "patient each (numeric ids compared as numbers)"
+        )
+    unlabelled = sum(1 for row in rows if LABEL_COL in row and not is_labelled(row[LABEL_COL]))
+    if unlabelled:
+        table.warnings.append(
+            f"{name}: {unlabelled} row(s) with an empty '{LABEL_COL}' are unlabelled (not negatives: write "
+            f"'{NO_FINDING}' for those); they are left out wherever labels are needed"
+        )
+    for warning in table.warnings:
+        logger.warning("%s", warning)
+    return table

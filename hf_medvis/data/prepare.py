@@ -3,27 +3,34 @@
 Layout under DST::
 
     manifest.json        written last: parameters, shard list (samples, bytes, sha256), totals, warnings
-    quarantine.jsonl     one JSON line per input that failed (source relative to SRC, reason) and per labels row
-                         without an image
+    quarantine.jsonl     one JSON line per input that failed (its salted source hash, shard, reason) and per labels
+                         row without an image (the labels file's Image Index)
     shards/shard-000000.parquet, shards/shard-000000.json (per-shard record), ...
 
-Inputs are listed in a deterministic order, streamed, and cut into chunks of ``shard_size`` inputs; chunk ``i`` becomes
-shard ``i``. A shard and then its record appear under their final names only when complete (temp + rename, or one
-atomic blob upload), so a re-run skips every chunk whose record matches (same inputs, same parameters, same salt) and
-redoes the rest; the manifest lists only shards whose record exists. Inputs seen = written + quarantined.
+Inputs are every file under SRC, listed in a deterministic order, streamed; files that are not images (no image
+extension and no DICOM/PNG/JPEG/TIFF signature: DICOM files often have no extension or a UID for a name) are skipped and
+counted per reason. The rest are cut into chunks of ``shard_size``; chunk ``i`` becomes shard ``i``. A shard and then its
+record appear under their final names only when complete (temp + rename, or one atomic blob upload), so a re-run skips
+every chunk whose record matches (same inputs, same parameters, same salt) and redoes the rest; the manifest lists only
+shards whose record exists. Files seen = written + quarantined + skipped.
 
 Privacy: shards hold a salted hash of the patient id, never the id; DICOM headers contribute only PatientID (hashed)
-and ViewPosition; the source path is stored as a salted hash. No name, date, institution or accession number is written.
+and ViewPosition; a source path is written only as a salted hash (``hf-medvis quarantine DST --src SRC`` maps the
+quarantined hashes back to file names on the operator's terminal). No file name, date, institution or accession number
+is written to DST or logged.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -35,12 +42,13 @@ import numpy as np
 from . import shards as shard_format
 from . import storage
 from .decode import ImageDecodeError, read_dicom_header, read_image
-from .folder import DataSourceError, find_labels_file, iter_image_files, read_labels_csv
+from .folder import DataSourceError, find_labels_file, iter_image_files
+from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, is_labelled, normalize_patient_id, read_labels_table
 
 logger = logging.getLogger(__name__)
 
 SALT_ENV = "HF_MEDVIS_SALT"
-IMAGE_COL, LABEL_COL, PATIENT_COL, VIEW_COL = "Image Index", "Finding Labels", "Patient ID", "View Position"
+VIEW_COL = "View Position"
 KNOWN_COLUMNS = {
     IMAGE_COL,
     LABEL_COL,
@@ -71,8 +79,9 @@ class PrepareParams:
 
 
 def salted_hash(value: str, salt: str, kind: str) -> str:
-    """Truncated SHA-256 keyed by the salt; ``kind`` separates namespaces (a patient id never collides with a path)."""
-    return hashlib.sha256(f"{kind}\x00{salt}\x00{value}".encode()).hexdigest()[:20]
+    """Truncated SHA-256 keyed by the salt; ``kind`` separates namespaces (a patient id never collides with a path).
+    File names that are not valid UTF-8 (kept by Python as surrogate escapes) hash by their bytes."""
+    return hashlib.sha256(f"{kind}\x00{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def resolve_salt(salt: str | None) -> str:
@@ -122,26 +131,28 @@ def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
 
 def _process_input(source: str, rel: str, row: dict | None, params: PrepareParams, salt: str, options: dict) -> dict:
     """One input -> one shard row; raises ImageDecodeError for anything that cannot become an image."""
+    source_hash = salted_hash(rel, salt, "source")
     try:
         data = storage.read_bytes(source, options) if "://" in source else Path(source).read_bytes()
     except FileNotFoundError:
-        raise ImageDecodeError(rel, "file disappeared during prepare") from None
+        broken_link = "://" not in source and os.path.islink(source)
+        raise ImageDecodeError(source_hash, "broken symbolic link (its target does not exist)" if broken_link
+                               else "file disappeared during prepare") from None
     except OSError as err:
-        raise ImageDecodeError(rel, f"cannot read: {type(err).__name__}") from None
-    image = read_image(data, window=params.window) if data else None
-    if image is None:
-        raise ImageDecodeError(rel, "empty file (0 bytes)")
+        raise ImageDecodeError(source_hash, f"cannot read: {type(err).__name__} ({err.strerror or ''})") from None
+    if not data:
+        raise ImageDecodeError(source_hash, "empty file (0 bytes)")
+    image = read_image(data, window=params.window)
     dicom_patient, dicom_view = _dicom_fields(data)
-    patient = (row or {}).get(PATIENT_COL) or dicom_patient
-    source_hash = salted_hash(rel, salt, "source")
+    patient = normalize_patient_id((row or {}).get(PATIENT_COL) or dicom_patient)
     name = (row or {}).get(IMAGE_COL)
     resized = resize_to_square(image, params.size)
     return {
         # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
         # the salted source hash (a file name may carry a patient name).
         "key": PurePosixPath(name).stem if name else source_hash,
-        "group": salted_hash(str(patient).strip(), salt, "patient") if patient else f"src-{source_hash}",
-        "finding_labels": ((row or {}).get(LABEL_COL) or None),
+        "group": salted_hash(patient, salt, "patient") if patient else f"src-{source_hash}",
+        "finding_labels": (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None,
         "view_position": ((row or {}).get(VIEW_COL) or dicom_view or None),
         "source_hash": source_hash,
         "orig_height": int(image.shape[0]),
@@ -158,7 +169,7 @@ def _fingerprint(job: dict, params: PrepareParams, salt_check: str) -> str:
     h.update(json.dumps(asdict(params), sort_keys=True).encode())
     h.update(salt_check.encode())
     for rel, _, row, missing in job["inputs"]:
-        h.update(f"\n{rel}\x00{json.dumps(row, sort_keys=True)}\x00{missing}".encode())
+        h.update(f"\n{rel}\x00{json.dumps(row, sort_keys=True)}\x00{missing}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -183,16 +194,19 @@ def process_chunk(job: dict) -> dict:
             return {**previous, "resumed": True}
     rows, quarantine = [], []
     for rel, source, row, missing in job["inputs"]:
+        # Entries name the input by its salted hash only: a file name may carry a patient's name or MRN.
+        entry = {"source_hash": salted_hash(rel, salt, "source"), "shard": index}
         if missing:
-            quarantine.append({"source": rel, "reason": "no row in the labels file"})
+            quarantine.append({**entry, "reason": "no row in the labels file"})
             continue
         try:
             rows.append(_process_input(source, rel, row, params, salt, job["input_options"]))
         except ImageDecodeError as err:
-            quarantine.append({"source": rel, "reason": err.reason})
+            quarantine.append({**entry, "reason": err.reason})
         except Exception as err:  # nothing crashes mid-run: an unexpected failure quarantines that input only
-            logger.exception("unexpected error on input %s", rel)
-            quarantine.append({"source": rel, "reason": f"unexpected error: {type(err).__name__}: {err}"})
+            logger.error("unexpected %s on input %s (shard %d)", type(err).__name__, entry["source_hash"], index)
+            logger.debug("traceback", exc_info=True)  # may quote the file name: debug level only
+            quarantine.append({**entry, "reason": f"unexpected error: {type(err).__name__}"})
     record: dict[str, Any] = {
         "index": index,
         "path": shard_format.shard_name(index),
@@ -220,21 +234,22 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _read_labels(labels: str | None, src: str) -> tuple[dict[str, dict[str, str]], str | None, list[str]]:
-    path = labels or (str(find_labels_file(src)) if find_labels_file(src) else None)
+def _read_labels(labels: str | None, src: str) -> tuple[LabelsTable | None, list[str]]:
+    found = find_labels_file(src)
+    path = labels or (str(found) if found else None)
     if not path:
-        return {}, None, []
-    rows = read_labels_csv(path, image_col=IMAGE_COL)
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    warnings = []
+        return None, []
+    table = read_labels_table(path, image_col=IMAGE_COL)
+    warnings = list(table.warnings)
     for column in (LABEL_COL, PATIENT_COL, VIEW_COL):
-        if column not in header:
+        if column not in table.columns:
             warnings.append(f"labels file has no '{column}' column: that field is empty for every sample")
-    unknown = [c for c in header if c not in KNOWN_COLUMNS]
+    unknown = [c for c in table.columns if c not in KNOWN_COLUMNS]
     if unknown:
         warnings.append(f"labels file columns ignored (unknown): {', '.join(unknown)}")
-    return rows, path, warnings
+    for warning in warnings[len(table.warnings):]:  # the table's own were logged when it was read
+        logger.warning("%s", warning)
+    return table, warnings
 
 
 def prepare(
@@ -261,18 +276,23 @@ def prepare(
     if shard_size < 1 or workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
     salt = resolve_salt(salt)
-    salt_check = hashlib.sha256(f"hf_medvis-salt-check\x00{salt}".encode()).hexdigest()[:16]
+    salt_check = _salt_check(salt)
     params = PrepareParams(size=size, bits=bits, shard_size=shard_size)
     in_options = storage.storage_options_for(src, storage_options)
     out_options = storage.storage_options_for(dst, dst_storage_options if dst_storage_options is not None else storage_options)
-    label_rows, labels_path, warnings = _read_labels(labels, src)
+    table, warnings = _read_labels(labels, src)
+    label_rows = table.by_image() if table is not None else {}
     storage.make_dirs(dst, out_options)
 
     matched: set[str] = set()
+    skipped: dict[str, int] = {}
     root = src if not any(ch in src for ch in "*?[") else src.split("*", 1)[0].rsplit("/", 1)[0]
 
+    def skip(path: str, reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
     def jobs() -> Iterator[dict]:
-        listing = iter_image_files(src, in_options)
+        listing = iter_image_files(src, in_options, on_skip=skip)
         for index, chunk in enumerate(_chunks(listing, shard_size)):
             inputs = []
             for source in chunk:
@@ -280,7 +300,7 @@ def prepare(
                 name = rel.rsplit("/", 1)[-1]
                 row = label_rows.get(name) or label_rows.get(PurePosixPath(name).stem) if label_rows else None
                 if row is not None:
-                    matched.add(row[IMAGE_COL].strip())
+                    matched.add(row[IMAGE_COL])
                 inputs.append((rel, source, row, bool(label_rows) and row is None))
             yield {
                 "dst": dst,
@@ -295,34 +315,40 @@ def prepare(
 
     records = _run(jobs(), workers)
     if not records:
-        raise DataSourceError(f"no image files found in {storage.describe(src)}")
+        found = f" ({sum(skipped.values())} other files skipped: not images)" if skipped else ""
+        raise DataSourceError(f"no image files found in {storage.describe(src)}{found}")
     records.sort(key=lambda r: r["index"])
-    orphans = sorted({row[IMAGE_COL].strip() for row in label_rows.values()} - matched)
+    orphans = sorted({row[IMAGE_COL] for row in table.rows} - matched) if table is not None else []
     quarantine_lines = [q for r in records for q in r["quarantine"]]
-    quarantine_lines += [{"source": name, "reason": "labels row without an image"} for name in orphans]
+    quarantine_lines += [{"image_index": name, "reason": "labels row without an image"} for name in orphans]
     inputs_seen = sum(r["inputs"] for r in records)
     written = sum(r["samples"] for r in records)
     quarantined = sum(len(r["quarantine"]) for r in records)
-    assert inputs_seen == written + quarantined, "prepare lost inputs: counts do not add up"
+    if inputs_seen != written + quarantined:
+        raise RuntimeError(f"prepare lost inputs: {inputs_seen} seen, {written} written, {quarantined} quarantined")
     manifest = {
         "format": shard_format.FORMAT_NAME,
         "version": shard_format.FORMAT_VERSION,
         "shard_format": "parquet",
         "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": 1},
-        "labels_file": os.path.basename(labels_path) if labels_path else None,
+        "labels_file": table.path.name if table is not None else None,
+        "salt_check": salt_check,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it
         "shards": [
             {"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
             for r in records
             if r["samples"] > 0
         ],
         "totals": {
+            "files_seen": inputs_seen + sum(skipped.values()),
             "inputs_seen": inputs_seen,
             "written": written,
             "quarantined": quarantined,
+            "skipped": sum(skipped.values()),
             "labels_rows_without_image": len(orphans),
             "shards": sum(1 for r in records if r["samples"] > 0),
             "shards_resumed": sum(1 for r in records if r.get("resumed")),
         },
+        "skipped": skipped,  # reason -> count: files under SRC that are not images
         "warnings": warnings,
         "quarantine_report": shard_format.QUARANTINE_NAME,
     }
@@ -338,7 +364,7 @@ def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
         return [process_chunk(job) for job in jobs]
     # Bounded submission: the listing is consumed as shards finish, never all at once.
     records: list[dict] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         pending = set()
         for job in jobs:
             pending.add(pool.submit(process_chunk, job))
@@ -349,6 +375,63 @@ def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
     return records
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool worker initializer: a worker must not outlive a killed ``prepare`` (it would go on writing shards, then
+    block forever on a result queue nobody reads). Linux: the kernel sends SIGKILL when the parent dies; elsewhere, and
+    as a backstop, a thread checks every second whether the parent is still ours."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def read_quarantine(dst: str, storage_options: dict | str | None = None) -> list[dict]:
     data = storage.read_bytes(storage.join(dst, shard_format.QUARANTINE_NAME), storage_options)
     return [json.loads(line) for line in io.StringIO(data.decode()) if line.strip()]
+
+
+def locate_quarantined(
+    src: str,
+    dst: str,
+    *,
+    salt: str | None = None,
+    storage_options: dict | str | None = None,
+    dst_storage_options: dict | str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """(source path, reason) of each quarantined input of the prepared location ``dst``, found by walking ``src`` again
+    and hashing each path with the salt: DST holds no file names, the operator's copy of SRC does. Also yields each
+    file skipped as not an image."""
+    salt = resolve_salt(salt)
+    manifest = json.loads(storage.read_bytes(storage.join(dst, shard_format.MANIFEST_NAME),
+                                             dst_storage_options if dst_storage_options is not None else storage_options))
+    if manifest.get("salt_check") not in (None, _salt_check(salt)):
+        raise ValueError(f"this salt is not the one {storage.describe(dst)} was prepared with")
+    wanted = {e["source_hash"]: e["reason"] for e in read_quarantine(
+        dst, dst_storage_options if dst_storage_options is not None else storage_options) if "source_hash" in e}
+    in_options = storage.storage_options_for(src, storage_options)
+    root = src if not any(ch in src for ch in "*?[") else src.split("*", 1)[0].rsplit("/", 1)[0]
+    skipped: list[tuple[str, str]] = []
+    for source in iter_image_files(src, in_options, on_skip=lambda path, reason: skipped.append((path, reason))):
+        reason = wanted.get(salted_hash(_relative(source, root), salt, "source"))
+        if reason is not None:
+            yield source, reason
+        yield from skipped
+        skipped.clear()
+    yield from skipped
+
+
+def _salt_check(salt: str) -> str:
+    return hashlib.sha256(f"hf_medvis-salt-check\x00{salt}".encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +30,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.set_defaults(func=run)
 
+    locate = subparsers.add_parser(
+        "quarantine",
+        help="name the source files that a prepare quarantined (or skipped), with the reasons",
+        description="DST holds no file names (they may carry patient names or record numbers): its quarantine.jsonl "
+        "names inputs by salted hash. This walks SRC again with the same salt and prints, for each quarantined or "
+        "skipped file, its path and the reason, to this terminal only.",
+    )
+    locate.add_argument("dst", help="the prepared location (folder or fsspec URL)")
+    locate.add_argument("--src", required=True, help="the raw images prepare read (folder, glob, or fsspec URL)")
+    locate.add_argument("--salt", default=None, help="the salt of that prepare (default: $HF_MEDVIS_SALT)")
+    locate.add_argument("--storage_options", "--storage-options", default=None, help="fsspec options as JSON")
+    locate.set_defaults(func=run_locate)
+
+
+def run_locate(args: argparse.Namespace) -> int:
+    from .prepare import locate_quarantined
+
+    found = 0
+    for path, reason in locate_quarantined(args.src, args.dst, salt=args.salt, storage_options=args.storage_options):
+        print(f"{reason}\t{path}")
+        found += 1
+    print(f"{found} file(s) quarantined or skipped", file=sys.stderr)
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     from .prepare import prepare
@@ -48,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     t = manifest["totals"]
     print(
         f"prepared {t['written']} of {t['inputs_seen']} inputs into {t['shards']} shards "
-        f"({t['shards_resumed']} already done); quarantined {t['quarantined']}, "
-        f"labels rows without image {t['labels_rows_without_image']} -> {args.dst.split('?', 1)[0]}"
+        f"({t['shards_resumed']} already done); quarantined {t['quarantined']}, skipped {t['skipped']} files that are "
+        f"not images, labels rows without image {t['labels_rows_without_image']} -> {args.dst.split('?', 1)[0]}"
     )
-    for warning in manifest["warnings"]:
-        print(f"warning: {warning}")
+    if t["quarantined"] or t["skipped"]:
+        print(f"which files: hf-medvis quarantine {args.dst.split('?', 1)[0]} --src {args.src.split('?', 1)[0]}")
     return 0

@@ -15,8 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("labels_csv", help="NIH-style labels CSV (one row per image)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--image-col", default="Image Index", help="image column (default 'Image Index')")
     parser.add_argument("--group-col", default="Patient ID", help="patient column (default 'Patient ID')")
-    parser.add_argument("--label-col", default="Finding Labels", help="label column, '|'-separated (default 'Finding Labels')")
+    parser.add_argument("--label-col", default="Finding Labels",
+                        help="label column, '|'-separated; an empty cell is unlabelled, 'No Finding' the negative "
+                        "(default 'Finding Labels')")
     parser.add_argument("--val", type=float, default=0.1, help="fraction of images for validation (default 0.1)")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of images for test (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target_ci is not None and not 0 < args.target_ci < 0.5:
         raise ValueError(f"--target-ci must be in (0, 0.5), got {args.target_ci}")
     result = split_labels_csv(
-        args.labels_csv, args.out, group_col=args.group_col, label_col=args.label_col, val=args.val, test=args.test,
-        seed=args.seed, label_names=args.label_names, problem_type=args.problem_type,
+        args.labels_csv, args.out, image_col=args.image_col, group_col=args.group_col, label_col=args.label_col,
+        val=args.val, test=args.test, seed=args.seed, label_names=args.label_names, problem_type=args.problem_type,
         assumed_auroc=args.assumed_auroc, assumed_accuracy=args.assumed_accuracy, target_ci=args.target_ci,
     )
     print(format_split_report(result.report))

@@ -23,7 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from .labels import LabelSpec, encode_labels, infer_label_spec, label_matrix
+from .labels import (
+    IMAGE_COL,
+    LABEL_COL,
+    PATIENT_COL,
+    LabelSpec,
+    encode_labels,
+    infer_label_spec,
+    is_labelled,
+    label_matrix,
+    read_labels_table,
+)
 
 Z95 = 1.959963984540054
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -139,10 +149,13 @@ def split_report(
     assumed_accuracy: float = 0.8,
     target_ci: float | None = None,
     split_names: Sequence[str] = SPLIT_NAMES,
+    labelled: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per split: images, patients, per class positives/negatives and the expected AUROC SE / 95% CI half-width;
-    accuracy SE / CI; with ``target_ci``, the validation size that reaches it. ``warnings`` lists empty classes."""
+    accuracy SE / CI; with ``target_ci``, the validation size that reaches it. ``warnings`` lists empty classes.
+    ``labelled`` (default: every row) marks the rows that count in the label statistics."""
     groups = np.asarray([str(g) for g in groups])
+    labelled = np.ones(len(groups), dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
     report: dict[str, Any] = {
         "assumptions": {"auroc": assumed_auroc, "accuracy": assumed_accuracy, "ci": "95%, normal approximation"},
         "problem_type": spec.problem_type,
@@ -151,10 +164,11 @@ def split_report(
         "warnings": [],
     }
     for index, name in enumerate(split_names):
-        rows = assignment == index
-        n = int(rows.sum())
-        if n == 0:
+        in_split = assignment == index
+        if not in_split.any():
             continue
+        rows = in_split & labelled
+        n = int(rows.sum())
         acc_se = accuracy_standard_error(assumed_accuracy, n)
         classes = {}
         for c, label in enumerate(spec.names):
@@ -170,14 +184,15 @@ def split_report(
             if name != "train" and pos == 0:
                 report["warnings"].append(f"class '{label}' has no positives in {name}: its AUROC is undefined there")
         report["splits"][name] = {
-            "images": n,
-            "patients": int(len(set(groups[rows]))),
+            "images": int(in_split.sum()),
+            "unlabelled_images": int((in_split & ~labelled).sum()),
+            "patients": int(len(set(groups[in_split]))),
             "accuracy_se": acc_se,
             "accuracy_ci95_half_width": Z95 * acc_se if acc_se is not None else None,
             "classes": classes,
         }
     if target_ci is not None:
-        prevalence = matrix.mean(axis=0)
+        prevalence = matrix[labelled].mean(axis=0)
         per_class = {
             label: images_for_auroc_ci(assumed_auroc, float(prevalence[c]), target_ci) for c, label in enumerate(spec.names)
         }
@@ -201,8 +216,10 @@ def format_split_report(report: dict[str, Any]) -> str:
              "(binomial)", ""]
     header = f"{'split':<6} {'class':<22} {'pos':>6} {'neg':>7} {'AUROC SE':>9} {'±95% CI':>8}"
     for name, split in report["splits"].items():
-        lines.append(f"{name}: {split['images']} images, {split['patients']} patients; accuracy ±"
-                     f"{split['accuracy_ci95_half_width']:.3f}")
+        ci = split["accuracy_ci95_half_width"]
+        unlabelled = f" ({split['unlabelled_images']} unlabelled)" if split.get("unlabelled_images") else ""
+        lines.append(f"{name}: {split['images']} images{unlabelled}, {split['patients']} patients; accuracy "
+                     + (f"±{ci:.3f}" if ci is not None else "n/a"))
     lines += ["", header, "-" * len(header)]
     for name, split in report["splits"].items():
         for label, c in split["classes"].items():
@@ -230,32 +247,13 @@ class SplitResult:
     report: dict[str, Any]
 
 
-def read_label_rows(path: str | os.PathLike, group_col: str, label_col: str) -> tuple[list[str], list[dict[str, str]]]:
-    """Columns and rows of a labels CSV; the group and label columns must exist and be filled."""
-    path = Path(path)
-    if not path.is_file():
-        raise SplitError(f"labels file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        for column, role in ((group_col, "patient"), (label_col, "label")):
-            if column not in columns:
-                raise SplitError(f"{path.name} has no column '{column}' (the {role} column; columns: {', '.join(columns)})")
-        rows = list(reader)
-    if not rows:
-        raise SplitError(f"{path.name} has no rows")
-    missing = sum(1 for row in rows if not (row.get(group_col) or "").strip())
-    if missing:
-        raise SplitError(f"{missing} row(s) of {path.name} have no '{group_col}': every image needs its patient")
-    return columns, rows
-
-
 def split_labels_csv(
     labels_csv: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    group_col: str = "Patient ID",
-    label_col: str = "Finding Labels",
+    image_col: str = IMAGE_COL,
+    group_col: str = PATIENT_COL,
+    label_col: str = LABEL_COL,
     val: float = 0.1,
     test: float = 0.2,
     seed: int = 0,
@@ -265,36 +263,56 @@ def split_labels_csv(
     assumed_accuracy: float = 0.8,
     target_ci: float | None = None,
 ) -> SplitResult:
-    """Writes ``train.csv``, ``val.csv``, ``test.csv`` (input columns, rows unchanged) and ``split_report.json``."""
+    """Writes ``train.csv``, ``val.csv``, ``test.csv`` (the input's columns and rows, as ``read_labels_table`` reads
+    them: UTF-8 without a byte-order mark, values stripped, patient ids normalised) and ``split_report.json``.
+
+    Rows with an empty label cell are unlabelled: they go with their patient into one split (an MAE pretraining on
+    train.csv still sees them) but count neither as positives nor as negatives in the report."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise SplitError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
-    columns, rows = read_label_rows(labels_csv, group_col, label_col)
-    spec = infer_label_spec([row[label_col] for row in rows], label_names, problem_type)
-    matrix = label_matrix(encode_labels([row[label_col] for row in rows], spec), spec)
-    groups = [row[group_col].strip() for row in rows]
+    table = read_labels_table(labels_csv, image_col=image_col, required=(group_col, label_col), group_col=group_col)
+    columns, rows = table.columns, table.rows
+    if not rows:
+        raise SplitError(f"{table.path.name} has no rows")
+    missing = [str(i + 2) for i, row in enumerate(rows) if not row[group_col]]
+    if missing:
+        raise SplitError(f"{len(missing)} row(s) of {table.path.name} have no '{group_col}' (rows {', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}): every image needs its patient")
+    labelled = np.array([is_labelled(row[label_col]) for row in rows])
+    if not labelled.any():
+        raise SplitError(f"every '{label_col}' of {table.path.name} is empty: nothing to stratify on")
+    spec = infer_label_spec([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], label_names,
+                            problem_type)
+    matrix = np.zeros((len(rows), len(spec.names)), dtype=np.float32)
+    matrix[labelled] = label_matrix(encode_labels([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok],
+                                                  spec), spec)
+    groups = [row[group_col] for row in rows]
     n_groups = len(set(groups))
     needed = 1 + (val > 0) + (test > 0)
     if n_groups < needed:
         raise SplitError(f"{n_groups} patient(s) cannot fill {needed} patient-disjoint splits")
     assignment = stratified_group_assignment(groups, matrix, [1 - val - test, val, test], seed)
     report = split_report(assignment, groups, matrix, spec, assumed_auroc=assumed_auroc,
-                          assumed_accuracy=assumed_accuracy, target_ci=target_ci)
-    report["source"] = {"file": Path(labels_csv).name, "group_col": group_col, "label_col": label_col,
+                          assumed_accuracy=assumed_accuracy, target_ci=target_ci, labelled=labelled)
+    report["source"] = {"file": table.path.name, "group_col": group_col, "label_col": label_col,
                         "fractions": {"train": 1 - val - test, "val": val, "test": test}, "seed": seed}
+    report["labels_file_warnings"] = list(table.warnings)  # logged when the file was read
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for index, name in enumerate(SPLIT_NAMES):
         path = out / f"{name}.csv"
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(row for row, split in zip(rows, assignment, strict=True) if split == index)
         os.replace(tmp, path)
         paths[name] = path
     paths["report"] = out / "split_report.json"
-    paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out / ".split_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, paths["report"])
     return SplitResult(paths, report)
 
 

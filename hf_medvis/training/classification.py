@@ -13,13 +13,23 @@ import torch
 from torchvision.transforms import v2
 from transformers import EarlyStoppingCallback, TrainerCallback, ViTForImageClassification
 
-from ..data.folder import read_labels_csv
-from ..data.labels import MULTI_LABEL, LabelError, LabelSpec, encode_labels, infer_label_spec, label_matrix
+from ..data.labels import (
+    IMAGE_COL,
+    LABEL_COL,
+    MULTI_LABEL,
+    PATIENT_COL,
+    LabelError,
+    LabelSpec,
+    encode_labels,
+    infer_label_spec,
+    is_labelled,
+    label_matrix,
+    read_labels_table,
+)
 from ..data.shard_table import load_shard_table, make_shard_transform, shard_metadata
 from ..data.sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from ..data.splits import (
     check_patient_disjoint,
-    read_label_rows,
     split_report,
     stratified_group_assignment,
     stratified_subsample,
@@ -120,7 +130,7 @@ class ClassificationDataArguments(DataArguments):
         default=None, metadata={"help": "Hub dataset id of the training data, recorded in the model card's metadata."}
     )
     ci_bootstrap_samples: int = field(
-        default=200, metadata={"help": "Patient-level bootstrap resamples for the final metrics' 95% CIs (0: none)."}
+        default=200, metadata={"help": "Patient-level bootstrap resamples for the final metrics' 95%% CIs (0: none)."}
     )
 
     def __post_init__(self) -> None:
@@ -217,17 +227,21 @@ class _LabelledRecords:
 
     def __call__(self, records: dict[str, list[Any]]) -> dict[str, list[Any]]:
         total = len(records["group"])  # folder records and shard records both carry ``group``
-        labelled = [i for i, v in enumerate(records["finding_labels"]) if v is not None and str(v).strip()]
-        unlabelled = total - len(labelled)
+        values = records["finding_labels"]
+        labelled = [i for i, v in enumerate(values) if is_labelled(v)]
+        not_listed = sum(1 for v in values if v is None)
+        blank = total - len(labelled) - not_listed
         if not labelled:
             raise LabelError(
                 f"none of the {total} images has a label: give an NIH-style labels CSV "
                 "(Image Index, Patient ID, Finding Labels) with --labels_file, or put labels.csv beside the images"
             )
-        if unlabelled:
-            if not self.explicit:
-                raise LabelError(f"{unlabelled} of {total} images have no row in the labels file")
-            logger.info("skipping %d image(s) not listed in the labels file", unlabelled)
+        if not_listed and not self.explicit:
+            raise LabelError(f"{not_listed} of {total} images have no row in the labels file")
+        if not_listed or blank:
+            parts = [f"{not_listed} not listed in the labels file"] if not_listed else []
+            parts += [f"{blank} with an empty Finding Labels (unlabelled)"] if blank else []
+            logger.info("using %d of %d images: %s skipped", len(labelled), total, " and ".join(parts))
             records = {k: [v[i] for i in labelled] for k, v in records.items()}
         if self.spec is None:  # the first call sees the training data: it defines the classes
             self.spec = infer_label_spec(records["finding_labels"], self.label_names, self.args.problem_type)
@@ -272,7 +286,7 @@ def build_classification_data(
         )
     for labels_file in (source.labels_file, data_args.validation_labels_file):
         if labels_file:  # without a patient column every image would be its own "patient": a silent leak
-            read_label_rows(labels_file, "Patient ID", "Finding Labels")
+            read_labels_table(labels_file, required=(PATIENT_COL, LABEL_COL))
     explicit = data_args.labels_file is not None or data_args.validation_labels_file is not None
     hooks = _LabelledRecords(data_args, explicit_labels=explicit, seed=seed, label_names=label_names)
     split = data_args.validation_data is None and data_args.validation_split_percentage > 0
@@ -324,7 +338,7 @@ def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, 
     records = shard_metadata(table)
     records["index"] = list(range(len(table)))
     total = len(records["key"])
-    labelled = [bool(v is not None and str(v).strip()) for v in records["finding_labels"]]
+    labelled = [is_labelled(v) for v in records["finding_labels"]]
     if not any(labelled):
         raise LabelError(
             f"{flag} holds prepared shards without labels: re-run `hf-medvis prepare` with --labels (NIH-style CSV: "
@@ -333,7 +347,7 @@ def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, 
     keep = labelled
     if labels_file:
         # Keys are the labels file's Image Index stems (prepare stores them so), so a split CSV selects its samples.
-        listed = {Path(name).stem for name in read_labels_csv(labels_file)}
+        listed = {Path(row[IMAGE_COL]).stem for row in read_labels_table(labels_file).rows}
         keep = [ok and key in listed for ok, key in zip(labelled, records["key"], strict=True)]
         if not any(keep):
             raise LabelError(f"none of the {total} labelled samples of {flag} is listed in {Path(labels_file).name}")

@@ -26,6 +26,11 @@ from ..infra.launch_env import (  # noqa: F401  (re-exported: the recipes' view 
 
 def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> DistributedEnv | None:
     """What a recipe calls first: normalise the launcher's variables, and make multi-process CPU launches real."""
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed would pick the CPU itself, with a WARNING in every process saying it could not find a GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     detected = normalize_distributed_env(environ)
     if detected is not None and detected.world_size > 1:
         use_gloo_without_accelerators()

@@ -72,7 +72,7 @@ class MonitoringArguments:
     )  # fmt: skip
     throughput: bool = field(
         default=True,
-        metadata={"help": "Log images/s, achieved TFLOP/s per GPU, MFU and data-wait % at each logging step, and a "
+        metadata={"help": "Log images/s, achieved TFLOP/s per GPU, MFU and data-wait %% at each logging step, and a "
                   "summary at the end (output_dir/throughput.json)."},
     )  # fmt: skip
     peak_tflops: float | None = field(

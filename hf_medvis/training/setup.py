@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,12 @@ def setup_logging(args: TrainingArguments) -> None:
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(tagged)
     logging.captureWarnings(True)  # Python warnings become tagged log lines as well
+    # DeepSpeed's ZeRO calls torch collectives that torch has since renamed: a FutureWarning per call site and rank, about
+    # DeepSpeed's code, not the run. Everything else still shows.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
 
 
 @contextlib.contextmanager
