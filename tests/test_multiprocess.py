@@ -98,7 +98,7 @@ def test_ddp_run_through_accelerate_multi_gpu_on_cpu(tmp_path, phantom_dir):
 
 VIT_TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
             "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dataloader_num_workers", "0",
-            "--base_learning_rate", "0.016", "--ci_bootstrap_samples", "20"]
+            "--base_learning_rate", "0.016", "--ci_bootstrap_samples", "20", "--save_total_limit", "5"]
 
 
 @pytest.mark.parametrize(

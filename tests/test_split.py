@@ -200,3 +200,25 @@ def test_validation_sharing_patients_is_refused():
     check_patient_disjoint(["a", "b"], ["c"])
     with pytest.raises(ValueError, match="shares 1 patient"):
         check_patient_disjoint(["a", "b"], ["b", "c"])
+
+
+def test_recipes_read_the_same_labels_file_the_same_way(phantom_dir, tmp_path):
+    """The recipes' folder loader reads an Excel-saved copy of the phantom labels like the original: same labels, same
+    patients, and an emptied label cell is unlabelled (left out), not a negative."""
+    from hf_medvis.data.folder import build_folder_records
+    from hf_medvis.data.labels import is_labelled
+
+    original = (phantom_dir / "labels.csv").read_text().splitlines()
+    header, rows = original[0].split(","), [line.split(",") for line in original[1:]]
+    patient, label = header.index("Patient ID"), header.index("Finding Labels")
+    for row in rows:
+        row[patient] = f"{int(row[patient])}.0"  # what a spreadsheet writes for an integer id
+    rows[0][label] = ""
+    excel = tmp_path / "labels.csv"
+    excel.write_bytes(("\ufeff" + "\r\n".join(",".join(r) for r in [header, *rows]) + "\r\n").encode())
+    images = str(phantom_dir / "images")
+    plain, spreadsheet = build_folder_records(images, phantom_dir / "labels.csv"), build_folder_records(images, excel)
+    assert spreadsheet["group"] == plain["group"] and spreadsheet["key"] == plain["key"]
+    changed = [i for i, (a, b) in enumerate(zip(plain["finding_labels"], spreadsheet["finding_labels"], strict=True))
+               if a != b]
+    assert len(changed) == 1 and not is_labelled(spreadsheet["finding_labels"][changed[0]])

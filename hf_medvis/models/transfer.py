@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..data.labels import LabelSpec
 from .build import ModelSetupError, _apply_overrides, _first_line, load_presets, parse_config_overrides
+from .weights import own_load_report
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,11 @@ def build_classifier(
     at_source_size = copy.deepcopy(config)
     at_source_size.image_size = source.image_size
     try:
-        loaded, info = cls.from_pretrained(
-            model_name_or_path, config=at_source_size, ignore_mismatched_sizes=True, output_loading_info=True,
-            use_safetensors=True, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
-        )
+        with own_load_report():  # LoadReport below says what was loaded, dropped and re-initialised
+            loaded, info = cls.from_pretrained(
+                model_name_or_path, config=at_source_size, ignore_mismatched_sizes=True, output_loading_info=True,
+                use_safetensors=True, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+            )
     except OSError as err:
         raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors "
                               f"only): {_first_line(err)}") from None

@@ -10,8 +10,10 @@ and the result is copied in with a strict load; any key that does not match is a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +23,20 @@ logger = logging.getLogger(__name__)
 
 class WeightLoadError(ValueError):
     """Saved weights that do not match the model they are loaded into."""
+
+
+@contextlib.contextmanager
+def own_load_report() -> Iterator[None]:
+    """Around a ``from_pretrained(..., output_loading_info=True)`` whose caller reports (or refuses) what did not load:
+    transformers' own LOAD REPORT warning table would say the same thing a second time, as a WARNING."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -36,18 +52,13 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
     folder = Path(folder)
     if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise WeightLoadError(f"{folder}: no model.safetensors (not a complete checkpoint?)")
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its own missing/unexpected warnings: we raise below instead
     try:
-        saved, info = type(model).from_pretrained(
-            folder, config=model.config, use_safetensors=True, output_loading_info=True, dtype=torch.float32
-        )
+        with own_load_report():  # its missing/unexpected table: we raise below instead
+            saved, info = type(model).from_pretrained(
+                folder, config=model.config, use_safetensors=True, output_loading_info=True, dtype=torch.float32
+            )
     except (OSError, ValueError, RuntimeError) as err:
         raise WeightLoadError(f"{folder}: cannot load the saved weights: {' '.join(str(err).split())[:300]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
