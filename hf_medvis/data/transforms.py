@@ -33,12 +33,22 @@ class SeededAugmentation:
     generator state, so a sample's crop is the same whichever DataLoader worker decodes it, with any worker count,
     and after a resume (the interrupted epoch continues with exactly the crops it would have had).
 
-    ``epoch`` is set by the Trainer (``MedVisTrainer``) before each epoch's workers start; outside the Trainer it stays
-    0 unless the caller sets it. The global CPU generator is left as it was (``fork_rng``), so the training process's
-    own draws (MAE masks, dropout) do not depend on how many samples were decoded in it."""
+    ``epoch`` is set by the Trainer (``MedVisTrainer``) before each epoch's iterator starts; outside the Trainer it stays
+    0 unless the caller sets it. It lives in shared memory, so persistent DataLoader workers see it change too. The
+    global CPU generator is left as it was (``fork_rng``), so the training process's own draws (MAE masks, dropout) do
+    not depend on how many samples were decoded in it."""
 
     def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], seed: int):
-        self.transform, self.seed, self.epoch = transform, int(seed), 0
+        self.transform, self.seed = transform, int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
 
     def __repr__(self) -> str:
         return f"SeededAugmentation({self.transform!r}, seed={self.seed}, epoch={self.epoch})"
