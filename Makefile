@@ -30,7 +30,7 @@ demo: install
 	@bash recipes/demo.sh $(DEMO_DIR)
 
 test: install azurite
-	$(TEST_ENV) $(BIN)/python -m pytest tests
+	$(TEST_ENV) $(BIN)/python -m pytest tests --durations=25
 
 test-fast: install
 	$(TEST_ENV) $(BIN)/python -m pytest tests -m "not slow"

@@ -28,12 +28,17 @@ TRACEBACK = "Traceback (most recent call last)"
 
 
 def output_defects(text: str, allowed_traceback: str | None = None) -> list[str]:
-    """Lines of ``text`` that make a test fail: weight-load warnings, and tracebacks -- unless the output names the
-    ``allowed_traceback`` exception (one command's output is one text)."""
-    defects = [line for line in text.splitlines() if WEIGHT_LOAD_WARNING.search(line)]
-    if TRACEBACK in text and not (allowed_traceback and allowed_traceback in text):
-        start = text.index(TRACEBACK)
-        defects.append(text[start : start + 1500])
+    """What in ``text`` makes a test fail: weight-load warnings, and every traceback whose exception line does not name
+    ``allowed_traceback``."""
+    lines = text.splitlines()
+    defects = [line for line in lines if WEIGHT_LOAD_WARNING.search(line)]
+    for start, line in enumerate(lines):
+        if TRACEBACK not in line:
+            continue
+        # The exception line is the first one after the header that is not indented (the frames are).
+        end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines) - 1)
+        if not (allowed_traceback and allowed_traceback in lines[end]):
+            defects.append("\n".join(lines[max(end - 12, start) : end + 1]))
     return defects
 
 

@@ -1,6 +1,7 @@
-"""Real 2-process runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 through both launch paths, ZeRO-3, for the tiny MAE and the
-tiny ViT; the lr derived from base_learning_rate is read back from the optimizer that was built; outputs load with
-from_pretrained."""
+"""Real 2-process runs on CPU (gloo): DeepSpeed ZeRO-2 through both launch paths and ZeRO-3 for the tiny MAE, DDP
+(accelerate --multi_gpu), ZeRO-2 and ZeRO-3 for the tiny ViT; the lr derived from base_learning_rate is read back from
+the optimizer that was built; outputs load with from_pretrained; a run resumed from its checkpoint-2 trains step 3
+exactly as the uninterrupted run did (MAE ZeRO-2 and ZeRO-3, ViT DDP and ZeRO-3; MAE DDP is test_preemption's)."""
 
 import json
 import re
@@ -88,14 +89,6 @@ def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, p
         resume_from_checkpoint_2(command, out, tmp_path)
 
 
-def test_ddp_run_through_accelerate_multi_gpu_on_cpu(tmp_path, phantom_dir):
-    out = tmp_path / "run"
-    log = run(launch_command("accelerate", "pretrain_mae", "--train_data", str(phantom_dir / "images"),
-                             "--output_dir", str(out), *TINY))
-    assert "DeepSpeed" not in log
-    check_run(log, out)
-
-
 VIT_TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
             "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dataloader_num_workers", "0",
             "--base_learning_rate", "0.016", "--ci_bootstrap_samples", "20", "--save_total_limit", "5"]
@@ -128,4 +121,5 @@ def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, e
     model = ViTForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 3 and model.config.problem_type == "multi_label_classification"
     assert list(out.glob("checkpoint-*/checkpoint_complete.json"))
-    resume_from_checkpoint_2(command, out, tmp_path)
+    if launcher == "accelerate":  # DDP and ZeRO-3 (layer-decay param groups in the optimizer state): resume exactly
+        resume_from_checkpoint_2(command, out, tmp_path)

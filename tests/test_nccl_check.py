@@ -108,6 +108,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.allow_traceback("ChildFailedError", reason="torchrun's report of the rank that exits 1 on purpose")
 def test_two_gloo_ranks_correct_table_json_and_expectation(tmp_path):
     out = tmp_path / "nccl.json"
     proc = _torchrun(
@@ -132,6 +133,7 @@ def test_two_gloo_ranks_correct_table_json_and_expectation(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.allow_traceback("ChildFailedError", reason="torchrun's report of the rank that exits 1 on purpose")
 def test_a_missing_rank_times_out_with_a_clear_error():
     proc = _torchrun("--max-bytes", "1K", "--iters", "1", "--warmup", "0", "--timeout", "3", "--debug-absent-rank", "1")
     assert proc.returncode != 0

@@ -222,16 +222,30 @@ def test_hub_token_is_kept_out_of_saved_arguments(monkeypatch):
     assert os.environ["HF_TOKEN"] == "hf_secret"
 
 
-def test_entry_point_without_arguments_uses_the_embedded_default(medvis_cache, tmp_path):
-    """`python recipes/pretrain_mae.py` with no data argument trains on the phantom set (shortened here)."""
-    cmd = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--output_dir", str(tmp_path / "o"),
-           "--max_steps", "2", "--phantom_patients", "6", "--eval_strategy", "no", "--save_strategy", "no",
-           "--num_reconstruction_images", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "embedded synthetic chest X-ray phantoms" in result.stdout + result.stderr
-    assert (tmp_path / "o" / "model.safetensors").is_file()
+def test_entry_point_defaults_and_sigterm_saves_and_exits_0(medvis_cache, tmp_path):
+    """`python recipes/pretrain_mae.py` with no data argument trains on the phantom set; SIGTERM to every process of
+    the job, DataLoader workers included (what Kubernetes or Azure ML send an evicted container), saves a complete
+    checkpoint and exits 0."""
+    import signal
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--output_dir", str(out), "--max_steps", "5000",
+           "--phantom_patients", "6", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
+           "--dataloader_num_workers", "2", "--resume_from_checkpoint", "last"]
+    job = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "loss_history.jsonl").is_file():
+        assert job.poll() is None and time.time() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)  # the training process and its DataLoader workers
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode == 0, log[-3000:]
+    assert "embedded synthetic chest X-ray phantoms" in log
+    assert "SIGTERM received: saving checkpoint-" in log and "preempted: checkpoint-" in log
+    checkpoints = list(out.glob("checkpoint-*/checkpoint_complete.json"))
+    assert len(checkpoints) == 1  # whatever --save_strategy says: the restart resumes from it
+    assert not (out / "all_results.json").exists()  # final outputs belong to the attempt that finishes
 
 
 def test_new_models_get_sincos_position_embeddings():

@@ -125,6 +125,30 @@ class PreemptionCallback(TrainerCallback):
         self._previous.clear()
 
 
+class _WorkerIgnoresSigterm:
+    """DataLoader ``worker_init_fn``: SIGTERM is for the training process, which saves and stops. torchrun, Kubernetes
+    and Azure ML also deliver it to the DataLoader workers, and torch's worker handler dies of any SIGTERM not sent by
+    its parent -- the training process then raises "DataLoader worker ... is killed by signal: Terminated" in the middle
+    of its preemption checkpoint. Ignoring it, a worker still ends when its loader is done or its parent is gone."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.previous is not None:
+            self.previous(worker_id)
+
+
+def workers_ignore_sigterm(loader):
+    """Makes ``loader``'s worker processes ignore SIGTERM (see ``_WorkerIgnoresSigterm``); returns it."""
+    target = vars(loader).get("base_dataloader", loader)  # accelerate's wrappers iterate the DataLoader they hold
+    current = getattr(target, "worker_init_fn", None)
+    if getattr(target, "num_workers", 0) > 0 and not isinstance(current, _WorkerIgnoresSigterm):
+        target.worker_init_fn = _WorkerIgnoresSigterm(current)
+    return loader
+
+
 def find_callback(trainer, kind: type) -> TrainerCallback | None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, kind):

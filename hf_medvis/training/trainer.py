@@ -17,7 +17,7 @@ from ..data.streaming import StreamDataLoader, stream_control
 from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
 from ..models.weights import load_saved_weights
 from .deepspeed_config import prefer_torch_adam_without_cuda
-from .preemption import CheckpointCommitCallback, mark_incomplete
+from .preemption import CheckpointCommitCallback, mark_incomplete, workers_ignore_sigterm
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
 
@@ -125,7 +125,16 @@ class MedVisTrainer(Trainer):
             super()._load_rng_state(checkpoint)
         return batches
 
+    def get_eval_dataloader(self, *args: Any, **kwargs: Any) -> DataLoader:
+        return workers_ignore_sigterm(super().get_eval_dataloader(*args, **kwargs))
+
+    def get_test_dataloader(self, *args: Any, **kwargs: Any) -> DataLoader:
+        return workers_ignore_sigterm(super().get_test_dataloader(*args, **kwargs))
+
     def get_train_dataloader(self) -> DataLoader:
+        return workers_ignore_sigterm(self._train_dataloader())
+
+    def _train_dataloader(self) -> DataLoader:
         """A shard stream is not handed to ``accelerator.prepare``. Under several processes it is already this rank's
         share (``split_by_node``, the split that StreamStateCallback replays on resume): accelerate would shard it again
         (``IterableDataset.shard`` or ``IterableDatasetShard``: each rank would see 1/world² of the data, in an order the
