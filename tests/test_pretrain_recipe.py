@@ -225,13 +225,14 @@ def test_hub_token_is_kept_out_of_saved_arguments(monkeypatch):
 def test_entry_point_defaults_and_sigterm_saves_and_exits_0(medvis_cache, tmp_path):
     """`python recipes/pretrain_mae.py` with no data argument trains on the phantom set; SIGTERM to every process of
     the job, DataLoader workers included (what Kubernetes or Azure ML send an evicted container), saves a complete
-    checkpoint and exits 0."""
+    checkpoint and exits 0 (its persistent workers included, which ignore the job's SIGTERM but not their parent's
+    exit)."""
     import signal
 
     out = tmp_path / "o"
     cmd = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--output_dir", str(out), "--max_steps", "5000",
            "--phantom_patients", "6", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
-           "--dataloader_num_workers", "2", "--resume_from_checkpoint", "last"]
+           "--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true", "--resume_from_checkpoint", "last"]
     job = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120

@@ -12,6 +12,7 @@ folder without it, which ``last_complete_checkpoint`` skips.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -125,27 +126,47 @@ class PreemptionCallback(TrainerCallback):
         self._previous.clear()
 
 
-class _WorkerIgnoresSigterm:
-    """DataLoader ``worker_init_fn``: SIGTERM is for the training process, which saves and stops. torchrun, Kubernetes
-    and Azure ML also deliver it to the DataLoader workers, and torch's worker handler dies of any SIGTERM not sent by
-    its parent -- the training process then raises "DataLoader worker ... is killed by signal: Terminated" in the middle
-    of its preemption checkpoint. Ignoring it, a worker still ends when its loader is done or its parent is gone."""
+_PARENT_EXITING = None  # shared-memory flag, set when this (training) process shuts down normally
 
-    def __init__(self, previous):
-        self.previous = previous
+
+def _parent_exiting():
+    global _PARENT_EXITING
+    if _PARENT_EXITING is None:
+        _PARENT_EXITING = torch.zeros((), dtype=torch.uint8).share_memory_()
+        # atexit runs in reverse order of registration: this runs before multiprocessing's own exit handler, which
+        # stops daemonic children (DataLoader workers) with SIGTERM and waits for them.
+        atexit.register(_PARENT_EXITING.fill_, 1)
+    return _PARENT_EXITING
+
+
+class _WorkerSigterm:
+    """DataLoader ``worker_init_fn``: SIGTERM belongs to the training process, which saves and stops. torchrun,
+    Kubernetes and Azure ML also deliver it to the DataLoader workers, and torch's worker handler dies of any SIGTERM
+    not sent by its parent: the training process then raises "DataLoader worker ... is killed by signal: Terminated" in
+    the middle of its preemption checkpoint. So a worker ignores SIGTERM, unless its parent is shutting down (the
+    parent's exit stops workers with SIGTERM); it also ends when its loader is done or its parent is gone."""
+
+    def __init__(self, previous, parent_exiting):
+        self.previous, self.parent_exiting = previous, parent_exiting
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        exiting = self.parent_exiting
+
+        def on_sigterm(signum, frame) -> None:
+            if exiting.item():
+                os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         if self.previous is not None:
             self.previous(worker_id)
 
 
 def workers_ignore_sigterm(loader):
-    """Makes ``loader``'s worker processes ignore SIGTERM (see ``_WorkerIgnoresSigterm``); returns it."""
+    """Makes ``loader``'s worker processes leave SIGTERM to the training process (``_WorkerSigterm``); returns it."""
     target = vars(loader).get("base_dataloader", loader)  # accelerate's wrappers iterate the DataLoader they hold
     current = getattr(target, "worker_init_fn", None)
-    if getattr(target, "num_workers", 0) > 0 and not isinstance(current, _WorkerIgnoresSigterm):
-        target.worker_init_fn = _WorkerIgnoresSigterm(current)
+    if getattr(target, "num_workers", 0) > 0 and not isinstance(current, _WorkerSigterm):
+        target.worker_init_fn = _WorkerSigterm(current, _parent_exiting())
     return loader
 
 
