@@ -37,6 +37,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check hf_medvis recipes tests benchmarks
+	$(BIN)/ruff format --check hf_medvis recipes tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(AZURITE_DIR) outputs

@@ -80,21 +80,34 @@ def main(argv=None) -> int:
             fs = fsspec.filesystem("az", **options)
             fs.put(str(raw / "images"), "raw/images", recursive=True)
             t0 = time.perf_counter()
-            prepare(str(raw), "az://prepared/set", size=256, shard_size=max(16, n_images // 8), salt="bench",
-                    storage_options=options, workers=args.workers)
+            prepare(
+                str(raw),
+                "az://prepared/set",
+                size=256,
+                shard_size=max(16, n_images // 8),
+                salt="bench",
+                storage_options=options,
+                workers=args.workers,
+            )
             prepare_s = time.perf_counter() - t0
 
             # (a) imagefolder streaming. datasets' Image decoding of az:// loses storage_options, so the anchor gets
             # its credentials from the environment, as a user would have to.
             os.environ["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
             folder = datasets.load_dataset(
-                "imagefolder", data_files={"train": "az://raw/images/**/*.png"}, split="train", streaming=True,
+                "imagefolder",
+                data_files={"train": "az://raw/images/**/*.png"},
+                split="train",
+                streaming=True,
                 storage_options=options,
             )
-            folder = folder.map(lambda row: {"pixel_values": transform(to_uint8_tensor(_gray(row["image"])))},
-                                remove_columns=["image"])
-            a = _batches_per_second(DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers,
-                                               collate_fn=_collate), min(n_images, 300 if args.quick else n_images))
+            folder = folder.map(
+                lambda row: {"pixel_values": transform(to_uint8_tensor(_gray(row["image"])))}, remove_columns=["image"]
+            )
+            a = _batches_per_second(
+                DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_collate),
+                min(n_images, 300 if args.quick else n_images),
+            )
 
             # (b) prepared shards from az://
             shards = load_image_dataset("az://prepared/set", image_transform=transform, storage_options=options)
@@ -104,18 +117,25 @@ def main(argv=None) -> int:
             # (c) the same shards from memory: fsspec's memory filesystem is inherited by forked workers.
             mem = fsspec.filesystem("memory")
             for path in fs.find("prepared/set"):
-                mem.pipe_file(f"/bench/{path[len('prepared/'):]}", fs.cat_file(path))
+                mem.pipe_file(f"/bench/{path[len('prepared/') :]}", fs.cat_file(path))
             in_memory = load_image_dataset("memory://bench/set", image_transform=transform)
-            c = _batches_per_second(DataLoader(in_memory, batch_size=args.batch_size, num_workers=args.workers,
-                                               collate_fn=_collate), n_images)
+            c = _batches_per_second(
+                DataLoader(in_memory, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_collate),
+                n_images,
+            )
         finally:
             azurite.stop()
 
-    print(f"{n_images} phantom images, {args.image_size}² PNG -> 256² uint8 shards (prepare {prepare_s:.1f} s); "
-          f"batches of {args.batch_size}, 224², {args.workers} DataLoader workers, {os.cpu_count()} CPUs")
+    print(
+        f"{n_images} phantom images, {args.image_size}² PNG -> 256² uint8 shards (prepare {prepare_s:.1f} s); "
+        f"batches of {args.batch_size}, 224², {args.workers} DataLoader workers, {os.cpu_count()} CPUs"
+    )
     rates = {}
-    for name, (images, seconds) in (("(a) imagefolder, loose PNG, az://", a), ("(b) hf_medvis shards, az://", b),
-                                    ("(c) hf_medvis shards, memory", c)):
+    for name, (images, seconds) in (
+        ("(a) imagefolder, loose PNG, az://", a),
+        ("(b) hf_medvis shards, az://", b),
+        ("(c) hf_medvis shards, memory", c),
+    ):
         rates[name[:3]] = images / seconds
         print(f"{name:38s} {images / seconds:9.0f} img/s {images / seconds / cores:9.0f} img/s/core ({images} images)")
     print(f"speedup_vs_imagefolder={rates['(b)'] / rates['(a)']:.1f} io_efficiency={rates['(b)'] / rates['(c)']:.2f}")

@@ -44,8 +44,16 @@ MODELS = {  # preset, config, default batch per device (issue 7: 256 for base, 1
     "mae-base": ("vit-base", "mae_vit_base_cxr.yaml", 256),
     "mae-large": ("vit-large", "mae_vit_base_cxr.yaml", 128),
 }
-QUICK = {"preset": "tiny", "image_size": 64, "patch_size": 8, "shard_size": 73, "batch": 16, "steps": 12,
-         "patients": 48, "workers": 1}
+QUICK = {
+    "preset": "tiny",
+    "image_size": 64,
+    "patch_size": 8,
+    "shard_size": 73,
+    "batch": 16,
+    "steps": 12,
+    "patients": 48,
+    "workers": 1,
+}
 
 
 def _log(message: str) -> None:
@@ -61,12 +69,20 @@ def prepare_phantom_shards(root: Path, patients: int, size: int) -> str:
     from hf_medvis.data.phantoms import write_phantom_dataset
     from hf_medvis.data.prepare import prepare
 
-    raw = write_phantom_dataset(root / "phantoms", patients=patients, image_size=max(size, 64), dicom=False,
-                                overwrite=True)
+    raw = write_phantom_dataset(
+        root / "phantoms", patients=patients, image_size=max(size, 64), dicom=False, overwrite=True
+    )
     n_images = len(list((raw / "images").glob("*.png")))
     dst = root / "shards"
-    prepare(str(raw / "images"), str(dst), size=size, shard_size=max(16, n_images // 8), salt="bench_train",
-            labels=str(raw / "labels.csv"), workers=min(4, os.cpu_count() or 1))
+    prepare(
+        str(raw / "images"),
+        str(dst),
+        size=size,
+        shard_size=max(16, n_images // 8),
+        salt="bench_train",
+        labels=str(raw / "labels.csv"),
+        workers=min(4, os.cpu_count() or 1),
+    )
     return str(dst)
 
 
@@ -98,7 +114,9 @@ def read_shard_pixels(source: str) -> list:
             if row["bits"] == 8:
                 array = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"])
             else:
-                array = (np.frombuffer(row["pixels"], dtype="<u2").reshape(row["height"], row["width"]) // 257).astype(np.uint8)
+                array = (np.frombuffer(row["pixels"], dtype="<u2").reshape(row["height"], row["width"]) // 257).astype(
+                    np.uint8
+                )
             images.append(array)
     return images
 
@@ -150,15 +168,25 @@ class Result:
         def fmt(value, spec, unit=""):
             return "n/a" if value is None else f"{value:{spec}}{unit}"
 
-        return (f"{self.name:9s} {fmt(self.images_per_second, ',.1f'):>10s} img/s  {fmt(self.tflops, '.3g'):>7s} TFLOP/s  "
-                f"MFU {fmt(None if self.mfu is None else 100 * self.mfu, '.1f', '%'):>6s}  "
-                f"data wait {fmt(self.data_wait_pct, '.1f', '%'):>6s}  peak mem {fmt(self.peak_gib, '.1f', ' GiB'):>9s}"
-                + (f"  ({self.note})" if self.note else ""))
+        return (
+            f"{self.name:9s} {fmt(self.images_per_second, ',.1f'):>10s} img/s  {fmt(self.tflops, '.3g'):>7s} TFLOP/s  "
+            f"MFU {fmt(None if self.mfu is None else 100 * self.mfu, '.1f', '%'):>6s}  "
+            f"data wait {fmt(self.data_wait_pct, '.1f', '%'):>6s}  peak mem {fmt(self.peak_gib, '.1f', ' GiB'):>9s}"
+            + (f"  ({self.note})" if self.note else "")
+        )
 
 
 def _from_summary(name: str, summary: dict, peak_gib, seconds: float, note: str = "") -> Result:
-    return Result(name, summary.get("images_per_second"), summary.get("tflops_per_gpu"), summary.get("mfu"),
-                  summary.get("data_wait_pct"), peak_gib, seconds, note)
+    return Result(
+        name,
+        summary.get("images_per_second"),
+        summary.get("tflops_per_gpu"),
+        summary.get("mfu"),
+        summary.get("data_wait_pct"),
+        peak_gib,
+        seconds,
+        note,
+    )
 
 
 def run_plain(cfg: dict, out: Path) -> Result:
@@ -167,24 +195,43 @@ def run_plain(cfg: dict, out: Path) -> Result:
     from transformers import Trainer, TrainingArguments, set_seed
 
     from hf_medvis.models.build import build_mae_model
-    from hf_medvis.training.monitoring import MonitoringArguments, ThroughputCallback
+    from hf_medvis.training.args import MonitoringArguments
+    from hf_medvis.training.callbacks import ThroughputCallback
     from hf_medvis.training.perf import peak_memory_gib, reset_peak_memory
 
     set_seed(0)
-    model = build_mae_model(None, preset=cfg["preset"], image_size=cfg["image_size"], patch_size=cfg["patch_size"],
-                            num_channels=3, mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"])
-    dataset = PlainImages(cfg["images"], cfg["image_size"], tuple(cfg["crop_scale"]), cfg["hflip"],
-                          [cfg["mean"]] * 3, [cfg["std"]] * 3)
+    model = build_mae_model(
+        None,
+        preset=cfg["preset"],
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        num_channels=3,
+        mask_ratio=cfg["mask_ratio"],
+        norm_pix_loss=cfg["norm_pix_loss"],
+    )
+    dataset = PlainImages(
+        cfg["images"], cfg["image_size"], tuple(cfg["crop_scale"]), cfg["hflip"], [cfg["mean"]] * 3, [cfg["std"]] * 3
+    )
     args = TrainingArguments(
-        output_dir=str(out / "plain"), per_device_train_batch_size=cfg["batch"], max_steps=cfg["steps"],
-        logging_steps=cfg["logging_steps"], bf16=cfg["cuda"], learning_rate=1.5e-4 * cfg["batch"] / 256,
-        weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=0.05, remove_unused_columns=False,
-        label_names=["pixel_values"], dataloader_num_workers=cfg["workers"], save_strategy="no", report_to="none",
-        seed=0, disable_tqdm=True, deepspeed=cfg.get("deepspeed"),
+        output_dir=str(out / "plain"),
+        per_device_train_batch_size=cfg["batch"],
+        max_steps=cfg["steps"],
+        logging_steps=cfg["logging_steps"],
+        bf16=cfg["cuda"],
+        learning_rate=1.5e-4 * cfg["batch"] / 256,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        remove_unused_columns=False,
+        label_names=["pixel_values"],
+        dataloader_num_workers=cfg["workers"],
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        deepspeed=cfg.get("deepspeed"),
     )
-    meter = ThroughputCallback(
-        MonitoringArguments(peak_tflops=cfg["peak_tflops"], flops_per_sample=cfg["flops"]), args
-    )
+    meter = ThroughputCallback(MonitoringArguments(peak_tflops=cfg["peak_tflops"], flops_per_sample=cfg["flops"]), args)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=plain_collate, callbacks=[meter])
     cfg["plain_optim"] = str(getattr(args.optim, "value", args.optim))
     reset_peak_memory()
@@ -207,7 +254,8 @@ def load_recipe(path: Path):
 
 def recipe_flags(recipe) -> set[str]:
     """Argument names the recipe's parser knows (so a variant is offered only when the recipe supports it)."""
-    from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments
+    from hf_medvis.data import MAEDataArguments
+    from hf_medvis.models import MAEModelArguments
 
     names = {f.name for cls in (MAEModelArguments, MAEDataArguments) for f in dataclasses.fields(cls)}
     names |= {f.name for f in dataclasses.fields(getattr(recipe, "MAEDataArguments", MAEDataArguments))}
@@ -222,12 +270,40 @@ def run_recipe(name: str, cfg: dict, out: Path, recipe, extra: list[str]) -> Res
 
     output_dir = out / name
     argv = [
-        "--config", str(cfg["config"]), "--train_data", cfg["data"], "--output_dir", str(output_dir),
-        "--overwrite_output_dir", "true", "--model_preset", cfg["preset"], "--image_size", str(cfg["image_size"]),
-        "--patch_size", str(cfg["patch_size"]), "--per_device_train_batch_size", str(cfg["batch"]),
-        "--max_steps", str(cfg["steps"]), "--logging_steps", str(cfg["logging_steps"]), "--eval_strategy", "no",
-        "--save_strategy", "no", "--num_reconstruction_images", "0", "--structured_logs", "false",
-        "--dataloader_num_workers", str(cfg["workers"]), "--disable_tqdm", "true", "--report_to", "none",
+        "--config",
+        str(cfg["config"]),
+        "--train_data",
+        cfg["data"],
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+        "true",
+        "--model_preset",
+        cfg["preset"],
+        "--image_size",
+        str(cfg["image_size"]),
+        "--patch_size",
+        str(cfg["patch_size"]),
+        "--per_device_train_batch_size",
+        str(cfg["batch"]),
+        "--max_steps",
+        str(cfg["steps"]),
+        "--logging_steps",
+        str(cfg["logging_steps"]),
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--num_reconstruction_images",
+        "0",
+        "--structured_logs",
+        "false",
+        "--dataloader_num_workers",
+        str(cfg["workers"]),
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
     ]
     if cfg["flops"]:
         argv += ["--flops_per_sample", str(cfg["flops"])]
@@ -259,9 +335,15 @@ def _versions() -> str:
     import torch
     import transformers
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return (f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"accelerate {accelerate.__version__}, python {platform.python_version()}")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return (
+        f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"accelerate {accelerate.__version__}, python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40; quick 12)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers for both (default: the config's)")
     parser.add_argument("--patients", type=int, default=None, help="phantom patients when --data is not given")
-    parser.add_argument("--variants", default=None,
-                        help="comma list of plain,recipe,compile,devaug (default: all that apply)")
+    parser.add_argument(
+        "--variants", default=None, help="comma list of plain,recipe,compile,devaug (default: all that apply)"
+    )
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "pretrain_mae.py"), help=argparse.SUPPRESS)
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured on GPU)")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON for both runs (e.g. ds_configs/zero2.json)")
@@ -286,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import yaml
 
-    from hf_medvis.training.monitoring import count_model_flops_per_sample
+    from hf_medvis.training.callbacks.throughput import count_model_flops_per_sample
     from hf_medvis.training.perf import measure_matmul_tflops
 
     cuda = torch.cuda.is_available()
@@ -296,22 +379,37 @@ def main(argv: list[str] | None = None) -> int:
     config_path = REPO / "recipes" / "configs" / config_name
     config = yaml.safe_load(config_path.read_text())
     cfg: dict[str, Any] = {
-        "cuda": cuda, "config": config_path, "preset": preset, "image_size": config["image_size"],
-        "patch_size": config["patch_size"], "mask_ratio": config["mask_ratio"], "norm_pix_loss": config["norm_pix_loss"],
-        "crop_scale": config["crop_scale"], "hflip": config["hflip"], "batch": args.batch_size or default_batch,
-        "steps": args.steps or 40, "workers": config.get("dataloader_num_workers", 0), "deepspeed": args.deepspeed,
+        "cuda": cuda,
+        "config": config_path,
+        "preset": preset,
+        "image_size": config["image_size"],
+        "patch_size": config["patch_size"],
+        "mask_ratio": config["mask_ratio"],
+        "norm_pix_loss": config["norm_pix_loss"],
+        "crop_scale": config["crop_scale"],
+        "hflip": config["hflip"],
+        "batch": args.batch_size or default_batch,
+        "steps": args.steps or 40,
+        "workers": config.get("dataloader_num_workers", 0),
+        "deepspeed": args.deepspeed,
     }
     shard_size = round(cfg["image_size"] * 256 / 224)
     patients = args.patients or 400
     if args.quick:
-        cfg.update(preset=QUICK["preset"], image_size=QUICK["image_size"], patch_size=QUICK["patch_size"],
-                   batch=args.batch_size or QUICK["batch"], steps=args.steps or QUICK["steps"], workers=QUICK["workers"])
+        cfg.update(
+            preset=QUICK["preset"],
+            image_size=QUICK["image_size"],
+            patch_size=QUICK["patch_size"],
+            batch=args.batch_size or QUICK["batch"],
+            steps=args.steps or QUICK["steps"],
+            workers=QUICK["workers"],
+        )
         shard_size, patients = QUICK["shard_size"], args.patients or QUICK["patients"]
     if args.workers is not None:
         cfg["workers"] = args.workers
     cfg["logging_steps"] = max(1, cfg["steps"] // 4)  # 4 intervals; the first (start-up) is left out of the summary
 
-    from hf_medvis.data.transforms import XRAY_MEAN, XRAY_STD
+    from hf_medvis.models.build import XRAY_MEAN, XRAY_STD
 
     cfg["mean"], cfg["std"] = XRAY_MEAN, XRAY_STD
     out_ctx = contextlib.nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="bench_train-")
@@ -329,19 +427,30 @@ def main(argv: list[str] | None = None) -> int:
         if repeat > 1 and args.data is None:
             repeat_manifest(cfg["data"], repeat)
         elif repeat > 1:
-            _log(f"warning: {cfg['data']} holds {len(cfg['images'])} images, fewer than the {needed} of one run: the "
-                 "recipe's workers will restart at each epoch boundary")
+            _log(
+                f"warning: {cfg['data']} holds {len(cfg['images'])} images, fewer than the {needed} of one run: the "
+                "recipe's workers will restart at each epoch boundary"
+            )
         cfg["images"] = cfg["images"] * repeat  # the plain path gets the same epoch length
-        _log(f"{len(cfg['images'])} images ({cfg['images'][0].shape[0]}² uint8 shards) in {time.perf_counter() - t0:.1f} s")
+        _log(
+            f"{len(cfg['images'])} images ({cfg['images'][0].shape[0]}² uint8 shards) in {time.perf_counter() - t0:.1f} s"
+        )
 
         from transformers import ViTMAEForPreTraining
 
         from hf_medvis.models.build import build_mae_config
 
         with torch.device("meta"):  # FLOPs are counted once, on a weightless replica, and given to every run
-            probe = ViTMAEForPreTraining(build_mae_config(
-                cfg["preset"], image_size=cfg["image_size"], patch_size=cfg["patch_size"], num_channels=3,
-                mask_ratio=cfg["mask_ratio"], norm_pix_loss=cfg["norm_pix_loss"]))
+            probe = ViTMAEForPreTraining(
+                build_mae_config(
+                    cfg["preset"],
+                    image_size=cfg["image_size"],
+                    patch_size=cfg["patch_size"],
+                    num_channels=3,
+                    mask_ratio=cfg["mask_ratio"],
+                    norm_pix_loss=cfg["norm_pix_loss"],
+                )
+            )
         cfg["flops"] = count_model_flops_per_sample(probe)
         del probe
         cfg["peak_tflops"] = args.peak_tflops or (measure_matmul_tflops() if cuda else None)
@@ -358,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                 if cuda or args.variants:
                     variants.append(("compile", ["--torch_compile", "true"]))
                 else:
-                    skipped.append("compile (CPU: inductor's first compile takes minutes; --variants compile forces it)")
+                    skipped.append(
+                        "compile (CPU: inductor's first compile takes minutes; --variants compile forces it)"
+                    )
             elif name == "devaug":
                 if "augment_on_device" in known:
                     variants.append(("devaug", ["--augment_on_device", "true"]))
@@ -389,14 +500,18 @@ def main(argv: list[str] | None = None) -> int:
         plain = next((r for r in results if r.name == "plain" and r.images_per_second), None)
         ours = [r for r in results if r.name != "plain" and r.images_per_second]
         best = max(ours, key=lambda r: r.images_per_second) if ours else None
-        print(f"bench_train {args.model}{' --quick (tiny model)' if args.quick else ''}: batch {cfg['batch']}/device, "
-              f"{cfg['image_size']}², {cfg['steps']} steps per run (logging every {cfg['logging_steps']}; first interval "
-              f"left out), {cfg['workers']} loader workers, {len(cfg['images'])} images from {cfg['data']}")
+        print(
+            f"bench_train {args.model}{' --quick (tiny model)' if args.quick else ''}: batch {cfg['batch']}/device, "
+            f"{cfg['image_size']}², {cfg['steps']} steps per run (logging every {cfg['logging_steps']}; first interval "
+            f"left out), {cfg['workers']} loader workers, {len(cfg['images'])} images from {cfg['data']}"
+        )
         print(f"device: {_versions()}")
         flops = cfg["flops"]
-        print(f"FLOPs per image (fwd+bwd): {flops / 1e9:.2f} GFLOP; peak for MFU: "
-              + (f"{cfg['peak_tflops']:.0f} TFLOP/s (measured bf16 matmul)" if cfg["peak_tflops"] else "n/a (CPU)")
-              + f"; plain Trainer optimizer: {cfg.get('plain_optim', '?')}")
+        print(
+            f"FLOPs per image (fwd+bwd): {flops / 1e9:.2f} GFLOP; peak for MFU: "
+            + (f"{cfg['peak_tflops']:.0f} TFLOP/s (measured bf16 matmul)" if cfg["peak_tflops"] else "n/a (CPU)")
+            + f"; plain Trainer optimizer: {cfg.get('plain_optim', '?')}"
+        )
         for r in results:
             print(r.row())
         for s in skipped:
@@ -404,13 +519,23 @@ def main(argv: list[str] | None = None) -> int:
         speedup = best.images_per_second / plain.images_per_second if (best and plain) else float("nan")
         mfu = f"{best.mfu:.3f}" if best and best.mfu is not None else "n/a"
         summary = {
-            "model": args.model, "quick": args.quick, "device": _versions(), "batch": cfg["batch"], "steps": cfg["steps"],
-            "workers": cfg["workers"], "flops_per_image": flops, "peak_tflops": cfg["peak_tflops"],
-            "results": [dataclasses.asdict(r) for r in results], "skipped": skipped,
-            "best": best.name if best else None, "speedup_vs_plain_trainer": speedup,
+            "model": args.model,
+            "quick": args.quick,
+            "device": _versions(),
+            "batch": cfg["batch"],
+            "steps": cfg["steps"],
+            "workers": cfg["workers"],
+            "flops_per_image": flops,
+            "peak_tflops": cfg["peak_tflops"],
+            "results": [dataclasses.asdict(r) for r in results],
+            "skipped": skipped,
+            "best": best.name if best else None,
+            "speedup_vs_plain_trainer": speedup,
             "date": time.strftime("%Y-%m-%d"),
         }
-        (out / f"results-{args.model}{'-quick' if args.quick else ''}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / f"results-{args.model}{'-quick' if args.quick else ''}.json").write_text(
+            json.dumps(summary, indent=2) + "\n"
+        )
         print(f"best recipe variant: {best.name if best else 'none'}")
         print(f"speedup_vs_plain_trainer={speedup:.2f} mfu={mfu}")
     return 0 if best and plain else 1

@@ -21,12 +21,14 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_medvis.infra.logs_cli",
     "hf_medvis.infra.aml_cli",
     "hf_medvis.data.split_cli",
-    "hf_medvis.eval_cli",
+    "hf_medvis.evaluation.cli",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-medvis", description="Medical vision transformers on the Hugging Face stack.")
+    parser = argparse.ArgumentParser(
+        prog="hf-medvis", description="Medical vision transformers on the Hugging Face stack."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -52,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hf-medvis {args.command}: error: {message}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,43 +15,35 @@ One labelled set is split by patient (label-stratified); a validation set that s
 import logging
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
-from hf_medvis.data.storage import describe
-from hf_medvis.models.build import build_image_processor, count_parameters, resolve_normalization
-from hf_medvis.models.transfer import build_classifier
-from hf_medvis.training.args import parse_recipe_args
-from hf_medvis.training.classification import (
-    ClassificationDataArguments,
-    ClassificationTrainer,
-    ClassifierModelArguments,
-    FinetuningArguments,
-    build_classification_callbacks,
-    build_classification_data,
-    classifier_model_card,
-    collate_classification,
-    resolve_image_size,
-    training_pos_weight,
-)
-from hf_medvis.training.distributed import setup_distributed_env
-from hf_medvis.training.evaluation import (
+from hf_medvis.data import ClassificationDataArguments, build_datasets
+from hf_medvis.data.labelled import positive_class_weights
+from hf_medvis.data.storage import describe, write_json_atomic
+from hf_medvis.evaluation import (
     build_compute_metrics,
     format_metrics_table,
     label_targets,
     metrics_with_ci,
     probabilities,
-    write_json,
 )
-from hf_medvis.training.model_card import write_model_card
-from hf_medvis.training.monitoring import MonitoringArguments
+from hf_medvis.models import (
+    ClassifierModelArguments,
+    build_image_processor,
+    build_model,
+    count_parameters,
+    input_image_size,
+    resolve_normalization,
+)
+from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
+from hf_medvis.training.batching import collate_classification
+from hf_medvis.training.callbacks import build_recipe_callbacks
+from hf_medvis.training.cards import classifier_model_card, write_model_card
+from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.preemption import exit_if_preempted
-from hf_medvis.training.setup import (
-    build_recipe_callbacks,
-    log_environment,
-    prepare_run,
-    recipe_errors,
-    setup_logging,
-)
+from hf_medvis.training.run import log_environment, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.trainer import ClassificationTrainer
 
 logger = logging.getLogger("finetune_vit")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vit_tiny_demo.yaml"
@@ -61,7 +53,8 @@ def main(argv=None):
     setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(
-        (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments), argv,
+        (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments),
+        argv,
         DEFAULT_CONFIG,
     )
     setup_logging(training_args)
@@ -71,40 +64,44 @@ def main(argv=None):
         set_seed(training_args.seed)
 
         # 2. Data: labelled images, split by patient; uint8 crops, normalised on the device (MedVisTrainer).
-        image_size = resolve_image_size(model_args)
         with training_args.main_process_first(desc="preparing data"):
-            data = build_classification_data(data_args, image_size, training_args.seed, training_args.classes)
-        spec = data.spec
+            data = build_datasets(
+                data_args,
+                task="classification",
+                image_size=input_image_size(model_args),
+                seed=training_args.seed,
+                label_names=training_args.classes,
+            )
+        spec = data.labels
 
         # 3. Model: a new preset, a ViT checkpoint, or an MAE output (encoder transferred, decoder dropped).
-        model, load_report = build_classifier(
-            model_args.model_name_or_path,
-            spec,
-            preset=model_args.model_preset,
-            image_size=image_size,
-            patch_size=model_args.patch_size,
-            num_channels=model_args.num_channels,
-            pooling=model_args.pooling,
-            hidden_dropout_prob=model_args.hidden_dropout_prob,
-            attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
-            config_overrides=model_args.config_overrides,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
-            cache_dir=model_args.cache_dir,
-        )
+        built = build_model(model_args, task="classification", labels=spec)
+        model, load_report = built.model, built.load_report
         mean, std = resolve_normalization(
             model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
         )
-        pos_weight = training_pos_weight(data.train_dataset, spec) if data_args.pos_weight and spec.multi_label else None
+        pos_weight = None
+        if data_args.pos_weight and spec.multi_label:
+            pos_weight = torch.from_numpy(positive_class_weights(data.train, spec))
     logger.info(
-        "data: %s from %s; %s", data.source.description, describe(data.source.location),
+        "data: %s from %s; %s",
+        data.source.description,
+        describe(data.source.location),
         ", ".join(f"{k} {v}" for k, v in data.info.items()),
     )
     logger.info("labels (%s): %s", spec.problem_type, ", ".join(spec.names))
-    logger.info("model: ViT %s parameters, image %d, patch %d, %s pooling; %s", f"{count_parameters(model):,}",
-                model.config.image_size, model.config.patch_size, model_args.pooling, load_report.summary())
+    logger.info(
+        "model: ViT %s parameters, image %d, patch %d, %s pooling; %s",
+        f"{count_parameters(model):,}",
+        model.config.image_size,
+        model.config.patch_size,
+        model_args.pooling,
+        load_report.summary(),
+    )
     if pos_weight is not None:
-        logger.info("pos_weight: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.names, pos_weight.tolist(), strict=True)))
+        logger.info(
+            "pos_weight: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(spec.names, pos_weight.tolist(), strict=True))
+        )
     logger.info("world size %d; %s; layer decay %g", training_args.world_size, run.lr_line, training_args.layer_decay)
 
     # 4. Trainer.
@@ -112,27 +109,34 @@ def main(argv=None):
 
     def write_card(output_dir: str) -> None:
         content = classifier_model_card(
-            trainer.model if hasattr(trainer.model, "config") else model, model_args, data_args, training_args,
-            spec=spec, data_description=data.source.description, data_info=data.info, load_report=load_report,
-            lr_line=run.lr_line, metrics=card_state["metrics"],
+            trainer.model if hasattr(trainer.model, "config") else model,
+            model_args,
+            data_args,
+            training_args,
+            spec=spec,
+            data_description=data.source.description,
+            data_info=data.info,
+            load_report=load_report,
+            lr_line=run.lr_line,
+            metrics=card_state["metrics"],
         )
         write_model_card(output_dir, content)
 
     trainer = ClassificationTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train_dataset,
+        train_dataset=data.train,
         eval_dataset=data.eval_during_training,
         data_collator=collate_classification,
         processing_class=build_image_processor(model.config.image_size, mean, std),
         compute_metrics=build_compute_metrics(spec, data_args.threshold),
-        callbacks=[*build_recipe_callbacks(training_args, monitoring_args), *build_classification_callbacks(training_args)],
+        callbacks=build_recipe_callbacks(training_args, monitoring_args),
         image_mean=mean,
         image_std=std,
         model_card_writer=write_card,
         pos_weight=pos_weight,
         layer_decay=training_args.layer_decay,
-        sample_augmentation=data.train_augmentation,
+        sample_augmentation=data.augmentation,
     )
 
     # 5. Train, then evaluate on every validation image with patient-bootstrap 95% CIs.
@@ -140,13 +144,19 @@ def main(argv=None):
     exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
     metrics = dict(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
-    if data.eval_dataset is not None:
-        prediction = trainer.predict(data.eval_dataset, metric_key_prefix="eval")
+    if data.eval is not None:
+        prediction = trainer.predict(data.eval, metric_key_prefix="eval")
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         labels = label_targets(prediction.label_ids, spec)
-        final = metrics_with_ci(labels, probabilities(logits, spec), data.eval_dataset.with_format(None)["group"], spec,
-                                threshold=data_args.threshold, n_resamples=data_args.ci_bootstrap_samples,
-                                seed=training_args.seed)
+        final = metrics_with_ci(
+            labels,
+            probabilities(logits, spec),
+            data.eval.with_format(None)["group"],
+            spec,
+            threshold=data_args.threshold,
+            n_resamples=data_args.ci_bootstrap_samples,
+            seed=training_args.seed,
+        )
         metrics.update({f"eval_{k}": v for k, v in final.items()})
         metrics["eval_loss"] = prediction.metrics.get("eval_loss")
         if trainer.is_world_process_zero():
@@ -161,9 +171,11 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         write_card(training_args.output_dir)
         if data.split_report is not None:  # counts only: no image names or patient ids
-            write_json(Path(training_args.output_dir) / "split_report.json", data.split_report)
-        logger.info("outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
-                    Path(training_args.output_dir).resolve())
+            write_json_atomic(Path(training_args.output_dir) / "split_report.json", data.split_report)
+        logger.info(
+            "outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
+            Path(training_args.output_dir).resolve(),
+        )
     trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"ViT fine-tuning, step {trainer.state.global_step}")

@@ -13,39 +13,25 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from hf_medvis.data.folder import only_listed_images
-from hf_medvis.data.sources import build_train_eval_datasets, first_examples, resolve_train_source
+from hf_medvis.data import MAEDataArguments, build_datasets
+from hf_medvis.data.sources import first_examples
 from hf_medvis.data.storage import describe
-from hf_medvis.data.transforms import (
-    DeviceRandomResizedCrop,
-    SeededAugmentation,
-    build_eval_transform,
-    build_load_transform,
-    build_pretrain_transform,
-)
-from hf_medvis.models.build import (
+from hf_medvis.evaluation.reconstructions import reconstruct, save_reconstruction_grid
+from hf_medvis.models import (
+    MAEModelArguments,
     build_image_processor,
-    build_mae_model,
+    build_model,
     count_parameters,
     resolve_normalization,
 )
-from hf_medvis.training.args import parse_recipe_args
+from hf_medvis.training.args import MonitoringArguments, PretrainingArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_pixels
+from hf_medvis.training.callbacks import build_recipe_callbacks
+from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
-from hf_medvis.training.mae import MAEDataArguments, MAEModelArguments, PretrainingArguments, mae_model_card
-from hf_medvis.training.model_card import write_model_card
-from hf_medvis.training.monitoring import MonitoringArguments
 from hf_medvis.training.outputs import disable_evaluation_without_data
 from hf_medvis.training.preemption import exit_if_preempted
-from hf_medvis.training.reconstructions import reconstruct, save_reconstruction_grid
-from hf_medvis.training.setup import (
-    build_recipe_callbacks,
-    configure_stream_loading,
-    log_environment,
-    prepare_run,
-    recipe_errors,
-    setup_logging,
-)
+from hf_medvis.training.run import configure_stream_loading, log_environment, prepare_run, recipe_errors, setup_logging
 from hf_medvis.training.trainer import MedVisTrainer
 
 logger = logging.getLogger("pretrain_mae")
@@ -65,54 +51,29 @@ def main(argv=None):
         set_seed(training_args.seed)
 
         # 2. Model: a checkpoint or a fresh preset architecture.
-        model = build_mae_model(
-            model_args.model_name_or_path,
-            preset=model_args.model_preset,
-            image_size=model_args.image_size,
-            patch_size=model_args.patch_size,
-            num_channels=model_args.num_channels,
-            mask_ratio=model_args.mask_ratio,
-            norm_pix_loss=model_args.norm_pix_loss,
-            config_overrides=model_args.config_overrides,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
-            cache_dir=model_args.cache_dir,
-        )
+        model = build_model(model_args, task="mae").model
         image_size = model.config.image_size
         mean, std = resolve_normalization(
             model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
         )
 
-        # 3. Data: uint8 crops from the workers (drawn per sample, so a resumed run sees the same crops); normalisation
-        # happens on the device (MedVisTrainer).
-        augmentation = None if data_args.augment_on_device else SeededAugmentation(
-            build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=training_args.seed
-        )
+        # 3. Data: uint8 crops from the workers (drawn per sample); normalisation happens on the device.
         with training_args.main_process_first(desc="preparing data"):
-            train_source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
-            train_dataset, eval_dataset, data_info = build_train_eval_datasets(
-                train_source,
-                data_args.validation_data,
-                # With --augment_on_device the workers only resize; crops happen on the device.
-                train_transform=augmentation or build_load_transform(round(image_size * 256 / 224)),
-                eval_transform=build_eval_transform(image_size),
-                storage_options=data_args.parsed_storage_options(),
-                holdout_percentage=data_args.validation_split_percentage,
-                max_train_samples=data_args.max_train_samples,
-                max_eval_samples=data_args.max_eval_samples,
-                seed=training_args.seed,
-                # An explicit labels file lists the images of one split (e.g. train.csv from `hf-medvis split`).
-                filter_records=only_listed_images if data_args.labels_file else None,
-            )
-        configure_stream_loading(training_args, train_dataset)
-        disable_evaluation_without_data(training_args, eval_dataset)
+            data = build_datasets(data_args, task="mae", image_size=image_size, seed=training_args.seed)
+        configure_stream_loading(training_args, data.train)
+        disable_evaluation_without_data(training_args, data.eval)
     logger.info(
-        "data: %s from %s; %s", train_source.description, describe(train_source.location),
-        ", ".join(f"{k} {v}" for k, v in data_info.items()),
+        "data: %s from %s; %s",
+        data.source.description,
+        describe(data.source.location),
+        ", ".join(f"{k} {v}" for k, v in data.info.items()),
     )
     logger.info(
         "model: ViTMAE %s parameters, image %d, patch %d, %d channels, mask ratio %.2f",
-        f"{count_parameters(model):,}", image_size, model.config.patch_size, model.config.num_channels,
+        f"{count_parameters(model):,}",
+        image_size,
+        model.config.patch_size,
+        model.config.num_channels,
         model.config.mask_ratio,
     )
     logger.info("world size %d; %s", training_args.world_size, run.lr_line)
@@ -122,8 +83,13 @@ def main(argv=None):
 
     def write_card(output_dir: str) -> None:
         content = mae_model_card(
-            trainer.model if hasattr(trainer.model, "config") else model, model_args, data_args, training_args,
-            data_description=train_source.description, data_info=data_info, lr_line=run.lr_line,
+            trainer.model if hasattr(trainer.model, "config") else model,
+            model_args,
+            data_args,
+            training_args,
+            data_description=data.source.description,
+            data_info=data.info,
+            lr_line=run.lr_line,
             metrics=card_state["metrics"],
         )
         write_model_card(output_dir, content)
@@ -131,20 +97,16 @@ def main(argv=None):
     trainer = MedVisTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         data_collator=collate_pixels,
         processing_class=build_image_processor(image_size, mean, std),
-        callbacks=build_recipe_callbacks(training_args, monitoring_args, train_dataset, run.checkpoint),
+        callbacks=build_recipe_callbacks(training_args, monitoring_args, data.train, run.checkpoint),
         image_mean=mean,
         image_std=std,
         model_card_writer=write_card,
-        train_augment=(
-            DeviceRandomResizedCrop(image_size, data_args.crop_scale, hflip=data_args.hflip)
-            if data_args.augment_on_device
-            else None
-        ),
-        sample_augmentation=augmentation,
+        train_augment=data.device_augmentation,
+        sample_augmentation=data.augmentation,
     )
 
     # 5. Train and evaluate.
@@ -152,9 +114,8 @@ def main(argv=None):
     exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
     metrics = dict(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
+    if data.eval is not None:
+        metrics.update(trainer.evaluate())
     trainer.log_metrics("all", metrics)
 
     # 6. Save (model, processor, card, reconstructions) and push.
@@ -163,11 +124,14 @@ def main(argv=None):
     card_state["metrics"] = {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "global_step")}
     if trainer.is_world_process_zero():
         write_card(training_args.output_dir)
-        if eval_dataset is not None and data_args.num_reconstruction_images > 0:
-            batch = collate_pixels(first_examples(eval_dataset, data_args.num_reconstruction_images))["pixel_values"]
+        if data.eval is not None and data_args.num_reconstruction_images > 0:
+            batch = collate_pixels(first_examples(data.eval, data_args.num_reconstruction_images))["pixel_values"]
             original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)
             save_reconstruction_grid(
-                Path(training_args.output_dir) / "reconstructions.png", original, masked, recon,
+                Path(training_args.output_dir) / "reconstructions.png",
+                original,
+                masked,
+                recon,
                 title=f"held-out images, step {trainer.state.global_step}",
             )
         written = sorted(p.name for p in Path(training_args.output_dir).iterdir() if not p.name.startswith("."))

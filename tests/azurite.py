@@ -58,8 +58,18 @@ class Azurite:
         main = ensure_installed()
         self.location.mkdir(parents=True, exist_ok=True)
         command = [
-            "node", str(main), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.location),
-            "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry",
+            "node",
+            str(main),
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(self.port),
+            "--location",
+            str(self.location),
+            "--silent",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

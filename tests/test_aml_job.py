@@ -6,16 +6,47 @@ from conftest import REPO
 
 from hf_medvis.cli import main as cli_main
 
-ARGS = ["aml-job", "--recipe", "pretrain_mae", "--config", str(REPO / "recipes" / "configs" / "mae_tiny_demo.yaml"),
-        "--compute", "gpu-cluster", "--instance-type", "Standard_ND96isr_H100_v5", "--nodes", "2",
-        "--gpus-per-node", "8", "--data", "azureml://datastores/xrays/paths/nih/", "--code", str(REPO)]
+ARGS = [
+    "aml-job",
+    "--recipe",
+    "pretrain_mae",
+    "--config",
+    str(REPO / "recipes" / "configs" / "mae_tiny_demo.yaml"),
+    "--compute",
+    "gpu-cluster",
+    "--instance-type",
+    "Standard_ND96isr_H100_v5",
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "8",
+    "--data",
+    "azureml://datastores/xrays/paths/nih/",
+    "--code",
+    str(REPO),
+]
 
 
 @pytest.fixture
 def job_file(tmp_path):
     out = tmp_path / "jobs" / "job.yml"
-    assert cli_main([*ARGS, "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--job-tier", "Spot",
-                     "--out", str(out), "--", "--bf16", "true"]) == 0
+    assert (
+        cli_main(
+            [
+                *ARGS,
+                "--deepspeed",
+                str(REPO / "ds_configs" / "zero2.json"),
+                "--job-tier",
+                "Spot",
+                "--out",
+                str(out),
+                "--",
+                "--bf16",
+                "true",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -26,17 +57,29 @@ def test_job_yaml_has_the_documented_structure(job_file):
     # One process per node; accelerate starts the 8 per node (AML starting 8 would make 64).
     assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 1}
     assert job["resources"] == {"instance_count": 2, "instance_type": "Standard_ND96isr_H100_v5", "shm_size": "64g"}
-    assert job["inputs"]["data"] == {"type": "uri_folder", "path": "azureml://datastores/xrays/paths/nih/",
-                                     "mode": "ro_mount"}
+    assert job["inputs"]["data"] == {
+        "type": "uri_folder",
+        "path": "azureml://datastores/xrays/paths/nih/",
+        "mode": "ro_mount",
+    }
     assert job["outputs"]["output_dir"]["type"] == "uri_folder"
     assert job["environment_variables"]["NCCL_DEBUG"] and "NCCL_SOCKET_IFNAME" in job["environment_variables"]
     assert job["queue_settings"] == {"job_tier": "Spot"}
     command = job["command"]
-    for part in ("accelerate launch", "--num_machines 2", "--num_processes 16", "--machine_rank $NODE_RANK",
-                 "--main_process_ip $MASTER_ADDR", "--main_process_port $MASTER_PORT",
-                 "--deepspeed_config_file ${{inputs.deepspeed}}", "recipes/pretrain_mae.py",
-                 "--train_data ${{inputs.data}}", "--output_dir ${{outputs.output_dir}}",
-                 "--resume_from_checkpoint last", "--bf16 true"):
+    for part in (
+        "accelerate launch",
+        "--num_machines 2",
+        "--num_processes 16",
+        "--machine_rank $NODE_RANK",
+        "--main_process_ip $MASTER_ADDR",
+        "--main_process_port $MASTER_PORT",
+        "--deepspeed_config_file ${{inputs.deepspeed}}",
+        "recipes/pretrain_mae.py",
+        "--train_data ${{inputs.data}}",
+        "--output_dir ${{outputs.output_dir}}",
+        "--resume_from_checkpoint last",
+        "--bf16 true",
+    ):
         assert part in command, part
     # Local paths are relative to the YAML's folder, as Azure ML resolves them.
     assert (job_file.parent / job["code"] / "recipes" / "pretrain_mae.py").is_file()
@@ -59,8 +102,20 @@ def test_ddp_job_with_a_docker_image_and_download_mode(tmp_path):
     from azure.ai.ml import load_job
 
     out = tmp_path / "ddp.yml"
-    assert cli_main([*ARGS, "--environment", "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest",
-                     "--data-mode", "download", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                *ARGS,
+                "--environment",
+                "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest",
+                "--data-mode",
+                "download",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     job = yaml.safe_load(out.read_text())
     assert "--multi_gpu" in job["command"] and "deepspeed" not in job["command"]
     assert job["environment"] == {"image": "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest"}

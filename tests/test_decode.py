@@ -99,7 +99,9 @@ def _luminance(rgb: np.ndarray, depth: float) -> np.ndarray:
 
 def test_rgb_ybr_and_palette_become_luminance():
     rle = read_image(get_testdata_file("SC_rgb_rle.dcm"))
-    np.testing.assert_allclose(rle, _luminance(pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array, 255), atol=1e-5)
+    np.testing.assert_allclose(
+        rle, _luminance(pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array, 255), atol=1e-5
+    )
     ybr = read_image(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
     assert ybr.shape == rle.shape and np.abs(ybr - rle).mean() < 0.02  # same picture, YBR 4:2:2 converted to RGB
     np.testing.assert_allclose(read_image(get_testdata_file("SC_rgb_rle_16bit.dcm")), rle, atol=0.01)
@@ -145,7 +147,9 @@ def test_codec_absent_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "ERR" in out.stdout, out.stderr[-2000:]
-    assert "MR_small_jpeg_ls_lossless.dcm" in out.stdout and "hf_medvis[dicom]" in out.stdout and "JPEG-LS" in out.stdout
+    assert (
+        "MR_small_jpeg_ls_lossless.dcm" in out.stdout and "hf_medvis[dicom]" in out.stdout and "JPEG-LS" in out.stdout
+    )
 
 
 def test_unsupported_syntax_is_a_clear_error():
@@ -214,7 +218,10 @@ def test_sources_are_described_without_credentials():
     from hf_medvis.data.storage import describe
 
     assert describe("az://container/x.png?sv=2024&sig=SECRET") == "az://container/x.png"
-    assert describe("abfs://user:SECRET@account.dfs.core.windows.net/c/x.dcm") == "abfs://account.dfs.core.windows.net/c/x.dcm"
+    assert (
+        describe("abfs://user:SECRET@account.dfs.core.windows.net/c/x.dcm")
+        == "abfs://account.dfs.core.windows.net/c/x.dcm"
+    )
     assert "SECRET" not in str(ImageDecodeError("https://a:SECRET@host/x.png?sig=SECRET", "empty file"))
 
 

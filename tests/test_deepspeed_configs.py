@@ -16,8 +16,9 @@ AUTO_KEYS = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "t
 def args(tmp_path_factory):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(tmp_path_factory.mktemp("ds")), per_device_train_batch_size=4,
-                             report_to="none")
+    return TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("ds")), per_device_train_batch_size=4, report_to="none"
+    )
 
 
 def test_the_four_configs_exist_use_auto_and_pass_deepspeeds_own_parser(args):
@@ -33,7 +34,9 @@ def test_the_four_configs_exist_use_auto_and_pass_deepspeeds_own_parser(args):
             assert zero["stage3_prefetch_bucket_size"] == zero["stage3_param_persistence_threshold"] == "auto"
         assert ("offload_optimizer" in zero) == ("offload" in path.name)
         filled = validate_deepspeed_config(path, args)
-        assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["optimizer"]["params"]["lr"] == args.learning_rate
+        assert (
+            filled["train_micro_batch_size_per_gpu"] == 4 and filled["optimizer"]["params"]["lr"] == args.learning_rate
+        )
 
 
 def test_accelerate_configs_point_at_the_json_and_duplicate_nothing():
@@ -49,8 +52,14 @@ def test_accelerate_configs_point_at_the_json_and_duplicate_nothing():
         assert (REPO / config.deepspeed_config["deepspeed_config_file"]).is_file()
         raw = yaml.safe_load(path.read_text())
         # accelerate rejects these next to deepspeed_config_file: the JSON holds them ("auto").
-        duplicated = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-                      "offload_param_device", "zero3_save_16bit_model"} & set(raw["deepspeed_config"])
+        duplicated = {
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+            "zero_stage",
+            "offload_optimizer_device",
+            "offload_param_device",
+            "zero3_save_16bit_model",
+        } & set(raw["deepspeed_config"])
         assert not duplicated and "mixed_precision" not in raw
 
 
@@ -75,7 +84,10 @@ def _with(**changes) -> dict:
         (_with(zero_optimisation={"stage": 2}), "unknown key 'zero_optimisation' (did you mean 'zero_optimization'?)"),
         (_with(zero_optimization__stagee=2), "stagee: Extra inputs are not permitted"),
         (_with(zero_optimization__stage=4), "stage: Input should be 0, 1, 2"),
-        (_with(train_micro_batch_size_per_gpu=8), "train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=4"),
+        (
+            _with(train_micro_batch_size_per_gpu=8),
+            "train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=4",
+        ),
         (_with(train_batch_size=12), "train_batch_size=12 vs hf train_batch_size (calculated)=4"),
         (_with(fp16__enabled=True, bf16__enabled=True), "ds fp16.enabled=True vs hf fp16"),
         (_with(optimizer__params__lr=1.0), "optimizer.params.lr=1.0 vs hf learning_rate"),
@@ -111,8 +123,13 @@ def test_derived_lr_reaches_a_deepspeed_config_filled_at_argument_time(tmp_path)
 
     from hf_medvis.training.lr import apply_base_learning_rate
 
-    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(REPO / "ds_configs" / "zero2.json"),
-                             per_device_train_batch_size=32, gradient_accumulation_steps=2, report_to="none")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        deepspeed=str(REPO / "ds_configs" / "zero2.json"),
+        per_device_train_batch_size=32,
+        gradient_accumulation_steps=2,
+        report_to="none",
+    )
     assert args.hf_deepspeed_config.config["optimizer"]["params"]["lr"] == 5e-5  # filled with the default already
     apply_base_learning_rate(args, 1.5e-4)
     assert args.learning_rate == pytest.approx(1.5e-4 * 64 / 256)
@@ -127,7 +144,17 @@ def test_recipe_refuses_a_bad_config_before_writing_anything(tmp_path, phantom_d
     bad.write_text(json.dumps(_with(zero_optimization__stage=5)))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
-        load_recipe("pretrain_mae").main(["--deepspeed", str(bad), "--train_data", str(phantom_dir / "images"),
-                                          "--output_dir", str(out), "--max_steps", "1"])
+        load_recipe("pretrain_mae").main(
+            [
+                "--deepspeed",
+                str(bad),
+                "--train_data",
+                str(phantom_dir / "images"),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+            ]
+        )
     assert "stage: Input should be 0, 1, 2" in str(info.value) and "\n" not in str(info.value)
     assert not out.exists()

@@ -21,8 +21,15 @@ def test_single_process_is_left_alone():
 
 
 def test_torchrun_variables_pass_through_and_node_comes_from_group_rank():
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
-           "MASTER_ADDR": "10.0.0.4", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "10.0.0.4",
+        "MASTER_PORT": "29500",
+    }
     detected = normalize_distributed_env(env)
     assert (detected.rank, detected.world_size, detected.local_rank, detected.node_rank) == (5, 8, 1, 1)
     assert env["NODE_RANK"] == "1" and env["RANK"] == "5" and env["MASTER_ADDR"] == "10.0.0.4"
@@ -30,27 +37,51 @@ def test_torchrun_variables_pass_through_and_node_comes_from_group_rank():
 
 
 def test_azure_ml_pytorch_distribution():
-    env = {"MASTER_ADDR": "10.0.0.4", "MASTER_PORT": "6105", "WORLD_SIZE": "16", "NODE_RANK": "1", "RANK": "9",
-           "LOCAL_RANK": "1"}
+    env = {
+        "MASTER_ADDR": "10.0.0.4",
+        "MASTER_PORT": "6105",
+        "WORLD_SIZE": "16",
+        "NODE_RANK": "1",
+        "RANK": "9",
+        "LOCAL_RANK": "1",
+    }
     detected = normalize_distributed_env(env)
     assert (detected.rank, detected.local_rank, detected.node_rank, detected.source) == (9, 1, 1, "torch")
     assert env["MASTER_PORT"] == "6105"
 
 
 def test_mpi_with_az_batch_master_node():
-    env = {"OMPI_COMM_WORLD_RANK": "13", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "AZ_BATCH_MASTER_NODE": "10.0.0.7:6105"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "13",
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "5",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+        "AZ_BATCH_MASTER_NODE": "10.0.0.7:6105",
+    }
     detected = normalize_distributed_env(env)
     assert detected.source == "mpi"
-    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
-                                "MASTER_PORT")} == {
-        "RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1",
-        "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "6105"}
+    assert {
+        k: env[k]
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    } == {
+        "RANK": "13",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "5",
+        "LOCAL_WORLD_SIZE": "8",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "6105",
+    }
 
 
 def test_mpi_with_batchai_master_node_uses_the_documented_port():
-    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "AZ_BATCHAI_MPI_MASTER_NODE": "node-0"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "0",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "AZ_BATCHAI_MPI_MASTER_NODE": "node-0",
+    }
     normalize_distributed_env(env)
     assert env["MASTER_ADDR"] == "node-0" and env["MASTER_PORT"] == AML_MPI_DEFAULT_PORT
 
@@ -64,13 +95,17 @@ def test_single_node_mpi_needs_no_master_and_launcher_values_are_not_overwritten
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"},
-         "multi-node MPI launch without a master address"),
+        (
+            {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"},
+            "multi-node MPI launch without a master address",
+        ),
         ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "rank 4 is outside world size 4"),
         ({"RANK": "one", "WORLD_SIZE": "4"}, "RANK='one' is not an integer"),
         ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "3"}, "local rank 3 is outside"),
-        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "AZ_BATCH_MASTER_NODE": "6105"},
-         "is not 'address:port'"),
+        (
+            {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "AZ_BATCH_MASTER_NODE": "6105"},
+            "is not 'address:port'",
+        ),
     ],
 )
 def test_impossible_launches_are_one_clear_error(env, message):
@@ -90,7 +125,7 @@ def test_a_launch_that_trains_alone_is_refused(monkeypatch):
 def test_log_lines_carry_node_and_rank(monkeypatch, tmp_path, capsys):
     from transformers import TrainingArguments
 
-    from hf_medvis.training.setup import setup_logging
+    from hf_medvis.training.run import setup_logging
 
     monkeypatch.setenv("NODE_RANK", "3")
     setup_logging(TrainingArguments(output_dir=str(tmp_path), report_to="none"))

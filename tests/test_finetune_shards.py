@@ -10,9 +10,22 @@ from conftest import load_recipe
 from hf_medvis.data.prepare import prepare
 
 SALT = "x"
-RUN = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
-       "--load_best_model_at_end", "false", "--ci_bootstrap_samples", "20", "--save_strategy", "no",
-       "--logging_steps", "1"]
+RUN = [
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--ci_bootstrap_samples",
+    "20",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +36,27 @@ def recipe():
 @pytest.fixture(scope="module")
 def shards(phantom_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft_shards") / "shards"
-    prepare(str(phantom_dir / "images"), str(out), size=64, shard_size=10, salt=SALT,
-            labels=str(phantom_dir / "labels.csv"))
+    prepare(
+        str(phantom_dir / "images"), str(out), size=64, shard_size=10, salt=SALT, labels=str(phantom_dir / "labels.csv")
+    )
     return out
 
 
 def test_finetune_from_local_shards_splits_by_patient(recipe, shards, tmp_path):
     out = tmp_path / "out"
-    metrics = recipe.main(["--train_data", str(shards), "--output_dir", str(out), "--pos_weight", "true",
-                           "--validation_split_percentage", "30", *RUN])
+    metrics = recipe.main(
+        [
+            "--train_data",
+            str(shards),
+            "--output_dir",
+            str(out),
+            "--pos_weight",
+            "true",
+            "--validation_split_percentage",
+            "30",
+            *RUN,
+        ]
+    )
     assert metrics["global_step"] == 3
     saved = json.loads((out / "all_results.json").read_text())
     assert "eval_auroc_macro" in saved and "eval_auroc_macro_ci95_low" in saved
@@ -45,7 +70,7 @@ def test_finetune_from_local_shards_splits_by_patient(recipe, shards, tmp_path):
 
 
 def test_shard_data_is_patient_disjoint_and_labels_file_restricts(shards, phantom_dir, tmp_path):
-    from hf_medvis.training.classification import ClassificationDataArguments, build_classification_data
+    from hf_medvis.data import ClassificationDataArguments, build_datasets
 
     # A labels file listing a subset of patients (as `hf-medvis split` writes) selects their samples only.
     with open(phantom_dir / "labels.csv", newline="") as f:
@@ -59,20 +84,22 @@ def test_shard_data_is_patient_disjoint_and_labels_file_restricts(shards, phanto
             writer.writeheader()
             writer.writerows(part)
     args = ClassificationDataArguments(
-        train_data=str(shards), labels_file=str(tmp_path / "train.csv"), validation_data=str(shards),
+        train_data=str(shards),
+        labels_file=str(tmp_path / "train.csv"),
+        validation_data=str(shards),
         validation_labels_file=str(tmp_path / "val.csv"),
     )
-    data = build_classification_data(args, image_size=32)
-    assert len(data.train_dataset) == len(train_rows) and len(data.eval_dataset) == len(val_rows)
-    train_keys = set(data.train_dataset.with_format(None)["key"])
+    data = build_datasets(args, "classification", image_size=32)
+    assert len(data.train) == len(train_rows) and len(data.eval) == len(val_rows)
+    train_keys = set(data.train.with_format(None)["key"])
     assert train_keys == {Path(r["Image Index"]).stem for r in train_rows}
-    example = data.train_dataset[0]
+    example = data.train[0]
     assert tuple(example["pixel_values"].shape) == (1, 32, 32) and len(example["labels"]) == 3
 
     # Without labels files the same shards for training and validation share every patient: refused.
     same = ClassificationDataArguments(train_data=str(shards), validation_data=str(shards))
     with pytest.raises(Exception, match="patient"):
-        build_classification_data(same, image_size=32)
+        build_datasets(same, "classification", image_size=32)
 
 
 def test_shards_without_labels_are_a_clear_error(recipe, phantom_dir, tmp_path):
@@ -88,8 +115,15 @@ def test_shards_without_labels_are_a_clear_error(recipe, phantom_dir, tmp_path):
 @pytest.mark.azurite
 def test_finetune_from_azure_blob_shards(recipe, azurite, phantom_dir, tmp_path, monkeypatch):
     container = azurite.create_container("finetune")
-    prepare(str(phantom_dir / "images"), f"{container}/train", size=64, shard_size=10, salt=SALT,
-            labels=str(phantom_dir / "labels.csv"), dst_storage_options=azurite.storage_options)
+    prepare(
+        str(phantom_dir / "images"),
+        f"{container}/train",
+        size=64,
+        shard_size=10,
+        salt=SALT,
+        labels=str(phantom_dir / "labels.csv"),
+        dst_storage_options=azurite.storage_options,
+    )
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
     out = tmp_path / "out"
     metrics = recipe.main(["--train_data", f"{container}/train", "--output_dir", str(out), *RUN])

@@ -33,10 +33,12 @@ def test_mae_encoder_transfers_and_the_report_names_every_key(mae_dir, caplog):
     assert report.missing == ["classifier.bias", "classifier.weight"]
     assert report.unexpected == [] and report.interpolated is None
     state = model.state_dict()  # transformers 5 ViT names: layers.N.attention.q_proj (ViTMAE: encoder.layer.N...)
-    for target, origin in (("vit.embeddings.patch_embeddings.projection.weight", None),
-                           ("vit.layers.1.attention.q_proj.weight", "vit.encoder.layer.1.attention.attention.query.weight"),
-                           ("vit.layers.0.mlp.fc2.bias", "vit.encoder.layer.0.output.dense.bias"),
-                           ("vit.layernorm.weight", None)):
+    for target, origin in (
+        ("vit.embeddings.patch_embeddings.projection.weight", None),
+        ("vit.layers.1.attention.q_proj.weight", "vit.encoder.layer.1.attention.attention.query.weight"),
+        ("vit.layers.0.mlp.fc2.bias", "vit.encoder.layer.0.output.dense.bias"),
+        ("vit.layernorm.weight", None),
+    ):
         assert torch.equal(state[target], source[origin or target]), target
     summary = report.summary()
     assert f"{len(encoder)} loaded" in summary and "2 missing (classifier.bias, classifier.weight)" in summary
@@ -110,15 +112,25 @@ def test_layer_decay_and_no_weight_decay_groups():
     model, _ = build_classifier(None, SPEC, preset="tiny", image_size=32)  # 2 blocks
     groups = vit_param_groups(model, learning_rate=1.0, weight_decay=0.05, layer_decay=0.5)
     by_name = {name: group for group in groups for name in group["names"]}
-    assert layer_id("vit.embeddings.cls_token", 2) == 0 and layer_id("vit.layers.1.mlp.fc2.weight", 2) == 2 == layer_id("vit.encoder.layer.1.output.dense.weight", 2)
+    assert layer_id("vit.embeddings.cls_token", 2) == 0 and layer_id("vit.layers.1.mlp.fc2.weight", 2) == 2 == layer_id(
+        "vit.encoder.layer.1.output.dense.weight", 2
+    )
     assert by_name["classifier.weight"]["lr"] == 1.0 and by_name["vit.layernorm.weight"]["lr"] == 1.0
     assert by_name["vit.layers.1.attention.q_proj.weight"]["lr"] == 0.5
     assert by_name["vit.layers.0.attention.q_proj.weight"]["lr"] == 0.25
     assert by_name["vit.embeddings.patch_embeddings.projection.weight"]["lr"] == 0.125
-    for name in ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight",
-                 "vit.layers.0.layernorm_before.bias", "classifier.bias"):
+    for name in (
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "vit.layernorm.weight",
+        "vit.layers.0.layernorm_before.bias",
+        "classifier.bias",
+    ):
         assert by_name[name]["weight_decay"] == 0.0, name
-    for name in ("classifier.weight", "vit.layers.0.mlp.fc1.weight",
-                 "vit.embeddings.patch_embeddings.projection.weight"):
+    for name in (
+        "classifier.weight",
+        "vit.layers.0.mlp.fc1.weight",
+        "vit.embeddings.patch_embeddings.projection.weight",
+    ):
         assert by_name[name]["weight_decay"] == 0.05, name
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,9 @@ from transformers import (
 )
 
 from hf_medvis.infra.jsonlog import remove_json_log_handlers
-from hf_medvis.training.monitoring import (
-    AlertCallback,
-    MonitoringArguments,
-    ThroughputCallback,
-    build_monitoring_callbacks,
-    count_model_flops_per_sample,
-    parse_step_range,
-)
+from hf_medvis.training.args import MonitoringArguments, parse_step_range
+from hf_medvis.training.callbacks import AlertCallback, ThroughputCallback, build_monitoring_callbacks
+from hf_medvis.training.callbacks.throughput import count_model_flops_per_sample
 
 TINY_MAE = dict(
     image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -38,14 +32,17 @@ TINY_MAE = dict(
 
 
 class VirtualClock:
-    """perf_counter plus planted delays: a slowdown the callbacks measure exactly, without sleeping through it (real
-    step times on a shared 2-core machine are too noisy to plant a reliable slowdown in)."""
+    """Virtual time: every reading advances 1 ms, plus the planted delays: a slowdown the callbacks measure exactly,
+    without sleeping through it, and no real timing noise (a busy CI host stalling one step) faking a throughput drop
+    before the planted one."""
 
     def __init__(self):
         self.offset = 0.0
+        self.ticks = 0
 
     def __call__(self) -> float:
-        return time.perf_counter() + self.offset
+        self.ticks += 1
+        return self.ticks * 1e-3 + self.offset
 
 
 class PlantedImages(torch.utils.data.Dataset):

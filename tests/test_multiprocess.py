@@ -15,9 +15,26 @@ from conftest import REPO, launch_command, multiprocess_env
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
-        "--eval_strategy", "no", "--num_reconstruction_images", "0", "--dataloader_num_workers", "0",
-        "--base_learning_rate", "0.016", "--validation_split_percentage", "0"]
+TINY = [
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--eval_strategy",
+    "no",
+    "--num_reconstruction_images",
+    "0",
+    "--dataloader_num_workers",
+    "0",
+    "--base_learning_rate",
+    "0.016",
+    "--validation_split_percentage",
+    "0",
+]
 EXPECTED_LR = 0.016 * (4 * 2) / 256  # base lr x global batch (4 per device x 2 processes) / 256
 
 
@@ -57,7 +74,10 @@ def check_run(log: str, out) -> None:
         assert f"[node 0 rank {rank}]" in log
     assert "world size 2;" in log and "world size 1" not in log
     assert "per-device 4 x accumulation 1 x world size 2" in log
-    peak = [float(x) for x in re.findall(r"hf_medvis.training.run_report: optimizer .*?: peak lr ([0-9.e-]+)", log)]
+    peak = [
+        float(x)
+        for x in re.findall(r"hf_medvis.training.callbacks.optimizer_report: optimizer .*?: peak lr ([0-9.e-]+)", log)
+    ]
     assert peak and all(lr == pytest.approx(EXPECTED_LR) for lr in peak), peak
     model = ViTMAEForPreTraining.from_pretrained(out)
     assert model.config.hidden_size == 64
@@ -77,8 +97,12 @@ def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, p
         args = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *TINY, *extra, *more]
         if launcher == "torchrun":
             return launch_command("torchrun", "pretrain_mae", *args)
-        return launch_command("accelerate", "pretrain_mae", *args,
-                              config_file=str(REPO / "recipes" / "accelerate" / "deepspeed_zero3.yaml"))
+        return launch_command(
+            "accelerate",
+            "pretrain_mae",
+            *args,
+            config_file=str(REPO / "recipes" / "accelerate" / "deepspeed_zero3.yaml"),
+        )
 
     out = tmp_path / "run"
     log = run(command(out))
@@ -88,9 +112,28 @@ def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, p
         resume_from_checkpoint_2(command, out, tmp_path)
 
 
-VIT_TINY = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "2",
-            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--dataloader_num_workers", "0",
-            "--base_learning_rate", "0.016", "--ci_bootstrap_samples", "20", "--save_total_limit", "5"]
+VIT_TINY = [
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--dataloader_num_workers",
+    "0",
+    "--base_learning_rate",
+    "0.016",
+    "--ci_bootstrap_samples",
+    "20",
+    "--save_total_limit",
+    "5",
+]
 
 
 @pytest.mark.parametrize(
@@ -115,7 +158,10 @@ def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, e
     for rank in (0, 1):
         assert f"[node 0 rank {rank}]" in log
     assert "world size 2;" in log and "world size 1" not in log
-    peak = [float(x) for x in re.findall(r"hf_medvis.training.run_report: optimizer .*?: peak lr ([0-9.e-]+)", log)]
+    peak = [
+        float(x)
+        for x in re.findall(r"hf_medvis.training.callbacks.optimizer_report: optimizer .*?: peak lr ([0-9.e-]+)", log)
+    ]
     assert peak and all(lr == pytest.approx(EXPECTED_LR) for lr in peak), peak
     model = ViTForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 3 and model.config.problem_type == "multi_label_classification"

@@ -15,11 +15,11 @@ from hf_medvis.infra.nccl import (
     CollectiveResult,
     Watchdog,
     busbw_factor,
-    evaluate_expectation,
     parse_bytes,
     size_sweep,
 )
 from hf_medvis.infra.nccl_cli import _expected_figure
+from hf_medvis.infra.nccl_report import evaluate_expectation
 
 
 def test_busbw_factors_follow_nccl_tests():

@@ -24,11 +24,16 @@ def test_notebook_is_committed_without_outputs(name):
 @pytest.mark.parametrize(
     "name, env, expected",
     [
-        ("01_finetune_vit_walkthrough.ipynb",
-         {"HF_MEDVIS_NB_MAE_STEPS": "2", "HF_MEDVIS_NB_FT_STEPS": "2", "HF_MEDVIS_NB_BOOTSTRAP": "20"},
-         ("vit/model.safetensors", "eval/roc.png", "eval/metrics.json", "split/split_report.json")),
-        ("02_mae_reconstructions.ipynb", {"HF_MEDVIS_NB_MAE_STEPS": "4", "HF_MEDVIS_NB_SAVE_EVERY": "2"},
-         ("reconstructions-checkpoint-2.png", "reconstructions-checkpoint-4.png")),
+        (
+            "01_finetune_vit_walkthrough.ipynb",
+            {"HF_MEDVIS_NB_MAE_STEPS": "2", "HF_MEDVIS_NB_FT_STEPS": "2", "HF_MEDVIS_NB_BOOTSTRAP": "20"},
+            ("vit/model.safetensors", "eval/roc.png", "eval/metrics.json", "split/split_report.json"),
+        ),
+        (
+            "02_mae_reconstructions.ipynb",
+            {"HF_MEDVIS_NB_MAE_STEPS": "4", "HF_MEDVIS_NB_SAVE_EVERY": "2"},
+            ("reconstructions-checkpoint-2.png", "reconstructions-checkpoint-4.png"),
+        ),
     ],
 )
 def test_notebook_executes_headless(name, env, expected, tmp_path, monkeypatch):
@@ -36,16 +41,27 @@ def test_notebook_executes_headless(name, env, expected, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     out = tmp_path / "nb"
-    for key, value in {"HF_MEDVIS_NB_OUT": str(out), "HF_MEDVIS_NB_PATIENTS": "10", "OMP_NUM_THREADS": "1",
-                       "HF_ENDPOINT": "http://127.0.0.1:9", **env}.items():
+    for key, value in {
+        "HF_MEDVIS_NB_OUT": str(out),
+        "HF_MEDVIS_NB_PATIENTS": "10",
+        "OMP_NUM_THREADS": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        **env,
+    }.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
     for relative in expected:
         assert (out / relative).is_file(), relative
-    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 2  # the figures were displayed
     assert not any(Path(p).exists() for p in [REPO / "notebooks" / "outputs"])
     assert os.environ["HF_MEDVIS_NB_OUT"] == str(out)

@@ -13,7 +13,11 @@ from hf_medvis.data.phantoms import FINDINGS, NIH_COLUMNS, NO_FINDING, plan_phan
 
 
 def _digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
@@ -68,6 +72,7 @@ def test_cardiomegaly_is_visible_as_a_wider_heart():
     from hf_medvis.data.phantoms import render_phantom
 
     plan = plan_phantoms(80, seed=1)
+
     # Mean brightness of the lower-middle band (heart region) is higher when the heart is enlarged.
     def heart_band(image):
         return render_phantom(image, 64)[36:48, 14:50].mean()

@@ -41,23 +41,51 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path, caplog):
 # from 1 worker that is 7 batches against 6: every rank stops after 6 (MedVisTrainer's _RanksStopTogether).
 STEPS_PER_EPOCH = 6
 STEPS = 9  # into the second epoch
-ARGS = ["--max_steps", str(STEPS), "--per_device_train_batch_size", "4", "--save_steps", "1", "--logging_steps", "1",
-        "--eval_strategy", "no", "--num_reconstruction_images", "0", "--dataloader_num_workers", "1",
-        "--validation_split_percentage", "0", "--seed", "7", "--resume_from_checkpoint", "last"]
+ARGS = [
+    "--max_steps",
+    str(STEPS),
+    "--per_device_train_batch_size",
+    "4",
+    "--save_steps",
+    "1",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "no",
+    "--num_reconstruction_images",
+    "0",
+    "--dataloader_num_workers",
+    "1",
+    "--validation_split_percentage",
+    "0",
+    "--seed",
+    "7",
+    "--resume_from_checkpoint",
+    "last",
+]
 
 
 @pytest.fixture(scope="module")
 def shards(phantom_dir, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("mpshards") / "shards"
-    prepare(str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv"))
+    prepare(
+        str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv")
+    )
     assert [s["samples"] for s in json.loads((dst / "manifest.json").read_text())["shards"]] == [5] * 9 + [4]
     return dst
 
 
 def start(shards: Path, out: Path, trace: Path) -> subprocess.Popen:
     cmd = launch_command("torchrun", "pretrain_mae", "--train_data", str(shards), "--output_dir", str(out), *ARGS)
-    return subprocess.Popen(cmd, cwd=REPO, env=multiprocess_env(HF_MEDVIS_SAMPLE_TRACE=str(trace)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=multiprocess_env(HF_MEDVIS_SAMPLE_TRACE=str(trace)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -70,7 +98,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def steps_traced(trace: Path) -> int:
     records = read_trace(trace) if trace.is_dir() else {}
-    return min((max((r["step"] for r in recs), default=0) for recs in records.values()), default=0) if len(records) == 2 else 0
+    return (
+        min((max((r["step"] for r in recs), default=0) for recs in records.values()), default=0)
+        if len(records) == 2
+        else 0
+    )
 
 
 def complete_steps(out: Path) -> list[int]:
@@ -79,13 +111,16 @@ def complete_steps(out: Path) -> list[int]:
 
 def consumed(trace: Path, first: int, last: int) -> dict[int, dict[int, list[str]]]:
     """rank -> step -> sample keys, for steps first..last (the last record of a step wins: a step is retried)."""
-    return {rank: {r["step"]: r["keys"] for r in recs if first <= r["step"] <= last}
-            for rank, recs in read_trace(trace).items()}
+    return {
+        rank: {r["step"]: r["keys"] for r in recs if first <= r["step"] <= last}
+        for rank, recs in read_trace(trace).items()
+    }
 
 
 def keys_of(steps: dict[int, dict[int, list[str]]], first: int, last: int) -> list[str]:
-    return [key for per_step in steps.values() for step, keys in per_step.items() if first <= step <= last
-            for key in keys]
+    return [
+        key for per_step in steps.values() for step, keys in per_step.items() if first <= step <= last for key in keys
+    ]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -94,7 +129,9 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.allow_traceback("SignalException", reason="torchrun's own exit on SIGTERM, after every rank saved (README)")
+@pytest.mark.allow_traceback(
+    "SignalException", reason="torchrun's own exit on SIGTERM, after every rank saved (README)"
+)
 def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, shards):
     import psutil
     import torch
@@ -140,7 +177,11 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, s
     assert json.loads((out / "all_results.json").read_text())["global_step"] == STEPS
 
     # Stitch what each attempt consumed up to the checkpoint the next one resumed from.
-    pieces = [consumed(traces[0], 1, stop1), consumed(traces[1], stop1 + 1, stop2), consumed(traces[2], stop2 + 1, STEPS)]
+    pieces = [
+        consumed(traces[0], 1, stop1),
+        consumed(traces[1], stop1 + 1, stop2),
+        consumed(traces[2], stop2 + 1, STEPS),
+    ]
     reference = consumed(ref_trace, 1, STEPS)
     stitched: dict[int, dict[int, list[str]]] = {0: {}, 1: {}}
     for piece in pieces:
@@ -159,7 +200,8 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, s
     ref_losses, res_losses = losses(ref_out), losses(out)
     assert sorted(res_losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
     assert [res_losses[k] for k in range(1, STEPS + 1)] == pytest.approx(
-        [ref_losses[k] for k in range(1, STEPS + 1)], rel=1e-6, abs=1e-7)
+        [ref_losses[k] for k in range(1, STEPS + 1)], rel=1e-6, abs=1e-7
+    )
     final_ref, final = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
     for name in final_ref:
         torch.testing.assert_close(final[name], final_ref[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -14,7 +14,8 @@ from pydicom.data import get_testdata_file
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.decode import read_image
-from hf_medvis.data.prepare import locate_quarantined, prepare, read_quarantine, resize_to_square
+from hf_medvis.data.prepare import prepare, resize_to_square
+from hf_medvis.data.quarantine import locate_quarantined, read_quarantine
 from hf_medvis.data.shards import iter_shard_rows
 
 SALT = "test-salt-not-secret"
@@ -69,7 +70,14 @@ def test_no_identifying_dicom_data_anywhere(prepared, phantom_dir):
     secrets = set()
     for dcm in (phantom_dir / "dicom").glob("*.dcm"):
         ds = pydicom.dcmread(dcm, stop_before_pixels=True)
-        secrets |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.StudyDate, ds.AccessionNumber, ds.InstitutionName}
+        secrets |= {
+            str(ds.PatientName),
+            ds.PatientID,
+            ds.PatientBirthDate,
+            ds.StudyDate,
+            ds.AccessionNumber,
+            ds.InstitutionName,
+        }
     blobs = [p.read_bytes() for p in prepared.rglob("*") if p.is_file()]
     for secret in secrets:
         for blob in blobs:
@@ -152,11 +160,13 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
     names = [n for n in files if n not in ("unlisted.png", "notes.txt")] + ["dangling.png", "ghost.png"]
     labels = tmp_path / "labels.csv"
     labels.write_text(
-        "Image Index,Finding Labels,Patient ID,Mystery Column\n" + "".join(f"{n},No Finding,{i},x\n" for i, n in enumerate(names))
+        "Image Index,Finding Labels,Patient ID,Mystery Column\n"
+        + "".join(f"{n},No Finding,{i},x\n" for i, n in enumerate(names))
     )
     out = tmp_path / "out"
-    code = cli_main(["prepare", str(src), str(out), "--size", "32", "--labels", str(labels), "--salt", SALT,
-                     "--workers", "2"])
+    code = cli_main(
+        ["prepare", str(src), str(out), "--size", "32", "--labels", str(labels), "--salt", SALT, "--workers", "2"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -168,18 +178,38 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
     assert [q["image_index"] for q in quarantine if "image_index" in q] == ["ghost.png"]
     # Nothing under DST names a source file; the operator maps the hashes back with the salt and the source.
     blobs = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
-    for secret in (b"DOE^JOHN", b"MRN1234567", b"19610412", b"dangling", b"nan.tif", b"caf", b"trunc.png", b"notes.txt"):
+    for secret in (
+        b"DOE^JOHN",
+        b"MRN1234567",
+        b"19610412",
+        b"dangling",
+        b"nan.tif",
+        b"caf",
+        b"trunc.png",
+        b"notes.txt",
+    ):
         assert secret not in blobs, secret
     located = {}
     for path, reason in locate_quarantined(str(src), str(out), salt=SALT):
         located[os.fsencode(path).rsplit(b"/", 1)[-1].decode(errors="replace")] = reason
-    assert located.keys() == {"empty.png", "trunc.png", "text.png", "nopix.dcm", "unlisted.png", "dangling.png",
-                              "nan.tif", "caf\ufffd.png", "notes.txt"}
+    assert located.keys() == {
+        "empty.png",
+        "trunc.png",
+        "text.png",
+        "nopix.dcm",
+        "unlisted.png",
+        "dangling.png",
+        "nan.tif",
+        "caf\ufffd.png",
+        "notes.txt",
+    }
     assert "empty" in located["empty.png"] and "no pixel data" in located["nopix.dcm"]
     assert "labels file" in located["unlisted.png"] and "caf\ufffd.png" in located  # no row: not UTF-8 in the CSV
     assert located["dangling.png"] == "broken symbolic link (its target does not exist)"
     assert "non-finite pixel values" in located["nan.tif"] and located["notes.txt"].startswith("not an image")
-    assert any("Mystery Column" in w for w in manifest["warnings"]) and any("View Position" in w for w in manifest["warnings"])
+    assert any("Mystery Column" in w for w in manifest["warnings"]) and any(
+        "View Position" in w for w in manifest["warnings"]
+    )
     assert "quarantined 8" in printed and "skipped 1 files" in printed and f"hf-medvis quarantine {out}" in printed
     assert cli_main(["quarantine", str(out), "--src", str(src), "--salt", "not-the-salt"]) == 2
     assert "not the one" in capsys.readouterr().err
@@ -199,8 +229,18 @@ def test_workers_die_with_the_prepare_that_started_them(tmp_path):
     image = _png((np.arange(256 * 256) % 251).astype(np.uint8).reshape(256, 256))
     for i in range(3000):
         (src / f"{i:05d}.png").write_bytes(image)
-    cmd = [str(Path(sys.executable).parent / "hf-medvis"), "prepare", str(src), str(tmp_path / "out"), "--workers", "2",
-           "--shard-size", "50", "--salt", SALT]
+    cmd = [
+        str(Path(sys.executable).parent / "hf-medvis"),
+        "prepare",
+        str(src),
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--shard-size",
+        "50",
+        "--salt",
+        SALT,
+    ]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(job.pid)
     deadline = time.time() + 60
@@ -219,7 +259,10 @@ def test_workers_die_with_the_prepare_that_started_them(tmp_path):
 def test_bad_labels_file_and_missing_salt_are_clear_errors(tmp_path, phantom_dir, monkeypatch, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("Filename,Finding Labels\nx.png,No Finding\n")
-    assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o"), "--labels", str(bad), "--salt", "s"]) == 2
+    assert (
+        cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o"), "--labels", str(bad), "--salt", "s"])
+        == 2
+    )
     assert "no column 'Image Index'" in capsys.readouterr().err
     monkeypatch.delenv("HF_MEDVIS_SALT", raising=False)
     assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o2")]) == 2

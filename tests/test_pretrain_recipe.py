@@ -11,8 +11,22 @@ import pytest
 import yaml
 from conftest import REPO, load_recipe, subprocess_env
 
-TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_steps", "2",
-        "--save_steps", "2", "--num_reconstruction_images", "4", "--dataloader_num_workers", "0"]
+TINY = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--num_reconstruction_images",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +38,21 @@ def recipe():
 def trained(tmp_path_factory, phantom_dir):
     """One real run through `accelerate launch`, shared by the output checks."""
     out = tmp_path_factory.mktemp("mae") / "run"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-           str(REPO / "recipes" / "pretrain_mae.py"), "--train_data", str(phantom_dir / "images"),
-           "--output_dir", str(out), "--validation_split_percentage", "20", *TINY]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(REPO / "recipes" / "pretrain_mae.py"),
+        "--train_data",
+        str(phantom_dir / "images"),
+        "--output_dir",
+        str(out),
+        "--validation_split_percentage",
+        "20",
+        *TINY,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout + result.stderr
@@ -64,8 +90,8 @@ def test_reconstruction_figure_unnormalises_norm_pix_targets(phantom_dir):
 
     from hf_medvis.data.folder import make_decode_transform
     from hf_medvis.data.transforms import build_eval_transform
+    from hf_medvis.evaluation.reconstructions import reconstruct
     from hf_medvis.models.build import build_mae_model
-    from hf_medvis.training.reconstructions import reconstruct
 
     model = build_mae_model(None, preset="tiny", image_size=64, norm_pix_loss=True)
     paths = sorted(str(p) for p in (phantom_dir / "images").glob("*.png"))[:2]
@@ -99,8 +125,11 @@ def test_config_file_and_flag_precedence(tmp_path, recipe):
     from hf_medvis.training.args import parse_recipe_args
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"mask_ratio": 0.9, "crop_scale": [0.5, 1.0], "learning_rate": 1e-3,
-                                      "norm_pix_loss": False, "max_steps": 7}))
+    config.write_text(
+        yaml.safe_dump(
+            {"mask_ratio": 0.9, "crop_scale": [0.5, 1.0], "learning_rate": 1e-3, "norm_pix_loss": False, "max_steps": 7}
+        )
+    )
     types = (recipe.MAEModelArguments, recipe.MAEDataArguments, recipe.PretrainingArguments, recipe.MonitoringArguments)
     model_args, data_args, training_args, _ = parse_recipe_args(
         types, ["--config", str(config), "--max_steps", "3", "--output_dir", str(tmp_path / "o")]
@@ -121,8 +150,13 @@ def test_learning_rate_scales_with_global_batch():
 
     from hf_medvis.training.lr import apply_base_learning_rate, global_batch_size
 
-    args = SimpleNamespace(per_device_train_batch_size=32, gradient_accumulation_steps=4, world_size=8,
-                           learning_rate=0.0, hf_deepspeed_config=None)
+    args = SimpleNamespace(
+        per_device_train_batch_size=32,
+        gradient_accumulation_steps=4,
+        world_size=8,
+        learning_rate=0.0,
+        hf_deepspeed_config=None,
+    )
     assert global_batch_size(args) == 1024
     line = apply_base_learning_rate(args, 1.5e-4)
     assert args.learning_rate == pytest.approx(6e-4) and "global batch 1024" in line
@@ -202,8 +236,18 @@ def test_push_to_hub_fails_fast_when_the_hub_is_unreachable(recipe, tmp_path, mo
         recipe.main(["--output_dir", str(tmp_path / "a"), "--push_to_hub", "true", "--hub_model_id", "me/mae"])
     secret = "hf_" + "s3cr3t" * 4
     with pytest.raises(SystemExit) as info:
-        recipe.main(["--output_dir", str(tmp_path / "b"), "--push_to_hub", "true", "--hub_model_id", "me/mae",
-                     "--hub_token", secret])
+        recipe.main(
+            [
+                "--output_dir",
+                str(tmp_path / "b"),
+                "--push_to_hub",
+                "true",
+                "--hub_model_id",
+                "me/mae",
+                "--hub_token",
+                secret,
+            ]
+        )
     assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in str(info.value)
     assert secret not in str(info.value)
     assert time.time() - start < 30
@@ -230,11 +274,37 @@ def test_entry_point_defaults_and_sigterm_saves_and_exits_0(medvis_cache, tmp_pa
     import signal
 
     out = tmp_path / "o"
-    cmd = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--output_dir", str(out), "--max_steps", "5000",
-           "--phantom_patients", "6", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
-           "--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true", "--resume_from_checkpoint", "last"]
-    job = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)), text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "pretrain_mae.py"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "5000",
+        "--phantom_patients",
+        "6",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--dataloader_num_workers",
+        "2",
+        "--dataloader_persistent_workers",
+        "true",
+        "--resume_from_checkpoint",
+        "last",
+    ]
+    job = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(HF_MEDVIS_CACHE=str(medvis_cache)),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (out / "loss_history.jsonl").is_file():
         assert job.poll() is None and time.time() < deadline, "the run ended before its first step"

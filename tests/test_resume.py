@@ -21,14 +21,53 @@ from hf_medvis.models.weights import WeightLoadError, load_saved_weights
 
 # 49 phantom images in 10 shards of <= 5; 2 DataLoader workers take 5 shards each (25 and 24 samples), so with batches of
 # 5 an epoch is 10 batches whose order alternates between the workers.
-STREAM_ARGS = ["--per_device_train_batch_size", "5", "--dataloader_num_workers", "2", "--max_steps", "12",
-               "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "20", "--eval_strategy", "no",
-               "--num_reconstruction_images", "0", "--seed", "7"]
+STREAM_ARGS = [
+    "--per_device_train_batch_size",
+    "5",
+    "--dataloader_num_workers",
+    "2",
+    "--max_steps",
+    "12",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "1",
+    "--save_total_limit",
+    "20",
+    "--eval_strategy",
+    "no",
+    "--num_reconstruction_images",
+    "0",
+    "--seed",
+    "7",
+]
 EPOCH_STEPS = 10
-FINETUNE_ARGS = ["--per_device_train_batch_size", "8", "--dataloader_num_workers", "2", "--max_steps", "6",
-                 "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "20", "--eval_strategy", "no",
-                 "--load_best_model_at_end", "false", "--hidden_dropout_prob", "0.1", "--ci_bootstrap_samples", "10",
-                 "--validation_split_percentage", "25", "--seed", "7"]
+FINETUNE_ARGS = [
+    "--per_device_train_batch_size",
+    "8",
+    "--dataloader_num_workers",
+    "2",
+    "--max_steps",
+    "6",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "1",
+    "--save_total_limit",
+    "20",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--hidden_dropout_prob",
+    "0.1",
+    "--ci_bootstrap_samples",
+    "10",
+    "--validation_split_percentage",
+    "25",
+    "--seed",
+    "7",
+]
 
 
 def run(recipe, argv: list[str]) -> str:
@@ -63,7 +102,9 @@ def resume_copy(reference: Path, step: int, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def shards(phantom_dir, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("resume_shards") / "shards"
-    prepare(str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv"))
+    prepare(
+        str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv")
+    )
     return dst
 
 
@@ -83,8 +124,10 @@ def stream_reference(mae_recipe, shards, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("step, where", [(3, "mid-epoch"), (EPOCH_STEPS, "epoch end")])
 def test_stream_resume_continues_the_uninterrupted_run(mae_recipe, shards, stream_reference, tmp_path, step, where):
     out = resume_copy(stream_reference, step, tmp_path / "resumed")
-    log = run(mae_recipe, ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS,
-                           "--resume_from_checkpoint", "last"])
+    log = run(
+        mae_recipe,
+        ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS, "--resume_from_checkpoint", "last"],
+    )
     assert f"resuming from {out / f'checkpoint-{step}'}: 62 tensors restored" in log
     if where == "epoch end":
         assert "stream resumes at the start of epoch 1 (the checkpoint ended epoch 0)" in log
@@ -108,8 +151,10 @@ def test_resume_at_the_last_step_finishes_without_training(mae_recipe, shards, s
     """A preemption that saved the last step's checkpoint before the final outputs: the restart trains nothing more and
     writes the outputs of the run (the Trainer alone would take a 13th step)."""
     out = resume_copy(stream_reference, 12, tmp_path / "resumed")
-    run(mae_recipe, ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS,
-                     "--resume_from_checkpoint", "last"])
+    run(
+        mae_recipe,
+        ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS, "--resume_from_checkpoint", "last"],
+    )
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
     assert not losses(out) and not list(out.glob("checkpoint-13"))
     assert_continues_exactly(stream_reference, out, 12, 12)
@@ -117,14 +162,26 @@ def test_resume_at_the_last_step_finishes_without_training(mae_recipe, shards, s
 
 def test_rerunning_a_finished_job_changes_nothing(mae_recipe, shards, stream_reference):
     def snapshot() -> dict[str, str]:
-        return {str(p.relative_to(stream_reference)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(stream_reference.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(stream_reference)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(stream_reference.rglob("*"))
+            if p.is_file()
+        }
 
     before = snapshot()
     log = io.StringIO()
     with redirect_stdout(log), pytest.raises(SystemExit) as info:
-        mae_recipe.main(["--train_data", str(shards), "--output_dir", str(stream_reference), *STREAM_ARGS,
-                         "--resume_from_checkpoint", "last"])
+        mae_recipe.main(
+            [
+                "--train_data",
+                str(shards),
+                "--output_dir",
+                str(stream_reference),
+                *STREAM_ARGS,
+                "--resume_from_checkpoint",
+                "last",
+            ]
+        )
     assert info.value.code in (0, None)
     assert "holds a finished run (step 12, all_results.json): nothing to do" in log.getvalue()
     assert snapshot() == before
@@ -137,7 +194,9 @@ def test_saved_weights_load_back_under_their_legacy_names_or_fail(tmp_path):
     # What makes the Trainer's own reload drop them: the file does not use the module names.
     assert any(".attention.attention.query." in k for k in on_disk) and set(on_disk) != set(model.state_dict())
     fresh = build_mae_model(None, preset="tiny", image_size=32, patch_size=8)
-    assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert load_saved_weights(fresh, tmp_path / "saved") == len(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name

@@ -38,8 +38,9 @@ def _write_labels(path, patients=400, seed=1):
             chronic = [name for name, p in prevalence.items() if rng.random() < p]
             for follow_up in range(int(rng.integers(1, 5))):
                 findings = [n for n in chronic if rng.random() < 0.8]
-                writer.writerow([f"{patient:08d}_{follow_up:03d}.png", "|".join(findings) or "No Finding", follow_up,
-                                 patient, "PA"])
+                writer.writerow(
+                    [f"{patient:08d}_{follow_up:03d}.png", "|".join(findings) or "No Finding", follow_up, patient, "PA"]
+                )
     return path
 
 
@@ -58,8 +59,9 @@ def test_hanley_mcneil_and_binomial_match_the_reference_values():
 def test_split_cli_is_patient_disjoint_stratified_and_reports(tmp_path, capsys):
     labels = _write_labels(tmp_path / "labels.csv", patients=800)
     out = tmp_path / "split"
-    code = cli_main(["split", str(labels), "--out", str(out), "--val", "0.1", "--test", "0.2", "--seed", "3",
-                     "--target-ci", "0.02"])
+    code = cli_main(
+        ["split", str(labels), "--out", str(out), "--val", "0.1", "--test", "0.2", "--seed", "3", "--target-ci", "0.02"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Hanley-McNeil" in printed and "Pneumothorax" in printed and "Validation size for a ±0.02" in printed
@@ -71,8 +73,11 @@ def test_split_cli_is_patient_disjoint_stratified_and_reports(tmp_path, capsys):
         assert f.readline().strip() == "Image Index,Finding Labels,Follow-up #,Patient ID,View Position"
     assert sorted(r["Image Index"] for p in parts.values() for r in p) == sorted(r["Image Index"] for r in source)
     patients = {name: {r["Patient ID"] for r in rows} for name, rows in parts.items()}
-    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
-                or patients["val"] & patients["test"])
+    assert not (
+        patients["train"] & patients["val"]
+        or patients["train"] & patients["test"]
+        or patients["val"] & patients["test"]
+    )
     # Sizes near the fractions, and each finding's positives spread in proportion (even the 3% one).
     n = len(source)
     for name, fraction in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
@@ -92,7 +97,10 @@ def test_split_cli_is_patient_disjoint_stratified_and_reports(tmp_path, capsys):
     assert val["accuracy_ci95_half_width"] == pytest.approx(Z95 * (0.8 * 0.2 / val["images"]) ** 0.5)
     target = report["target"]
     assert target["val_images_for_auroc_all_classes"] == max(target["val_images_for_auroc_per_class"].values())
-    assert target["val_images_for_auroc_per_class"]["Pneumothorax"] > target["val_images_for_auroc_per_class"]["Atelectasis"]
+    assert (
+        target["val_images_for_auroc_per_class"]["Pneumothorax"]
+        > target["val_images_for_auroc_per_class"]["Atelectasis"]
+    )
 
 
 def test_split_is_deterministic_per_seed(tmp_path):
@@ -158,7 +166,9 @@ def test_excel_csv_mixed_patient_spellings_and_empty_labels(tmp_path, caplog):
     for name in ("train", "val", "test"):
         raw = (tmp_path / "o" / f"{name}.csv").read_bytes()
         assert raw.startswith(b"Image Index,") and b"\r" not in raw  # no BOM, no CRLF carried over
-        split_of.update({row["Image Index"]: (name, row["Patient ID"]) for row in _rows(tmp_path / "o" / f"{name}.csv")})
+        split_of.update(
+            {row["Image Index"]: (name, row["Patient ID"]) for row in _rows(tmp_path / "o" / f"{name}.csv")}
+        )
     assert len(split_of) == len(lines) - 1
     patient7 = {split_of[n] for n in ("00007_000.png", "00007_001.png", "00007_100.png", "00007_101.png")}
     assert len(patient7) == 1 and next(iter(patient7))[1] == "7"  # one patient, one split, one spelling
@@ -219,6 +229,7 @@ def test_recipes_read_the_same_labels_file_the_same_way(phantom_dir, tmp_path):
     images = str(phantom_dir / "images")
     plain, spreadsheet = build_folder_records(images, phantom_dir / "labels.csv"), build_folder_records(images, excel)
     assert spreadsheet["group"] == plain["group"] and spreadsheet["key"] == plain["key"]
-    changed = [i for i, (a, b) in enumerate(zip(plain["finding_labels"], spreadsheet["finding_labels"], strict=True))
-               if a != b]
+    changed = [
+        i for i, (a, b) in enumerate(zip(plain["finding_labels"], spreadsheet["finding_labels"], strict=True)) if a != b
+    ]
     assert len(changed) == 1 and not is_labelled(spreadsheet["finding_labels"][changed[0]])

@@ -143,7 +143,7 @@ def _collate(rows):
 def test_trainer_resume_continues_the_interrupted_epoch(shards, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_medvis.training.stream_state import StreamStateCallback
+    from hf_medvis.training.callbacks import StreamStateCallback
 
     n = json.loads((shards / "manifest.json").read_text())["totals"]["written"]
     bs, steps_per_epoch = 4, -(-n // 4)
@@ -151,12 +151,23 @@ def test_trainer_resume_continues_the_interrupted_epoch(shards, tmp_path):
     def run(max_steps, resume=None):
         ds = load_image_dataset(str(shards), image_transform=T, shuffle_buffer=8, seed=3)
         args = TrainingArguments(
-            output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=bs, save_steps=steps_per_epoch + 2,
-            dataloader_num_workers=2, remove_unused_columns=False, report_to=[], use_cpu=True, logging_steps=1000,
-            save_only_model=False, learning_rate=1e-3, disable_tqdm=True,
+            output_dir=str(tmp_path / "out"),
+            max_steps=max_steps,
+            per_device_train_batch_size=bs,
+            save_steps=steps_per_epoch + 2,
+            dataloader_num_workers=2,
+            remove_unused_columns=False,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1000,
+            save_only_model=False,
+            learning_rate=1e-3,
+            disable_tqdm=True,
         )
         model = _KeyModel()
-        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=_collate, callbacks=[StreamStateCallback(ds)])
+        trainer = Trainer(
+            model=model, args=args, train_dataset=ds, data_collator=_collate, callbacks=[StreamStateCallback(ds)]
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model.seen
 
@@ -166,7 +177,7 @@ def test_trainer_resume_continues_the_interrupted_epoch(shards, tmp_path):
     run(steps_per_epoch + 2)  # "interrupted" right after the checkpoint in epoch 1
     resumed = run(total, resume=str(tmp_path / "out" / f"checkpoint-{steps_per_epoch + 2}"))
     assert (tmp_path / "out" / f"checkpoint-{steps_per_epoch + 2}" / "stream_state.json").exists()
-    assert len(resumed) > 0 and Counter(resumed) == Counter(straight[-len(resumed):])
+    assert len(resumed) > 0 and Counter(resumed) == Counter(straight[-len(resumed) :])
 
 
 # ---- real Azure Blob Storage (Azurite) ----
@@ -182,8 +193,14 @@ def az_shards(azurite, phantom_dir):
     fs.put(str(phantom_dir / "images"), "raw/images", recursive=True)
     fs.put(str(phantom_dir / "labels.csv"), "raw/labels.csv")
     manifest = prepare(
-        f"{raw}/images", f"{out}/set", size=40, shard_size=5, salt=SALT, labels=str(phantom_dir / "labels.csv"),
-        storage_options=azurite.storage_options, workers=2,
+        f"{raw}/images",
+        f"{out}/set",
+        size=40,
+        shard_size=5,
+        salt=SALT,
+        labels=str(phantom_dir / "labels.csv"),
+        storage_options=azurite.storage_options,
+        workers=2,
     )
     return f"{out}/set", manifest
 

@@ -1,6 +1,37 @@
-"""Data plane: decoding, phantoms, raw folders, shards and streaming. Never imports ``hf_medvis.training``."""
+"""Data plane: labels files, decoding, phantoms, raw folders, prepared shards and streaming, and the one way the
+recipes get their datasets (``build_datasets``). Never imports ``hf_medvis.training`` or ``hf_medvis.models``."""
 
-from .decode import ImageDecodeError, read_image
-from .streaming import load_image_dataset
+from typing import TYPE_CHECKING
 
-__all__ = ["ImageDecodeError", "load_image_dataset", "read_image"]
+from .._lazy import lazy_exports
+
+# Exports resolve on first use: the `hf-medvis` command imports single light modules of this package.
+_EXPORTS = {
+    "TASKS": "datasets",
+    "ClassificationDataArguments": "arguments",
+    "DataArguments": "arguments",
+    "Datasets": "datasets",
+    "ImageDecodeError": "decode",
+    "MAEDataArguments": "arguments",
+    "build_datasets": "datasets",
+    "load_image_dataset": "streaming",
+    "read_image": "decode",
+}
+__all__ = [
+    "ClassificationDataArguments",
+    "DataArguments",
+    "Datasets",
+    "ImageDecodeError",
+    "MAEDataArguments",
+    "TASKS",
+    "build_datasets",
+    "load_image_dataset",
+    "read_image",
+]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+    from .datasets import TASKS, Datasets, build_datasets
+    from .decode import ImageDecodeError, read_image
+    from .streaming import load_image_dataset

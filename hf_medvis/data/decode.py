@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from .storage import describe
+from .storage import describe, read_bytes
 
 
 class ImageDecodeError(ValueError):
@@ -32,8 +37,6 @@ def _read_bytes(src: str | os.PathLike | bytes, storage_options: dict | None = N
         return bytes(src)
     text = os.fspath(src)
     if "://" in text and not text.startswith("file://"):
-        from .storage import read_bytes
-
         return read_bytes(text, storage_options)
     return Path(text.removeprefix("file://")).read_bytes()
 
@@ -96,7 +99,6 @@ def looks_like_image(head: bytes) -> bool:
 
 
 def _decode_raster(src: Any, data: bytes) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -129,11 +131,6 @@ def _decode_raster(src: Any, data: bytes) -> np.ndarray:
 
 def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True):
     """The DICOM dataset of ``data`` (pixels included, not decoded); ``ImageDecodeError`` when unreadable."""
-    import warnings
-
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every lenient fix; the error path says what matters
@@ -151,15 +148,15 @@ def _transfer_syntax(ds):
 
 def _check_decoder(src: Any, ds) -> None:
     """A clear error before decoding when the transfer syntax has no decoder, or needs the [dicom] extra."""
-    from pydicom.pixels import get_decoder
-
     syntax = _transfer_syntax(ds)
     if syntax is None or not syntax.is_compressed:
         return
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise ImageDecodeError(src, f"unsupported transfer syntax {syntax.name} ({syntax}): no DICOM decoder exists") from None
+        raise ImageDecodeError(
+            src, f"unsupported transfer syntax {syntax.name} ({syntax}): no DICOM decoder exists"
+        ) from None
     if not decoder.is_available:
         raise ImageDecodeError(
             src,
@@ -180,7 +177,6 @@ def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None, strict: b
 
 
 def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageDecodeError(src, "DICOM has no pixel data")
@@ -204,14 +200,19 @@ def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndar
         raise ImageDecodeError(src, f"unexpected DICOM pixel array shape {pixels.shape}")
 
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(getattr(ds, "SamplesPerPixel", 1)) > 1 or photometric in ("RGB", "PALETTE COLOR") or photometric.startswith("YBR"):
+    if (
+        int(getattr(ds, "SamplesPerPixel", 1)) > 1
+        or photometric in ("RGB", "PALETTE COLOR")
+        or photometric.startswith("YBR")
+    ):
         return _colour_to_luminance(ds, pixels, photometric)
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     if not np.isfinite(values).all():
         raise ImageDecodeError(
-            src, f"non-finite pixel values after the modality LUT (RescaleSlope {ds.get('RescaleSlope', 1)!s}, "
-            f"RescaleIntercept {ds.get('RescaleIntercept', 0)!s})"
+            src,
+            f"non-finite pixel values after the modality LUT (RescaleSlope {ds.get('RescaleSlope', 1)!s}, "
+            f"RescaleIntercept {ds.get('RescaleIntercept', 0)!s})",
         )
     if isinstance(window, tuple):
         center, width = window
@@ -233,7 +234,6 @@ def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndar
 
 
 def _frame_array(ds, frame: int) -> np.ndarray:
-    from pydicom.pixels import pixel_array
 
     # pixel_array(index=) decodes only the requested frame.
     return pixel_array(ds, index=frame)
@@ -271,7 +271,6 @@ def _normalise_stored_range(values: np.ndarray, ds, pixels: np.ndarray) -> np.nd
 
 
 def _colour_to_luminance(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut
 
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)

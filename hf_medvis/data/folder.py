@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -10,9 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from . import storage
-from .decode import looks_like_image
+from .decode import looks_like_image, read_image
 from .labels import read_labels_table
+from .transforms import apply_image_transform, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +35,6 @@ def _walk_files(source: str | os.PathLike, storage_options: dict | None = None) 
     """(path or URL, fsspec filesystem or None for local) of every file under a folder (recursive), a glob, or an
     fsspec URL, in a deterministic order, streamed: folders are walked one at a time (names sorted within each), so
     millions of files cost memory for one folder's names only. Local symbolic links are listed, dangling ones too."""
-    import fnmatch
-
     text = os.fspath(source)
     pattern = None
     if _has_glob(text):
@@ -115,8 +117,9 @@ def list_image_files(source: str | os.PathLike, storage_options: dict | None = N
     files = sorted(iter_image_files(source, storage_options, on_skip=lambda path, reason: skipped.append(path)))
     where = os.fspath(source).split("?", 1)[0]
     if skipped:
-        logger.info("%s: %d file(s) skipped: not images (no image extension, no DICOM or image signature)", where,
-                    len(skipped))
+        logger.info(
+            "%s: %d file(s) skipped: not images (no image extension, no DICOM or image signature)", where, len(skipped)
+        )
     if not files:
         raise DataSourceError(f"no image files (DICOM, PNG, JPEG, TIFF) found in {where}")
     return files
@@ -172,8 +175,6 @@ def dataset_from_records(
     records: dict[str, list[Any]], image_transform: Callable | None = None, storage_options: dict | None = None
 ):
     """A ``datasets.Dataset`` of file references; with ``image_transform`` rows decode on access (``pixel_values``)."""
-    import datasets
-
     dataset = datasets.Dataset.from_dict(records)
     if image_transform is not None:
         dataset = dataset.with_transform(make_decode_transform(image_transform, storage_options))
@@ -219,9 +220,6 @@ class DecodedImageCache:
 def make_decode_transform(image_transform: Callable, storage_options: dict | None = None) -> Callable:
     """A batched ``datasets`` transform: read_image -> uint8 [1, H, W] (cached, ``DecodedImageCache``) ->
     ``image_transform`` -> ``pixel_values``."""
-    from .decode import read_image
-    from .transforms import apply_image_transform, to_uint8_tensor
-
     cache = DecodedImageCache()
 
     def decode(path: str):

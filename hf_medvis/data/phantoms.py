@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 FINDINGS: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Nodule")
 NO_FINDING = "No Finding"
@@ -94,9 +97,7 @@ def plan_phantoms(patients: int = 200, seed: int = 0) -> list[PhantomImage]:
         for follow_up in range(n_images):
             effusion = bool(rng.random() < effusion_rate)
             findings = tuple(
-                name
-                for name, present in zip(FINDINGS, (cardiomegaly, effusion, nodule), strict=True)
-                if present
+                name for name, present in zip(FINDINGS, (cardiomegaly, effusion, nodule), strict=True) if present
             )
             anatomy = dict(patient_anatomy)
             anatomy.update(
@@ -207,10 +208,6 @@ def to_uint8(display: np.ndarray) -> np.ndarray:
 
 def _dicom_dataset(image: PhantomImage, display: np.ndarray):
     """Encodes a display image as a 16-bit DICOM whose modality + VOI LUTs map back to the same display image."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     monochrome1 = image.patient_id % 2 == 1  # CR-style readers often deliver MONOCHROME1
     modality = "CR" if monochrome1 else "DX"
     bits_stored = 12 if monochrome1 else 14

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,5 +36,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     plan = plan_phantoms(args.patients, args.seed)
-    print(f"wrote {len(plan)} images of {args.patients} patients to {out} (images/, {'' if args.no_dicom else 'dicom/, '}labels.csv)")
+    print(
+        f"wrote {len(plan)} images of {args.patients} patients to {out} (images/, {'' if args.no_dicom else 'dicom/, '}labels.csv)"
+    )
     return 0

@@ -22,8 +22,8 @@ is written to DST or logged.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,16 +38,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
 
 from . import shards as shard_format
 from . import storage
 from .decode import ImageDecodeError, read_dicom_header, read_image
 from .folder import DataSourceError, find_labels_file, iter_image_files
 from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, is_labelled, normalize_patient_id, read_labels_table
+from .privacy import relative_path, resolve_salt, salt_check, salted_hash
 
 logger = logging.getLogger(__name__)
 
-SALT_ENV = "HF_MEDVIS_SALT"
 VIEW_COL = "View Position"
 KNOWN_COLUMNS = {
     IMAGE_COL,
@@ -78,27 +80,8 @@ class PrepareParams:
     format_version: int = shard_format.FORMAT_VERSION
 
 
-def salted_hash(value: str, salt: str, kind: str) -> str:
-    """Truncated SHA-256 keyed by the salt; ``kind`` separates namespaces (a patient id never collides with a path).
-    File names that are not valid UTF-8 (kept by Python as surrogate escapes) hash by their bytes."""
-    return hashlib.sha256(f"{kind}\x00{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
-
-
-def resolve_salt(salt: str | None) -> str:
-    salt = salt if salt is not None else os.environ.get(SALT_ENV)
-    if not salt:
-        raise ValueError(
-            f"no salt for patient-id hashing: pass --salt or set {SALT_ENV} (keep it secret and the same for every "
-            "prepare of one dataset, so a patient gets the same group across runs)"
-        )
-    return salt
-
-
 def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
     """Float [0, 1] H x W -> float size x size, per RESIZE_POLICY."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     tensor = F.resize(tensor, size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
     tensor = F.center_crop(tensor, [size, size])
@@ -109,11 +92,6 @@ def quantize(image: np.ndarray, bits: int) -> bytes:
     if bits == 8:
         return np.round(image * 255.0).astype(np.uint8).tobytes()
     return np.round(image * 65535.0).astype("<u2").tobytes()
-
-
-def _relative(path: str, root: str) -> str:
-    root = root.rstrip("/")
-    return path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
 
 
 def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
@@ -136,8 +114,10 @@ def _process_input(source: str, rel: str, row: dict | None, params: PrepareParam
         data = storage.read_bytes(source, options) if "://" in source else Path(source).read_bytes()
     except FileNotFoundError:
         broken_link = "://" not in source and os.path.islink(source)
-        raise ImageDecodeError(source_hash, "broken symbolic link (its target does not exist)" if broken_link
-                               else "file disappeared during prepare") from None
+        raise ImageDecodeError(
+            source_hash,
+            "broken symbolic link (its target does not exist)" if broken_link else "file disappeared during prepare",
+        ) from None
     except OSError as err:
         raise ImageDecodeError(source_hash, f"cannot read: {type(err).__name__} ({err.strerror or ''})") from None
     if not data:
@@ -247,7 +227,7 @@ def _read_labels(labels: str | None, src: str) -> tuple[LabelsTable | None, list
     unknown = [c for c in table.columns if c not in KNOWN_COLUMNS]
     if unknown:
         warnings.append(f"labels file columns ignored (unknown): {', '.join(unknown)}")
-    for warning in warnings[len(table.warnings):]:  # the table's own were logged when it was read
+    for warning in warnings[len(table.warnings) :]:  # the table's own were logged when it was read
         logger.warning("%s", warning)
     return table, warnings
 
@@ -276,10 +256,12 @@ def prepare(
     if shard_size < 1 or workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
     salt = resolve_salt(salt)
-    salt_check = _salt_check(salt)
+    salt_fingerprint = salt_check(salt)
     params = PrepareParams(size=size, bits=bits, shard_size=shard_size)
     in_options = storage.storage_options_for(src, storage_options)
-    out_options = storage.storage_options_for(dst, dst_storage_options if dst_storage_options is not None else storage_options)
+    out_options = storage.storage_options_for(
+        dst, dst_storage_options if dst_storage_options is not None else storage_options
+    )
     table, warnings = _read_labels(labels, src)
     label_rows = table.by_image() if table is not None else {}
     storage.make_dirs(dst, out_options)
@@ -296,7 +278,7 @@ def prepare(
         for index, chunk in enumerate(_chunks(listing, shard_size)):
             inputs = []
             for source in chunk:
-                rel = _relative(source, root)
+                rel = relative_path(source, root)
                 name = rel.rsplit("/", 1)[-1]
                 row = label_rows.get(name) or label_rows.get(PurePosixPath(name).stem) if label_rows else None
                 if row is not None:
@@ -308,7 +290,7 @@ def prepare(
                 "inputs": inputs,
                 "params": params,
                 "salt": salt,
-                "salt_check": salt_check,
+                "salt_check": salt_fingerprint,
                 "options": out_options,
                 "input_options": in_options,
             }
@@ -332,7 +314,7 @@ def prepare(
         "shard_format": "parquet",
         "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": 1},
         "labels_file": table.path.name if table is not None else None,
-        "salt_check": salt_check,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it
+        "salt_check": salt_fingerprint,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it
         "shards": [
             {"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
             for r in records
@@ -381,8 +363,6 @@ def _die_with_parent(parent_pid: int) -> None:
     as a backstop, a thread checks every second whether the parent is still ours."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -396,42 +376,3 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def read_quarantine(dst: str, storage_options: dict | str | None = None) -> list[dict]:
-    data = storage.read_bytes(storage.join(dst, shard_format.QUARANTINE_NAME), storage_options)
-    return [json.loads(line) for line in io.StringIO(data.decode()) if line.strip()]
-
-
-def locate_quarantined(
-    src: str,
-    dst: str,
-    *,
-    salt: str | None = None,
-    storage_options: dict | str | None = None,
-    dst_storage_options: dict | str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """(source path, reason) of each quarantined input of the prepared location ``dst``, found by walking ``src`` again
-    and hashing each path with the salt: DST holds no file names, the operator's copy of SRC does. Also yields each
-    file skipped as not an image."""
-    salt = resolve_salt(salt)
-    manifest = json.loads(storage.read_bytes(storage.join(dst, shard_format.MANIFEST_NAME),
-                                             dst_storage_options if dst_storage_options is not None else storage_options))
-    if manifest.get("salt_check") not in (None, _salt_check(salt)):
-        raise ValueError(f"this salt is not the one {storage.describe(dst)} was prepared with")
-    wanted = {e["source_hash"]: e["reason"] for e in read_quarantine(
-        dst, dst_storage_options if dst_storage_options is not None else storage_options) if "source_hash" in e}
-    in_options = storage.storage_options_for(src, storage_options)
-    root = src if not any(ch in src for ch in "*?[") else src.split("*", 1)[0].rsplit("/", 1)[0]
-    skipped: list[tuple[str, str]] = []
-    for source in iter_image_files(src, in_options, on_skip=lambda path, reason: skipped.append((path, reason))):
-        reason = wanted.get(salted_hash(_relative(source, root), salt, "source"))
-        if reason is not None:
-            yield source, reason
-        yield from skipped
-        skipped.clear()
-    yield from skipped
-
-
-def _salt_check(salt: str) -> str:
-    return hashlib.sha256(f"hf_medvis-salt-check\x00{salt}".encode()).hexdigest()[:16]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", dest="shard_format", default="parquet", choices=("parquet",), help="shard format")
     parser.add_argument("--salt", default=None, help="secret salt for patient-id hashing (default: $HF_MEDVIS_SALT)")
     parser.add_argument(
-        "--storage_options", "--storage-options", default=None,
+        "--storage_options",
+        "--storage-options",
+        default=None,
         help="fsspec options as JSON (default: Azure credentials from the environment); never printed",
     )
     parser.set_defaults(func=run)
@@ -45,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    from .prepare import locate_quarantined
+    from .quarantine import locate_quarantined
 
     found = 0
     for path, reason in locate_quarantined(args.src, args.dst, salt=args.salt, storage_options=args.storage_options):

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import datasets
+
 from . import shards as shard_format
 from . import storage
 from .streaming import DecodeStoredPixels, ShardReader, ShardReadError, find_manifest
@@ -28,11 +30,11 @@ def load_shard_table(source: str, storage_options: dict | str | None = None, cac
     """Every sample of the prepared-shard location ``source`` (a folder / URL or its manifest.json) as a map-style
     ``datasets.Dataset`` with the shard schema's columns (``key``, ``group``, ``finding_labels``, ``view_position``,
     ``pixels``, ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest."""
-    import datasets
-
     found = find_manifest(source, storage_options)
     if found is None:
-        raise ValueError(f"{storage.describe(source)} is not a prepared-shard location (no {shard_format.MANIFEST_NAME})")
+        raise ValueError(
+            f"{storage.describe(source)} is not a prepared-shard location (no {shard_format.MANIFEST_NAME})"
+        )
     base, manifest = found
     options = storage.storage_options_for(base, storage_options)
     # The shard list (paths, sizes, checksums) is part of the generator's kwargs, so datasets' cache fingerprint changes

@@ -15,6 +15,9 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 FORMAT_NAME = "hf_medvis.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -34,7 +37,6 @@ METADATA_COLUMNS: tuple[str, ...] = (
 
 
 def schema():
-    import pyarrow as pa
 
     return pa.schema(
         [
@@ -68,9 +70,6 @@ def sha256_hex(data: bytes) -> str:
 
 def encode_shard(rows: Sequence[dict[str, Any]]) -> bytes:
     """Parquet bytes for ``rows`` (dicts with the schema's fields)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pylist(list(rows), schema=schema())
     buf = io.BytesIO()
     pq.write_table(
@@ -87,18 +86,10 @@ def encode_shard(rows: Sequence[dict[str, Any]]) -> bytes:
 
 def iter_shard_rows(data: bytes, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """Rows of a shard, one row group at a time (bounded memory beyond the shard's bytes)."""
-    import pyarrow.parquet as pq
-
     reader = pq.ParquetFile(io.BytesIO(data))
     for index in range(reader.num_row_groups):
         table = reader.read_row_group(index, columns=list(columns) if columns else None)
         yield from table.to_pylist()
-
-
-def count_rows(data: bytes) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
 
 
 def dumps(obj: Any) -> bytes:

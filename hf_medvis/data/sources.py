@@ -77,15 +77,23 @@ def build_train_eval_datasets(
     """
     if find_manifest(train.location, storage_options) is not None:
         return _build_stream_datasets(
-            train, validation_data, train_transform, eval_transform, storage_options, seed,
-            max_train_samples, max_eval_samples,
+            train,
+            validation_data,
+            train_transform,
+            eval_transform,
+            storage_options,
+            seed,
+            max_train_samples,
+            max_eval_samples,
         )
     records = build_folder_records(train.location, train.labels_file, storage_options)
     if filter_records is not None:
         records = filter_records(records)
     if validation_data is not None:
         val_labels = validation_labels_file or find_labels_file(validation_data)
-        eval_records = build_folder_records(validation_data, str(val_labels) if val_labels else train.labels_file, storage_options)
+        eval_records = build_folder_records(
+            validation_data, str(val_labels) if val_labels else train.labels_file, storage_options
+        )
         if filter_records is not None:
             eval_records = filter_records(eval_records)
         train_records = records
@@ -97,7 +105,9 @@ def build_train_eval_datasets(
         eval_records = _select(records, lambda i: held[i])
         if not eval_records["path"] or not train_records["path"]:
             # Too few patients for the requested percentage: keep everything for training rather than fail.
-            logger.warning("patient holdout of %.1f%% left one side empty; training without evaluation", holdout_percentage)
+            logger.warning(
+                "patient holdout of %.1f%% left one side empty; training without evaluation", holdout_percentage
+            )
             train_records, eval_records = records, None
     else:
         train_records, eval_records = records, None
@@ -125,7 +135,11 @@ def _build_stream_datasets(
     # Split by node here (RANK / WORLD_SIZE), the split StreamStateCallback's twin replays on resume; MedVisTrainer
     # then keeps accelerate from sharding this stream a second time (trainer.py, get_train_dataloader).
     train_ds = load_image_dataset(
-        train.location, image_transform=train_transform, storage_options=storage_options, shuffle=True, seed=seed,
+        train.location,
+        image_transform=train_transform,
+        storage_options=storage_options,
+        shuffle=True,
+        seed=seed,
         split_by_node=True,
     )
     _, manifest = find_manifest(train.location, storage_options)
@@ -138,7 +152,10 @@ def _build_stream_datasets(
     eval_ds = None
     if validation_data is not None:
         eval_ds = load_image_dataset(
-            validation_data, image_transform=eval_transform, storage_options=storage_options, shuffle=False,
+            validation_data,
+            image_transform=eval_transform,
+            storage_options=storage_options,
+            shuffle=False,
             split_by_node=False,
         )
         if max_eval_samples is not None:

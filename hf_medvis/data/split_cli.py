@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -17,18 +20,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image-col", default="Image Index", help="image column (default 'Image Index')")
     parser.add_argument("--group-col", default="Patient ID", help="patient column (default 'Patient ID')")
-    parser.add_argument("--label-col", default="Finding Labels",
-                        help="label column, '|'-separated; an empty cell is unlabelled, 'No Finding' the negative "
-                        "(default 'Finding Labels')")
+    parser.add_argument(
+        "--label-col",
+        default="Finding Labels",
+        help="label column, '|'-separated; an empty cell is unlabelled, 'No Finding' the negative "
+        "(default 'Finding Labels')",
+    )
     parser.add_argument("--val", type=float, default=0.1, help="fraction of images for validation (default 0.1)")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of images for test (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-names", nargs="+", default=None, help="classes to stratify on (default: all in the data)")
+    parser.add_argument(
+        "--label-names", nargs="+", default=None, help="classes to stratify on (default: all in the data)"
+    )
     parser.add_argument("--problem-type", default="auto", choices=("auto", "multi_label", "single_label"))
     parser.add_argument("--assumed-auroc", type=float, default=0.85, help="AUROC assumed for the SE (default 0.85)")
     parser.add_argument("--assumed-accuracy", type=float, default=0.8, help="accuracy assumed for the SE (default 0.8)")
-    parser.add_argument("--target-ci", type=float, default=None,
-                        help="95%% CI half-width to reach (e.g. 0.02): report the validation size it needs")
+    parser.add_argument(
+        "--target-ci",
+        type=float,
+        default=None,
+        help="95%% CI half-width to reach (e.g. 0.02): report the validation size it needs",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,9 +52,19 @@ def run(args: argparse.Namespace) -> int:
     if args.target_ci is not None and not 0 < args.target_ci < 0.5:
         raise ValueError(f"--target-ci must be in (0, 0.5), got {args.target_ci}")
     result = split_labels_csv(
-        args.labels_csv, args.out, image_col=args.image_col, group_col=args.group_col, label_col=args.label_col,
-        val=args.val, test=args.test, seed=args.seed, label_names=args.label_names, problem_type=args.problem_type,
-        assumed_auroc=args.assumed_auroc, assumed_accuracy=args.assumed_accuracy, target_ci=args.target_ci,
+        args.labels_csv,
+        args.out,
+        image_col=args.image_col,
+        group_col=args.group_col,
+        label_col=args.label_col,
+        val=args.val,
+        test=args.test,
+        seed=args.seed,
+        label_names=args.label_names,
+        problem_type=args.problem_type,
+        assumed_auroc=args.assumed_auroc,
+        assumed_accuracy=args.assumed_accuracy,
+        target_ci=args.target_ci,
     )
     print(format_split_report(result.report))
     print(f"\nwrote {', '.join(p.name for p in result.paths.values())} to {result.paths['train'].parent}")

@@ -13,7 +13,7 @@ the split's sizes, and optionally the validation size that reaches a target 95% 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -34,6 +34,7 @@ from .labels import (
     label_matrix,
     read_labels_table,
 )
+from .storage import write_json_atomic, write_text_atomic
 
 Z95 = 1.959963984540054
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -194,7 +195,8 @@ def split_report(
     if target_ci is not None:
         prevalence = matrix[labelled].mean(axis=0)
         per_class = {
-            label: images_for_auroc_ci(assumed_auroc, float(prevalence[c]), target_ci) for c, label in enumerate(spec.names)
+            label: images_for_auroc_ci(assumed_auroc, float(prevalence[c]), target_ci)
+            for c, label in enumerate(spec.names)
         }
         images_per_patient = len(groups) / max(len(set(groups)), 1)
         needed = [v for v in per_class.values() if v is not None]
@@ -212,14 +214,19 @@ def split_report(
 def format_split_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table."""
     a = report["assumptions"]
-    lines = [f"Expected 95% CI half-widths at AUROC {a['auroc']:g} (Hanley-McNeil) and accuracy {a['accuracy']:g} "
-             "(binomial)", ""]
+    lines = [
+        f"Expected 95% CI half-widths at AUROC {a['auroc']:g} (Hanley-McNeil) and accuracy {a['accuracy']:g} "
+        "(binomial)",
+        "",
+    ]
     header = f"{'split':<6} {'class':<22} {'pos':>6} {'neg':>7} {'AUROC SE':>9} {'±95% CI':>8}"
     for name, split in report["splits"].items():
         ci = split["accuracy_ci95_half_width"]
         unlabelled = f" ({split['unlabelled_images']} unlabelled)" if split.get("unlabelled_images") else ""
-        lines.append(f"{name}: {split['images']} images{unlabelled}, {split['patients']} patients; accuracy "
-                     + (f"±{ci:.3f}" if ci is not None else "n/a"))
+        lines.append(
+            f"{name}: {split['images']} images{unlabelled}, {split['patients']} patients; accuracy "
+            + (f"±{ci:.3f}" if ci is not None else "n/a")
+        )
     lines += ["", header, "-" * len(header)]
     for name, split in report["splits"].items():
         for label, c in split["classes"].items():
@@ -231,8 +238,10 @@ def format_split_report(report: dict[str, Any]) -> str:
         lines += ["", f"Validation size for a ±{t['ci95_half_width']:g} 95% CI:"]
         for label, n in t["val_images_for_auroc_per_class"].items():
             lines.append(f"  AUROC {label}: {n if n is not None else 'n/a'} images")
-        lines.append(f"  AUROC, every class: {t['val_images_for_auroc_all_classes']} images "
-                     f"(~{t['val_patients_for_auroc_all_classes']} patients)")
+        lines.append(
+            f"  AUROC, every class: {t['val_images_for_auroc_all_classes']} images "
+            f"(~{t['val_patients_for_auroc_all_classes']} patients)"
+        )
         lines.append(f"  accuracy: {t['val_images_for_accuracy']} images")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
@@ -276,43 +285,56 @@ def split_labels_csv(
         raise SplitError(f"{table.path.name} has no rows")
     missing = [str(i + 2) for i, row in enumerate(rows) if not row[group_col]]
     if missing:
-        raise SplitError(f"{len(missing)} row(s) of {table.path.name} have no '{group_col}' (rows {', '.join(missing[:5])}"
-                         f"{', ...' if len(missing) > 5 else ''}): every image needs its patient")
+        raise SplitError(
+            f"{len(missing)} row(s) of {table.path.name} have no '{group_col}' (rows {', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): every image needs its patient"
+        )
     labelled = np.array([is_labelled(row[label_col]) for row in rows])
     if not labelled.any():
         raise SplitError(f"every '{label_col}' of {table.path.name} is empty: nothing to stratify on")
-    spec = infer_label_spec([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], label_names,
-                            problem_type)
+    spec = infer_label_spec(
+        [row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], label_names, problem_type
+    )
     matrix = np.zeros((len(rows), len(spec.names)), dtype=np.float32)
-    matrix[labelled] = label_matrix(encode_labels([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok],
-                                                  spec), spec)
+    matrix[labelled] = label_matrix(
+        encode_labels([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], spec), spec
+    )
     groups = [row[group_col] for row in rows]
     n_groups = len(set(groups))
     needed = 1 + (val > 0) + (test > 0)
     if n_groups < needed:
         raise SplitError(f"{n_groups} patient(s) cannot fill {needed} patient-disjoint splits")
     assignment = stratified_group_assignment(groups, matrix, [1 - val - test, val, test], seed)
-    report = split_report(assignment, groups, matrix, spec, assumed_auroc=assumed_auroc,
-                          assumed_accuracy=assumed_accuracy, target_ci=target_ci, labelled=labelled)
-    report["source"] = {"file": table.path.name, "group_col": group_col, "label_col": label_col,
-                        "fractions": {"train": 1 - val - test, "val": val, "test": test}, "seed": seed}
+    report = split_report(
+        assignment,
+        groups,
+        matrix,
+        spec,
+        assumed_auroc=assumed_auroc,
+        assumed_accuracy=assumed_accuracy,
+        target_ci=target_ci,
+        labelled=labelled,
+    )
+    report["source"] = {
+        "file": table.path.name,
+        "group_col": group_col,
+        "label_col": label_col,
+        "fractions": {"train": 1 - val - test, "val": val, "test": test},
+        "seed": seed,
+    }
     report["labels_file_warnings"] = list(table.warnings)  # logged when the file was read
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for index, name in enumerate(SPLIT_NAMES):
-        path = out / f"{name}.csv"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(row for row, split in zip(rows, assignment, strict=True) if split == index)
-        os.replace(tmp, path)
-        paths[name] = path
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(row for row, split in zip(rows, assignment, strict=True) if split == index)
+        paths[name] = out / f"{name}.csv"
+        write_text_atomic(paths[name], text.getvalue())
     paths["report"] = out / "split_report.json"
-    tmp = out / ".split_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, paths["report"])
+    write_json_atomic(paths["report"], report)
     return SplitResult(paths, report)
 
 

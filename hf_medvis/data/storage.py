@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import fsspec
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -101,8 +103,6 @@ def check_container_name(url: str, path: str) -> None:
 
 def filesystem(url: str, storage_options: dict | str | None = None):
     """(fsspec filesystem, path inside it) for a URL or local path."""
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
     if protocol_of(url) in AZURE_PROTOCOLS:
         check_container_name(url, path)
@@ -113,6 +113,7 @@ def explain_storage_error(err: BaseException, url: str | None = None) -> str | N
     """One line for a storage failure a user can fix (credentials, names, reachability); None for anything else. The
     Azure SDK's own message (a page of HTTP headers and XML) is reduced to its error code."""
     try:
+        # The Azure SDK comes with adlfs, which only Azure users install.
         from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
     except ImportError:  # pragma: no cover - azure is a base dependency through adlfs
         return None
@@ -120,12 +121,16 @@ def explain_storage_error(err: BaseException, url: str | None = None) -> str | N
         err = err.__cause__  # adlfs wraps some SDK errors (ValueError ... from HttpResponseError)
     where = f"{describe(url)}: " if url else ""
     if type(err).__name__ == "AzureSigningError":
-        return (f"{where}cannot sign requests: the storage account key is not valid base64 (cut short when copied?) "
-                f"({_first_sentence(err)})")
+        return (
+            f"{where}cannot sign requests: the storage account key is not valid base64 (cut short when copied?) "
+            f"({_first_sentence(err)})"
+        )
     if isinstance(err, ClientAuthenticationError) or (isinstance(err, HttpResponseError) and err.status_code == 403):
         code = getattr(err, "error_code", None) or getattr(err, "status_code", None) or type(err).__name__
-        return (f"{where}access denied by Azure Storage ({_code_name(code)}): check the account key, SAS token or the "
-                "identity's role (Storage Blob Data Reader / Contributor); credentials are not shown")
+        return (
+            f"{where}access denied by Azure Storage ({_code_name(code)}): check the account key, SAS token or the "
+            "identity's role (Storage Blob Data Reader / Contributor); credentials are not shown"
+        )
     if isinstance(err, HttpResponseError) and err.status_code == 400:
         return f"{where}Azure Storage refused the request ({_code_name(err.error_code)}): {_first_sentence(err)}"
     if isinstance(err, ServiceRequestError):
@@ -154,6 +159,7 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     try:
+        # The Azure SDK comes with adlfs, which only Azure users install.
         from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 
         if isinstance(err, (ClientAuthenticationError, ResourceNotFoundError)):
@@ -189,13 +195,16 @@ def with_retries(
                     raise StorageAccessError(f"{what}: {message}") from None
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            logger.warning("%s: %s (attempt %d/%d), retrying in %.1fs", what, type(err).__name__, attempt, attempts, delay)
+            logger.warning(
+                "%s: %s (attempt %d/%d), retrying in %.1fs", what, type(err).__name__, attempt, attempts, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
 def read_bytes(url: str, storage_options: dict | str | None = None, retries: bool = True) -> bytes:
     """The whole object at ``url``; transient errors retried."""
+
     def read() -> bytes:
         fs, path = filesystem(url, storage_options)
         return fs.cat_file(path)
@@ -233,6 +242,16 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None
     with_retries(upload, f"writing {describe(url)}")
 
 
+def write_text_atomic(url: str | os.PathLike, text: str, storage_options: dict | str | None = None) -> None:
+    """``write_bytes_atomic`` of UTF-8 text."""
+    write_bytes_atomic(os.fspath(url), text.encode("utf-8"), storage_options)
+
+
+def write_json_atomic(url: str | os.PathLike, data: object, storage_options: dict | str | None = None) -> None:
+    """``data`` as indented JSON, written whole or not at all."""
+    write_text_atomic(url, json.dumps(data, indent=2) + "\n", storage_options)
+
+
 def exists(url: str, storage_options: dict | str | None = None) -> bool:
     def check() -> bool:
         fs, path = filesystem(url, storage_options)
@@ -257,4 +276,3 @@ def make_dirs(url: str, storage_options: dict | str | None = None) -> None:
             fs.makedirs(path, exist_ok=True)
 
     with_retries(make, f"creating {describe(url)}")
-

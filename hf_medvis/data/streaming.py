@@ -25,11 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
+import torch
+import torch.utils.data
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, default_collate
 
 from . import shards as shard_format
 from . import storage
+from .folder import build_folder_dataset
 from .transforms import apply_image_transform
 
 logger = logging.getLogger(__name__)
@@ -45,7 +50,11 @@ def find_manifest(source: str, storage_options: dict | str | None = None) -> tup
     """(base URL, manifest) when ``source`` is a prepared-shard location (or its manifest.json), else None."""
     if any(ch in source for ch in "*?["):
         return None
-    base = source[: -len(shard_format.MANIFEST_NAME)].rstrip("/") if source.endswith(shard_format.MANIFEST_NAME) else source
+    base = (
+        source[: -len(shard_format.MANIFEST_NAME)].rstrip("/")
+        if source.endswith(shard_format.MANIFEST_NAME)
+        else source
+    )
     url = storage.join(base, shard_format.MANIFEST_NAME)
     try:
         data = storage.read_bytes(url, storage_options)
@@ -106,7 +115,6 @@ class StreamControl:
 
 
 def _worker_id() -> int:
-    import torch.utils.data
 
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
@@ -165,15 +173,16 @@ class DecodeStoredPixels:
         self.image_transform = image_transform
 
     def __call__(self, example: dict) -> dict:
-        import torch
 
         h, w, bits = example["height"], example["width"], example["bits"]
         if bits == 8:
             array = np.frombuffer(example["pixels"], dtype=np.uint8).reshape(1, h, w)
         else:  # 16-bit shards keep depth on disk; batches travel as uint8
-            array = (np.frombuffer(example["pixels"], dtype="<u2").reshape(1, h, w).astype(np.float32) / 257.0)
+            array = np.frombuffer(example["pixels"], dtype="<u2").reshape(1, h, w).astype(np.float32) / 257.0
             array = np.round(array).astype(np.uint8)
-        return {"pixel_values": apply_image_transform(self.image_transform, torch.from_numpy(array.copy()), example["key"])}
+        return {
+            "pixel_values": apply_image_transform(self.image_transform, torch.from_numpy(array.copy()), example["key"])
+        }
 
 
 class _EpochFromControl:
@@ -183,9 +192,10 @@ class _EpochFromControl:
         self.dataset, self.control = dataset, control
 
     def __call__(self, epoch: int) -> None:
-        import datasets
 
-        datasets.IterableDataset.set_epoch(self.dataset, self.control.epoch if self.control.epoch is not None else epoch)
+        datasets.IterableDataset.set_epoch(
+            self.dataset, self.control.epoch if self.control.epoch is not None else epoch
+        )
 
 
 def _distributed_env() -> tuple[int, int]:
@@ -193,8 +203,6 @@ def _distributed_env() -> tuple[int, int]:
 
 
 def _build_stream(control: StreamControl, reader: ShardReader):
-    import datasets
-    from datasets.distributed import split_dataset_by_node
 
     ds = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": list(control.shards)})
     if control.split_by_node and control.world_size > 1:
@@ -202,7 +210,9 @@ def _build_stream(control: StreamControl, reader: ShardReader):
             logger.warning(
                 "%d shards do not divide among %d nodes: every node reads every shard and keeps 1 sample in %d; "
                 "prepare with a shard count that is a multiple of the world size",
-                len(control.shards), control.world_size, control.world_size,
+                len(control.shards),
+                control.world_size,
+                control.world_size,
             )
         ds = split_dataset_by_node(ds, rank=control.rank, world_size=control.world_size)
     if control.shuffle:
@@ -269,8 +279,6 @@ def epoch_batches(
     Runs a pixel-free twin of the stream (same shards, node split, seeds and epoch; one row per sample) through a real
     DataLoader with the same worker count, so worker assignment and round-robin order, including workers that run out
     early, come from the same code as in training. Reads no shard."""
-    import torch.utils.data
-
     twin = _build_stream(control, ShardReader(control.base, control.storage_options, False, with_pixels=False))
     twin.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(
@@ -302,8 +310,9 @@ def worker_skip_counts(
     control: StreamControl, *, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False
 ) -> dict[int, int]:
     """Samples each DataLoader worker had delivered after ``batches`` batches of ``epoch``."""
-    return resume_position(control, epoch=epoch, batches=batches, batch_size=batch_size, num_workers=num_workers,
-                           drop_last=drop_last).skip
+    return resume_position(
+        control, epoch=epoch, batches=batches, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last
+    ).skip
 
 
 class _TagWorker:
@@ -385,7 +394,6 @@ def load_image_dataset(
             skip_bad_shards=skip_bad_shards,
             split_by_node=split_by_node,
         )
-    from .folder import build_folder_dataset
 
     options = storage.storage_options_for(source, storage_options)
     return build_folder_dataset(source, image_transform, labels_file=labels_file, storage_options=options)

@@ -4,14 +4,12 @@ replication happen on the accelerator (``normalize_batch``), so loader workers a
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
-
-# NIH ChestX-ray14 grayscale statistics (lambert-x/medical_mae); used when a model brings no processor of its own.
-XRAY_MEAN = 0.5056
-XRAY_STD = 0.252
 
 
 def build_pretrain_transform(
@@ -151,7 +149,11 @@ class DeviceRandomResizedCrop:
     ):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale needs 0 < min <= max <= 1, got {tuple(scale)}")
-        self.size, self.scale, self.ratio = int(size), (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.size, self.scale, self.ratio = (
+            int(size),
+            (float(scale[0]), float(scale[1])),
+            (float(ratio[0]), float(ratio[1])),
+        )
         self.hflip, self.mode, self.tries = hflip, mode, tries
 
     def __repr__(self) -> str:
@@ -159,8 +161,6 @@ class DeviceRandomResizedCrop:
 
     def boxes(self, batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
         """[B, 4] crop boxes (top, left, h, w) in pixels, sampled as torchvision's RandomResizedCrop.get_params."""
-        import math
-
         area = height * width
         t = self.tries
         target = area * torch.empty(batch, t, device=device).uniform_(*self.scale)
@@ -190,7 +190,6 @@ class DeviceRandomResizedCrop:
         return torch.stack([top, left, h, w], dim=1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
 
         if images.ndim != 4:
             raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
@@ -200,8 +199,13 @@ class DeviceRandomResizedCrop:
         height, width = x.shape[-2:]
         if min(height, width) > 1.25 * self.size:
             factor = 1.143 * self.size / min(height, width)
-            x = F.interpolate(x, size=(round(height * factor), round(width * factor)), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(round(height * factor), round(width * factor)),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
             height, width = x.shape[-2:]
         b = x.shape[0]
         top, left, h, w = self.boxes(b, height, width, x.device).unbind(1)

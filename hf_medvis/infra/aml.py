@@ -66,8 +66,10 @@ class AmlJobSpec:
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise AmlJobError(f"--deepspeed: file not found: {self.deepspeed}")
         if "://" not in self.data and not self.data.startswith("azureml:"):
-            raise AmlJobError(f"--data must be a URL (azureml://, https://, abfss://, wasbs://) or azureml:NAME@VERSION, "
-                              f"got '{self.data}'")
+            raise AmlJobError(
+                f"--data must be a URL (azureml://, https://, abfss://, wasbs://) or azureml:NAME@VERSION, "
+                f"got '{self.data}'"
+            )
 
 
 def _environment(value: str) -> str | dict:
@@ -79,25 +81,40 @@ def _environment(value: str) -> str | dict:
 
 def _command(spec: AmlJobSpec) -> str:
     launch = [
-        "accelerate", "launch",
-        "--num_machines", str(spec.nodes),
-        "--num_processes", str(spec.nodes * spec.gpus_per_node),
-        "--machine_rank", "$NODE_RANK",
-        "--main_process_ip", "$MASTER_ADDR",
-        "--main_process_port", "$MASTER_PORT",
+        "accelerate",
+        "launch",
+        "--num_machines",
+        str(spec.nodes),
+        "--num_processes",
+        str(spec.nodes * spec.gpus_per_node),
+        "--machine_rank",
+        "$NODE_RANK",
+        "--main_process_ip",
+        "$MASTER_ADDR",
+        "--main_process_port",
+        "$MASTER_PORT",
     ]
     if spec.deepspeed:
         # "standard" = torchrun's rendezvous on every node; accelerate's default (pdsh + hostfile) needs ssh between nodes.
-        launch += ["--use_deepspeed", "--deepspeed_config_file", "${{inputs.deepspeed}}",
-                   "--deepspeed_multinode_launcher", "standard"]
+        launch += [
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            "${{inputs.deepspeed}}",
+            "--deepspeed_multinode_launcher",
+            "standard",
+        ]
     else:
         launch += ["--multi_gpu"]
     recipe = [
         f"recipes/{spec.recipe}.py",
-        "--config", "${{inputs.config}}",
-        "--train_data", "${{inputs.data}}",
-        "--output_dir", "${{outputs.output_dir}}",
-        "--resume_from_checkpoint", "last",  # a preempted job restarted by Azure ML continues where it stopped
+        "--config",
+        "${{inputs.config}}",
+        "--train_data",
+        "${{inputs.data}}",
+        "--output_dir",
+        "${{outputs.output_dir}}",
+        "--resume_from_checkpoint",
+        "last",  # a preempted job restarted by Azure ML continues where it stopped
     ]
     # Shell variables ($NODE_RANK...) must reach the shell unquoted; user extras are quoted.
     extras = " ".join(shlex.quote(arg) for arg in spec.extra_args)

@@ -10,10 +10,11 @@ from .aml import DATA_MODES, DEFAULT_ENVIRONMENT, RECIPES, AmlJobSpec, write_job
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "aml-job", help="write an Azure ML job YAML that runs a recipe on N nodes x G GPUs",
+        "aml-job",
+        help="write an Azure ML job YAML that runs a recipe on N nodes x G GPUs",
         description="Writes an Azure ML CLI v2 command job: PyTorch distribution (one process per node, accelerate "
-                    "starts one per GPU), the data as an input, outputs, NCCL settings. Submit with "
-                    "`az ml job create -f job.yml`. Nothing is contacted and no credentials are read.",
+        "starts one per GPU), the data as an input, outputs, NCCL settings. Submit with "
+        "`az ml job create -f job.yml`. Nothing is contacted and no credentials are read.",
     )
     parser.add_argument("--recipe", required=True, choices=RECIPES)
     parser.add_argument("--config", required=True, help="the recipe's YAML config (uploaded with the job)")
@@ -21,10 +22,15 @@ def register(subparsers) -> None:
     parser.add_argument("--instance-type", required=True, help="VM SKU, e.g. Standard_ND96isr_H100_v5")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--data", required=True, help="training data URL (azureml://, abfss://, https://) or azureml:NAME@VERSION")
+    parser.add_argument(
+        "--data", required=True, help="training data URL (azureml://, abfss://, https://) or azureml:NAME@VERSION"
+    )
     parser.add_argument("--data-mode", default="ro_mount", choices=DATA_MODES)
-    parser.add_argument("--environment", default=DEFAULT_ENVIRONMENT,
-                        help="registered environment (azureml:NAME@latest / azureml:NAME:VERSION) or a docker image")
+    parser.add_argument(
+        "--environment",
+        default=DEFAULT_ENVIRONMENT,
+        help="registered environment (azureml:NAME@latest / azureml:NAME:VERSION) or a docker image",
+    )
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON, e.g. ds_configs/zero2.json")
     parser.add_argument("--shm-size", default="64g", help="/dev/shm for DataLoader workers (default 64g)")
     parser.add_argument("--timeout-hours", type=float, default=None)
@@ -38,10 +44,20 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.extra if a != "--"] if args.extra else []
     spec = AmlJobSpec(
-        recipe=args.recipe, config=args.config, compute=args.compute, instance_type=args.instance_type,
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, data=args.data, environment=args.environment,
-        deepspeed=args.deepspeed, data_mode=args.data_mode, shm_size=args.shm_size, timeout_hours=args.timeout_hours,
-        job_tier=args.job_tier, extra_args=extra,
+        recipe=args.recipe,
+        config=args.config,
+        compute=args.compute,
+        instance_type=args.instance_type,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        data=args.data,
+        environment=args.environment,
+        deepspeed=args.deepspeed,
+        data_mode=args.data_mode,
+        shm_size=args.shm_size,
+        timeout_hours=args.timeout_hours,
+        job_tier=args.job_tier,
+        extra_args=extra,
     )
     out = write_job(spec, args.out, code_root=args.code)
     print(f"wrote {out}; submit with: az ml job create -f {out}", file=sys.stdout)

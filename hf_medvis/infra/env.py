@@ -45,6 +45,7 @@ def _satisfies(version: str | None, spec: str) -> bool:
 
 
 def _torch_facts() -> dict[str, Any]:
+    # torch is imported here, not at the top: `hf-medvis env` must also report on a node where it is missing or broken.
     import torch
 
     facts: dict[str, Any] = {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
@@ -65,6 +66,7 @@ def _torch_facts() -> dict[str, Any]:
 
 
 def _gpus() -> list[dict[str, Any]]:
+    # imported here for the reason given in _torch_facts
     import torch
 
     if not torch.cuda.is_available():

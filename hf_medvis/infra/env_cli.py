@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from .catalog import load_data
+
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -30,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_assumptions(items: list[str], image: str | None = None) -> dict[str, str]:
-    from .catalog import load_data
 
     versions: dict[str, str] = {}
     if image:

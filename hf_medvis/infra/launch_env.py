@@ -30,9 +30,13 @@ class DistributedEnv:
 
     def torch_vars(self) -> dict[str, str]:
         values = {
-            "RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": self.local_rank,
-            "LOCAL_WORLD_SIZE": self.local_world_size, "NODE_RANK": self.node_rank,
-            "MASTER_ADDR": self.master_addr, "MASTER_PORT": self.master_port,
+            "RANK": self.rank,
+            "WORLD_SIZE": self.world_size,
+            "LOCAL_RANK": self.local_rank,
+            "LOCAL_WORLD_SIZE": self.local_world_size,
+            "NODE_RANK": self.node_rank,
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": self.master_port,
         }
         return {key: str(value) for key, value in values.items() if value is not None}
 
@@ -71,8 +75,18 @@ def _from_torch(env: MutableMapping[str, str]) -> DistributedEnv:
     node_rank = int_env(env, "NODE_RANK", int_env(env, "GROUP_RANK"))
     if node_rank is None:
         node_rank = rank // local_world_size if local_world_size else 0
-    return _check(DistributedEnv(rank, world_size, local_rank, local_world_size, node_rank,
-                                 env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "torch"))
+    return _check(
+        DistributedEnv(
+            rank,
+            world_size,
+            local_rank,
+            local_world_size,
+            node_rank,
+            env.get("MASTER_ADDR"),
+            env.get("MASTER_PORT"),
+            "torch",
+        )
+    )
 
 
 def _from_mpi(env: MutableMapping[str, str]) -> DistributedEnv:
@@ -96,8 +110,11 @@ def _from_mpi(env: MutableMapping[str, str]) -> DistributedEnv:
             )
         addr = "127.0.0.1"  # one node: rank 0 is on this machine
     port = port or "29500"
-    return _check(DistributedEnv(rank, world_size, local_rank, local_world_size, rank // max(local_world_size, 1),
-                                 addr, port, "mpi"))
+    return _check(
+        DistributedEnv(
+            rank, world_size, local_rank, local_world_size, rank // max(local_world_size, 1), addr, port, "mpi"
+        )
+    )
 
 
 def detect_distributed_env(environ: MutableMapping[str, str] | None = None) -> DistributedEnv | None:

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig, ViTConfig, ViTMAEConfig
+from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining
 
 TASKS = ("mae", "classify")
 
@@ -56,8 +56,6 @@ def build_config(model: str, task: str, image_size: int | None = None, num_label
 
 def build_meta_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The training model for ``config`` with parameters on the meta device."""
-    from transformers import ViTForImageClassification, ViTMAEForPreTraining
-
     cls = ViTMAEForPreTraining if isinstance(config, ViTMAEConfig) else ViTForImageClassification
     with torch.device("meta"):
         model = cls(config)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from .launch_env import normalize_distributed_env
 
-COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,14 +32,7 @@ class NotDistributedError(RuntimeError):
 
 def busbw_factor(op: str, world_size: int) -> float:
     """nccl-tests' bus-bandwidth factor, so that busbw is comparable to the hardware link speed for any rank count."""
-    n = world_size
-    if op == "all_reduce":
-        return 2.0 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter"):
-        return (n - 1) / n
-    if op in ("broadcast", "reduce"):
-        return 1.0
-    raise ValueError(f"unknown collective '{op}' (choose from {', '.join(COLLECTIVES)})")
+    return collective(op).busbw_factor(world_size)
 
 
 def size_sweep(min_bytes: int, max_bytes: int, factor: int = 2) -> list[int]:
@@ -193,28 +185,6 @@ class CollectiveResult:
     max_error: float = 0.0
 
 
-@dataclass
-class CheckReport:
-    world_size: int
-    nodes: int
-    backend: str
-    device: str
-    dtype: str
-    nccl_version: str | None
-    nccl_env: dict[str, str]
-    results: list[CollectiveResult] = field(default_factory=list)
-    expectation: dict[str, Any] | None = None
-
-    @property
-    def all_correct(self) -> bool:
-        return all(r.correct for r in self.results)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["all_correct"] = self.all_correct
-        return data
-
-
 def nccl_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     return {k: v for k, v in sorted(env.items()) if k.startswith("NCCL_")}
@@ -230,37 +200,79 @@ def nccl_version() -> str | None:
     return ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
 
 
+@dataclass(frozen=True)
+class Collective:
+    """One collective: its bus-bandwidth factor, buffer shapes, call, and the answer it must give on patterned input.
+
+    Every rank fills its input with ``_pattern(numel, rank, offset)``; ``expected`` is what this rank must then read
+    back in ``out`` (None where the output is undefined: non-root ranks of reduce)."""
+
+    name: str
+    busbw_numerator: int  # factor = numerator * (n - 1) / n, or 1 for rooted collectives (numerator 0)
+    in_fraction: bool  # input is 1/n of the whole array (all_gather)
+    out_fraction: bool  # output is 1/n of the whole array (reduce_scatter)
+    call: Callable[[torch.Tensor, torch.Tensor], None]
+    offset_by_rank: bool = False  # input pattern continues across ranks (all_gather)
+
+    def busbw_factor(self, n: int) -> float:
+        return self.busbw_numerator * (n - 1) / n if self.busbw_numerator else 1.0
+
+    @property
+    def in_place(self) -> bool:
+        return not (self.in_fraction or self.out_fraction)
+
+    def expected(self, numel: int, rank: int, n: int, device: torch.device) -> torch.Tensor | None:
+        tri = n * (n + 1) / 2  # sum over ranks of (rank + 1)
+        if self.name == "all_gather":
+            return torch.cat([_pattern(numel, r, r * numel, device) for r in range(n)])
+        if self.name == "broadcast":
+            return _pattern(numel, 0, 0, device)  # rank 0's data
+        if self.name == "reduce" and rank != 0:
+            return None
+        summed = _pattern(numel, 0, 0, device) * tri
+        if self.name == "reduce_scatter":
+            chunk = numel // n
+            return summed[rank * chunk : (rank + 1) * chunk]
+        return summed  # all_reduce, reduce on the root
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp)
+
+
+_COLLECTIVES: dict[str, Collective] = {
+    c.name: c
+    for c in (
+        Collective("all_reduce", 2, False, False, lambda out, inp: dist.all_reduce(inp)),
+        Collective("all_gather", 1, True, False, _all_gather, offset_by_rank=True),
+        Collective("reduce_scatter", 1, False, True, _reduce_scatter),
+        Collective("broadcast", 0, False, False, lambda out, inp: dist.broadcast(inp, src=0)),
+        Collective("reduce", 0, False, False, lambda out, inp: dist.reduce(inp, dst=0)),
+    )
+}
+COLLECTIVES: tuple[str, ...] = tuple(_COLLECTIVES)
+
+
+def collective(op: str) -> Collective:
+    try:
+        return _COLLECTIVES[op]
+    except KeyError:
+        raise ValueError(f"unknown collective '{op}' (choose from {', '.join(COLLECTIVES)})") from None
+
+
 def _buffers(
-    op: str, size_bytes: int, n: int, dtype: torch.dtype, device: torch.device
+    op: Collective, size_bytes: int, n: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Input and output buffers for one message size. Returns (input, output, elements per rank in input)."""
     elt = torch.tensor([], dtype=dtype).element_size()
     total = max(n, size_bytes // elt // n * n)  # whole array, divisible by the rank count
-    if op == "all_gather":
-        inp, out = torch.empty(total // n, dtype=dtype, device=device), torch.empty(total, dtype=dtype, device=device)
-    elif op == "reduce_scatter":
-        inp, out = torch.empty(total, dtype=dtype, device=device), torch.empty(total // n, dtype=dtype, device=device)
-    else:
-        inp = torch.empty(total, dtype=dtype, device=device)
-        out = inp  # all_reduce, broadcast, reduce work in place
+    inp = torch.empty(total // n if op.in_fraction else total, dtype=dtype, device=device)
+    out = inp if op.in_place else torch.empty(total // n if op.out_fraction else total, dtype=dtype, device=device)
     return inp, out, inp.numel()
-
-
-def _launch(op: str, inp: torch.Tensor, out: torch.Tensor) -> None:
-    if op == "all_reduce":
-        dist.all_reduce(inp)
-    elif op == "all_gather":
-        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        fn(out, inp)
-    elif op == "reduce_scatter":
-        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        fn(out, inp)
-    elif op == "broadcast":
-        dist.broadcast(inp, src=0)
-    elif op == "reduce":
-        dist.reduce(inp, dst=0)
-    else:
-        raise ValueError(f"unknown collective '{op}'")
 
 
 def _pattern(numel: int, rank: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -272,31 +284,13 @@ def _pattern(numel: int, rank: int, offset: int, device: torch.device) -> torch.
 def check_collective(op: str, inp: torch.Tensor, out: torch.Tensor, rank: int, n: int) -> float:
     """Runs ``op`` once on patterned data and returns the largest absolute error against the known answer
     (0.0 on ranks whose output is undefined, e.g. non-root ranks of reduce)."""
-    device, numel = inp.device, inp.numel()
-    tri = n * (n + 1) / 2  # sum over ranks of (rank + 1)
-    if op == "all_reduce":
-        inp.copy_(_pattern(numel, rank, 0, device))
-        expected = _pattern(numel, 0, 0, device) * tri
-    elif op == "all_gather":
-        inp.copy_(_pattern(numel, rank, rank * numel, device))
-        expected = torch.cat([_pattern(numel, r, r * numel, device) for r in range(n)])
-    elif op == "reduce_scatter":
-        inp.copy_(_pattern(numel, rank, 0, device))
-        chunk = numel // n
-        expected = _pattern(numel, 0, 0, device)[rank * chunk : (rank + 1) * chunk] * tri
-    elif op == "broadcast":
-        inp.copy_(_pattern(numel, rank, 0, device))
-        expected = _pattern(numel, 0, 0, device)  # rank 0's data
-    elif op == "reduce":
-        inp.copy_(_pattern(numel, rank, 0, device))
-        expected = _pattern(numel, 0, 0, device) * tri
-    else:
-        raise ValueError(f"unknown collective '{op}'")
-    _launch(op, inp, out)
-    if op == "reduce" and rank != 0:
+    spec, numel = collective(op), inp.numel()
+    inp.copy_(_pattern(numel, rank, rank * numel if spec.offset_by_rank else 0, inp.device))
+    expected = spec.expected(numel, rank, n, inp.device)
+    spec.call(out, inp)
+    if expected is None:
         return 0.0
-    got = out if op in ("all_gather", "reduce_scatter") else inp
-    return float((got.to(torch.float64) - expected).abs().max().item())
+    return float((out.to(torch.float64) - expected).abs().max().item())
 
 
 def _tolerance(dtype: torch.dtype, n: int) -> float:
@@ -348,20 +342,21 @@ def run_collectives(
     n = ctx.world_size
     timer = _Timer(ctx.device)
     for op in ops:
-        factor = busbw_factor(op, n)
+        spec = collective(op)
+        factor = spec.busbw_factor(n)
         for size in sizes:
             what = f"{op} of {format_bytes(size)}"
             if watchdog:
                 watchdog.arm(what)
-            inp, out, count = _buffers(op, size, n, torch_dtype, ctx.device)
+            inp, out, count = _buffers(spec, size, n, torch_dtype, ctx.device)
             max_error = check_collective(op, inp, out, ctx.rank, n)
             # Timed buffers hold zeros: in-place repeated sums would otherwise overflow fp16 / produce denormals on CPU.
             inp.zero_()
             for _ in range(warmup):
-                _launch(op, inp, out)
+                spec.call(out, inp)
             _sync(ctx.device)
             dist.barrier()
-            times = timer.time_iterations(lambda op=op, inp=inp, out=out: _launch(op, inp, out), iters)
+            times = timer.time_iterations(lambda spec=spec, inp=inp, out=out: spec.call(out, inp), iters)
             stats = torch.tensor([statistics.median(times), max_error, 0.0], dtype=torch.float64, device=ctx.device)
             ok = max_error <= _tolerance(torch_dtype, n)
             stats[2] = 0.0 if ok else 1.0
@@ -373,7 +368,7 @@ def run_collectives(
             if watchdog:
                 watchdog.disarm()
             time_us = float(summed[0]) / n
-            bytes_moved = (count * n if op == "all_gather" else count) * inp.element_size()
+            bytes_moved = (count * n if spec.in_fraction else count) * inp.element_size()
             algbw = bytes_moved / (time_us * 1e-6) / 1e9 if time_us > 0 else float("inf")
             yield CollectiveResult(
                 op=op,
@@ -387,49 +382,3 @@ def run_collectives(
                 max_error=float(worst[1]),
             )
             del inp, out
-
-
-def format_table(report: CheckReport) -> str:
-    lines = [
-        f"# nccl-check: {report.world_size} ranks on {report.nodes} node(s), backend {report.backend}, device {report.device}, "
-        f"dtype {report.dtype}",
-        f"# NCCL version: {report.nccl_version or 'n/a'}; NCCL_* environment: "
-        + (" ".join(f"{k}={v}" for k, v in report.nccl_env.items()) or "(none)"),
-        f"# {'collective':<15}{'size':>12}{'count':>12}{'time(us)':>12}{'algbw(GB/s)':>13}{'busbw(GB/s)':>13}  check",
-    ]
-    for r in report.results:
-        lines.append(
-            f"  {r.op:<15}{r.size_bytes:>12}{r.count:>12}{r.time_us:>12.1f}{r.algbw_gbps:>13.3f}{r.busbw_gbps:>13.3f}  "
-            + ("OK" if r.correct else f"FAIL (max error {r.max_error:g})")
-        )
-    if report.results:
-        avg = statistics.fmean(r.busbw_gbps for r in report.results)
-        lines.append(
-            f"# Avg bus bandwidth: {avg:.3f} GB/s; correctness: {'all OK' if report.all_correct else 'FAILED'}"
-        )
-    if report.expectation:
-        e = report.expectation
-        lines.append(
-            f"# Expectation: peak all_reduce busbw {e['measured_gbps']:.2f} GB/s vs {e['required_gbps']:.2f} GB/s required "
-            f"({e['tolerance']:.0%} of {e['expected_gbps']:.2f} GB/s from {e['source']}): {'PASS' if e['passed'] else 'FAIL'}"
-        )
-    return "\n".join(lines)
-
-
-def evaluate_expectation(
-    results: Sequence[CollectiveResult], expected_gbps: float, tolerance: float, source: str
-) -> dict[str, Any]:
-    """Pass when the best all-reduce busbw reaches ``tolerance`` × the expected figure (expected figures are quoted at
-    large messages, so the best size of the sweep is the fair comparison)."""
-    measured = max((r.busbw_gbps for r in results if r.op == "all_reduce"), default=0.0)
-    if not any(r.op == "all_reduce" for r in results):
-        raise ValueError("--expect-busbw compares all_reduce busbw: include all_reduce in --ops")
-    required = expected_gbps * tolerance
-    return {
-        "expected_gbps": expected_gbps,
-        "tolerance": tolerance,
-        "required_gbps": required,
-        "measured_gbps": measured,
-        "source": source,
-        "passed": measured >= required,
-    }

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+from .catalog import find_sku
+
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
 
 GPU_DEFAULT_MAX = "1G"
 CPU_DEFAULT_MAX = "4M"  # gloo over loopback: bigger sizes only take longer and say nothing new
@@ -61,7 +67,6 @@ def _expected_figure(value: str, nodes: int) -> tuple[float, str]:
         return float(value), "--expect-busbw"
     except ValueError:
         pass
-    from .catalog import find_sku
 
     sku = find_sku(value)
     busbw = sku["busbw"]
@@ -79,11 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .nccl import (
         COLLECTIVES,
-        CheckReport,
         NotDistributedError,
         Watchdog,
-        evaluate_expectation,
-        format_table,
         init_distributed,
         nccl_environment,
         nccl_version,
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         run_collectives,
         size_sweep,
     )
+    from .nccl_report import CheckReport, evaluate_expectation, format_table
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in COLLECTIVES]
@@ -105,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     except NotDistributedError as err:
         raise ValueError(str(err)) from None
     if args.debug_absent_rank == ctx.rank:
-        import time
-
         time.sleep(args.timeout * 3)
         return 1
     watchdog = Watchdog(args.timeout, ctx.rank)

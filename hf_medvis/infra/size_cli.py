@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
+
 GIB = 2**30
 
 
@@ -17,8 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "headroom and the largest batch per GPU that fits.",
     )
     parser.add_argument(
-        "--model", default="vit-base", help="a preset of hf_medvis/models/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
-        "(config.json)"
+        "--model",
+        default="vit-base",
+        help="a preset of hf_medvis/models/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
+        "(config.json)",
     )
     parser.add_argument("--task", default="mae", choices=["mae", "classify"], help="MAE pretraining or classification")
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")

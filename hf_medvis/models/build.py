@@ -9,10 +9,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
 logger = logging.getLogger(__name__)
 
+
+# NIH ChestX-ray14 grayscale statistics (lambert-x/medical_mae); used when a model brings no processor of its own.
+XRAY_MEAN = 0.5056
+XRAY_STD = 0.252
 
 
 class ModelSetupError(ValueError):
@@ -29,29 +34,15 @@ def preset_names() -> list[str]:
     return sorted(load_presets())
 
 
-def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """``"hidden_size=128,num_hidden_layers=4"`` -> typed dict (values parsed as JSON where possible)."""
-    overrides: dict[str, Any] = {}
-    if not text:
-        return overrides
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise ModelSetupError(f"--config_overrides: expected key=value, got '{item.strip()}'")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ModelSetupError(f"--config_overrides: {type(config).__name__} has no attribute '{key}'")
-        setattr(config, key, value)
+def apply_config_overrides(config: PretrainedConfig, text: str | None) -> None:
+    """``--config_overrides "hidden_size=128,qkv_bias=false"`` onto ``config`` with transformers' own
+    ``update_from_string`` (each value cast to the type the attribute has); unknown keys are one-line errors."""
+    if not text or not text.strip():
+        return
+    try:
+        config.update_from_string(text.strip().strip(","))
+    except (ValueError, TypeError) as err:
+        raise ModelSetupError(f"--config_overrides: {type(config).__name__}: {_first_line(err)}") from None
 
 
 def build_mae_config(
@@ -62,7 +53,7 @@ def build_mae_config(
     num_channels: int = 3,
     mask_ratio: float = 0.75,
     norm_pix_loss: bool = True,
-    overrides: dict[str, Any] | None = None,
+    overrides: str | None = None,
 ) -> ViTMAEConfig:
     presets = load_presets()
     if preset not in presets:
@@ -73,7 +64,7 @@ def build_mae_config(
     if patch_size:
         spec["patch_size"] = patch_size
     config = ViTMAEConfig(**spec, num_channels=num_channels, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
-    _apply_overrides(config, overrides or {})
+    apply_config_overrides(config, overrides)
     if config.image_size % config.patch_size:
         raise ModelSetupError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
     return config
@@ -94,7 +85,6 @@ def build_mae_model(
     cache_dir: str | None = None,
 ) -> ViTMAEForPreTraining:
     """From a checkpoint (local folder or Hub id, safetensors only) or from scratch with a preset architecture."""
-    overrides = parse_config_overrides(config_overrides)
     if model_name_or_path is None:
         config = build_mae_config(
             preset,
@@ -103,7 +93,7 @@ def build_mae_model(
             num_channels=num_channels,
             mask_ratio=mask_ratio,
             norm_pix_loss=norm_pix_loss,
-            overrides=overrides,
+            overrides=config_overrides,
         )
         if attn_implementation:
             config._attn_implementation = attn_implementation
@@ -117,21 +107,28 @@ def build_mae_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     # The masking parameters are training choices, not architecture: take them from the recipe.
-    config_kwargs: dict[str, Any] = {"mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss, **overrides}
+    config_kwargs: dict[str, Any] = {"mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss}
     if image_size:
         config_kwargs["image_size"] = image_size
     try:
         config = ViTMAEConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
     except OSError as err:
-        raise ModelSetupError(f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}") from None
+        raise ModelSetupError(
+            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}"
+        ) from None
     if config.model_type not in ("vit_mae", "vit"):
-        raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model, not ViT/ViTMAE")
+        raise ModelSetupError(
+            f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model, not ViT/ViTMAE"
+        )
+    apply_config_overrides(config, config_overrides)
     try:
         model = ViTMAEForPreTraining.from_pretrained(
             model_name_or_path, config=config, ignore_mismatched_sizes=False, **kwargs
         )
     except OSError as err:
-        raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path}: {_first_line(err)}") from None
+        raise ModelSetupError(
+            f"--model_name_or_path: cannot load weights from {model_name_or_path}: {_first_line(err)}"
+        ) from None
     return model
 
 
@@ -161,8 +158,6 @@ def resolve_normalization(
     model_name_or_path: str | None, num_channels: int, mean: list[float] | None, std: list[float] | None
 ) -> tuple[list[float], list[float]]:
     """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json > X-ray defaults."""
-    from ..data.transforms import XRAY_MEAN, XRAY_STD
-
     if mean is None or std is None:
         found = _processor_stats(model_name_or_path)
         if found:
@@ -204,5 +199,5 @@ def build_image_processor(image_size: int, mean: list[float], std: list[float]) 
     )
 
 
-def count_parameters(model) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

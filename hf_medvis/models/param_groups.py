@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 _NO_DECAY_NAMES = ("cls_token", "position_embeddings", "mask_token", "pos_embed")
-_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\.")  # transformers 5 ViT: "layers"; ViTMAE: "encoder.layer"
+_BLOCK = re.compile(
+    r"(?:^|\.)(?:encoder\.layer|layers)\.(\d+)\."
+)  # transformers 5 ViT: "layers"; ViTMAE: "encoder.layer"
 
 
 def layer_id(name: str, num_layers: int) -> int:

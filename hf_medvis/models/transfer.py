@@ -12,14 +12,13 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, ViTConfig, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..data.labels import LabelSpec
-from .build import ModelSetupError, _apply_overrides, _first_line, load_presets, parse_config_overrides
+from .build import ModelSetupError, _first_line, apply_config_overrides, load_presets
 from .weights import own_load_report
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,9 @@ class MeanPoolViTForImageClassification(ViTForImageClassification):
         outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 1:, :].mean(dim=1))
         loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 def classifier_class(pooling: str) -> type[ViTForImageClassification]:
@@ -76,7 +76,9 @@ class LoadReport:
             f"{len(self.dropped)} dropped ({_prefixes(self.dropped)})",
         ]
         if self.reinitialised:
-            parts.append(f"{len(self.reinitialised)} re-initialised for the new label set ({_names(self.reinitialised)})")
+            parts.append(
+                f"{len(self.reinitialised)} re-initialised for the new label set ({_names(self.reinitialised)})"
+            )
         if self.interpolated:
             parts.append(self.interpolated)
         return f"weights from {self.source_type} checkpoint: " + "; ".join(parts)
@@ -106,10 +108,17 @@ def interpolate_position_embeddings(position_embeddings: torch.Tensor, num_patch
     return torch.cat([cls, grid], dim=1)
 
 
-def _label_config(config: ViTConfig, spec: LabelSpec, pooling: str) -> None:
+class LabelSet(Protocol):
+    """What a classifier head needs of the labels (``hf_medvis.data.labels.LabelSpec`` is one)."""
+
+    names: tuple[str, ...]
+    problem_type: str  # "multi_label_classification" or "single_label_classification"
+
+
+def _label_config(config: ViTConfig, spec: LabelSet, pooling: str) -> None:
     config.num_labels = len(spec.names)
-    config.id2label = spec.id2label
-    config.label2id = spec.label2id
+    config.id2label = dict(enumerate(spec.names))
+    config.label2id = {name: i for i, name in enumerate(spec.names)}
     config.problem_type = spec.problem_type
     config.pooling = pooling
 
@@ -119,9 +128,13 @@ def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: 
     if local.exists() and not (local / "config.json").is_file():
         raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no config.json (not a model folder)")
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+        config = AutoConfig.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir
+        )
     except (OSError, ValueError) as err:
-        raise ModelSetupError(f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}") from None
+        raise ModelSetupError(
+            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}"
+        ) from None
     if config.model_type not in ("vit", "vit_mae"):
         raise ModelSetupError(
             f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model; a ViT or ViT-MAE is needed"
@@ -136,7 +149,7 @@ def build_vit_config(
     image_size: int | None = None,
     patch_size: int | None = None,
     num_channels: int | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: str | None = None,
 ) -> ViTConfig:
     """Encoder architecture from a source config (ViT or ViTMAE) or a preset; the image size may change."""
     if source is not None:
@@ -148,7 +161,9 @@ def build_vit_config(
     else:
         presets = load_presets()
         if preset not in presets:
-            raise ModelSetupError(f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})")
+            raise ModelSetupError(
+                f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})"
+            )
         spec = {k: v for k, v in presets[preset].items() if not k.startswith("decoder_")}
         spec["num_channels"] = num_channels or 3
         if patch_size:
@@ -156,7 +171,7 @@ def build_vit_config(
     if image_size:
         spec["image_size"] = image_size
     config = ViTConfig(**spec)
-    _apply_overrides(config, overrides or {})
+    apply_config_overrides(config, overrides)
     if config.image_size % config.patch_size:
         raise ModelSetupError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
     return config
@@ -164,7 +179,7 @@ def build_vit_config(
 
 def build_classifier(
     model_name_or_path: str | None,
-    spec: LabelSpec,
+    spec: LabelSet,
     *,
     preset: str = "tiny",
     image_size: int | None = None,
@@ -180,10 +195,15 @@ def build_classifier(
 ) -> tuple[ViTForImageClassification, LoadReport]:
     """A classifier for ``spec``'s labels and the report of what was transferred."""
     cls = classifier_class(pooling)
-    overrides = parse_config_overrides(config_overrides)
     source = _source_config(model_name_or_path, trust_remote_code, cache_dir) if model_name_or_path else None
-    config = build_vit_config(source, preset=preset, image_size=image_size, patch_size=patch_size,
-                              num_channels=num_channels, overrides=overrides)
+    config = build_vit_config(
+        source,
+        preset=preset,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=num_channels,
+        overrides=config_overrides,
+    )
     config.hidden_dropout_prob = hidden_dropout_prob
     config.attention_probs_dropout_prob = attention_probs_dropout_prob
     _label_config(config, spec, pooling)
@@ -202,12 +222,19 @@ def build_classifier(
     try:
         with own_load_report():  # LoadReport below says what was loaded, dropped and re-initialised
             loaded, info = cls.from_pretrained(
-                model_name_or_path, config=at_source_size, ignore_mismatched_sizes=True, output_loading_info=True,
-                use_safetensors=True, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                model_name_or_path,
+                config=at_source_size,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                use_safetensors=True,
+                cache_dir=cache_dir,
+                trust_remote_code=trust_remote_code,
             )
     except OSError as err:
-        raise ModelSetupError(f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors "
-                              f"only): {_first_line(err)}") from None
+        raise ModelSetupError(
+            f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors "
+            f"only): {_first_line(err)}"
+        ) from None
     mismatched = sorted(_key(entry) for entry in info.get("mismatched_keys", []))
     report.reinitialised = mismatched
     report.missing = sorted(k for k in info.get("missing_keys", []) if k not in mismatched)
@@ -223,8 +250,10 @@ def build_classifier(
     old = state[key]
     state[key] = interpolate_position_embeddings(old, model.state_dict()[key].shape[1] - 1)
     model.load_state_dict(state)
-    report.interpolated = (f"position embeddings interpolated from {old.shape[1] - 1} to {state[key].shape[1] - 1} "
-                           f"patches (image size {source.image_size} -> {config.image_size})")
+    report.interpolated = (
+        f"position embeddings interpolated from {old.shape[1] - 1} to {state[key].shape[1] - 1} "
+        f"patches (image size {source.image_size} -> {config.image_size})"
+    )
     return model, report
 
 
@@ -235,10 +264,15 @@ def _key(entry: Any) -> str:
 def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:
     """A fine-tuned classifier folder (as written by the recipe), with its pooling."""
     config = _source_config(model_dir, kwargs.pop("trust_remote_code", False), kwargs.get("cache_dir"))
-    if config.model_type != "vit" or not getattr(config, "id2label", None) or config.architectures is None or not any(
-        "ImageClassification" in a for a in config.architectures
+    if (
+        config.model_type != "vit"
+        or not getattr(config, "id2label", None)
+        or config.architectures is None
+        or not any("ImageClassification" in a for a in config.architectures)
     ):
-        raise ModelSetupError(f"{model_dir} is not a fine-tuned ViT classifier (config.json has no classification head)")
+        raise ModelSetupError(
+            f"{model_dir} is not a fine-tuned ViT classifier (config.json has no classification head)"
+        )
     cls = classifier_class(getattr(config, "pooling", "cls"))
     try:
         return cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)

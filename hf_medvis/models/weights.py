@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ class WeightLoadError(ValueError):
 def own_load_report() -> Iterator[None]:
     """Around a ``from_pretrained(..., output_loading_info=True)`` whose caller reports (or refuses) what did not load:
     transformers' own LOAD REPORT warning table would say the same thing a second time, as a WARNING."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

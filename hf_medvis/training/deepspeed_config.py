@@ -20,7 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
+from transformers.integrations import deepspeed as hf_ds
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
 # Values the Trainer fills only once it knows the model and the step count (trainer_config_finalize); any integer
 # stands in for "auto" while parsing.
@@ -88,7 +91,6 @@ def load_deepspeed_config(source: str | os.PathLike | dict) -> tuple[dict, str]:
 def _keep_transformers_ds_reference() -> Iterator[None]:
     # Building an HfTrainerDeepSpeedConfig re-points transformers' global weakref (used by from_pretrained and
     # is_deepspeed_zero3_enabled) at our temporary copy; put the run's own back.
-    from transformers.integrations import deepspeed as hf_ds
 
     saved = hf_ds._hf_deepspeed_config_weak_ref
     try:
@@ -99,8 +101,6 @@ def _keep_transformers_ds_reference() -> Iterator[None]:
 
 def fill_like_trainer(config: dict, args: TrainingArguments) -> tuple[dict, list[str]]:
     """("auto" filled from ``args`` as the Trainer does, mismatches between literal values and ``args``)."""
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
     with _keep_transformers_ds_reference():
         hf_config = HfTrainerDeepSpeedConfig(copy.deepcopy(config))
         hf_config.trainer_config_process(args)
@@ -130,17 +130,17 @@ def _first_line(err: BaseException) -> str:
 
 def validate_deepspeed_config(source: str | os.PathLike | dict, args: TrainingArguments) -> dict:
     """Returns the config with "auto" filled for ``args``; raises DeepSpeedConfigError naming the problem."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig  # optional: only runs with a --deepspeed config
 
     raw, name = load_deepspeed_config(source)
     filled, mismatches = fill_like_trainer(raw, args)
     if mismatches:
         raise DeepSpeedConfigError(
-            f"{name} contradicts the training arguments: {'; '.join(mismatches)} (set these to \"auto\")"
+            f'{name} contradicts the training arguments: {"; ".join(mismatches)} (set these to "auto")'
         )
     leftover = _remaining_auto(filled)
     if leftover:
-        raise DeepSpeedConfigError(f"{name}: the Trainer cannot fill \"auto\" for {', '.join(leftover)}")
+        raise DeepSpeedConfigError(f'{name}: the Trainer cannot fill "auto" for {", ".join(leftover)}')
     tracked = _ReadTrackingDict(filled)
     try:
         DeepSpeedConfig(tracked)
@@ -163,19 +163,22 @@ def check_deepspeed_config(args: TrainingArguments) -> str | None:
         return None
     filled = validate_deepspeed_config(source, args)
     zero = filled.get("zero_optimization", {})
-    offload = [part for part in ("optimizer", "param") if zero.get(f"offload_{part}", {}).get("device") not in (None, "none")]
-    precision = "bf16" if filled.get("bf16", {}).get("enabled") else "fp16" if filled.get("fp16", {}).get("enabled") else "fp32"
+    offload = [
+        part for part in ("optimizer", "param") if zero.get(f"offload_{part}", {}).get("device") not in (None, "none")
+    ]
+    precision = (
+        "bf16" if filled.get("bf16", {}).get("enabled") else "fp16" if filled.get("fp16", {}).get("enabled") else "fp32"
+    )
     where = source if isinstance(source, str) else "dict"
-    return (f"DeepSpeed ZeRO-{zero.get('stage', 0)} ({where}), {precision}"
-            + (f", offload {'+'.join(offload)}" if offload else ""))
+    return f"DeepSpeed ZeRO-{zero.get('stage', 0)} ({where}), {precision}" + (
+        f", offload {'+'.join(offload)}" if offload else ""
+    )
 
 
 def prefer_torch_adam_without_cuda(config: dict) -> bool:
     """On a host without CUDA (CPU runs, CI), DeepSpeed's Adam variants are C++ ops JIT-compiled at first use (~100 s
     per machine and per install path) that bring nothing over torch's AdamW there: ask DeepSpeed for torch's optimizer.
     GPU hosts keep FusedAdam. An explicit ``torch_adam`` in the file is respected. Returns whether it changed."""
-    import torch
-
     optimizer = config.get("optimizer")
     if torch.cuda.is_available() or not isinstance(optimizer, dict):
         return False

@@ -14,6 +14,11 @@ import atexit
 import os
 from collections.abc import MutableMapping
 
+import torch
+import torch.distributed as dist
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
 from ..infra.launch_env import (  # noqa: F401  (re-exported: the recipes' view of a launch)
     AML_MPI_DEFAULT_PORT,
     DistributedEnv,
@@ -26,8 +31,6 @@ from ..infra.launch_env import (  # noqa: F401  (re-exported: the recipes' view 
 
 def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> DistributedEnv | None:
     """What a recipe calls first: normalise the launcher's variables, and make multi-process CPU launches real."""
-    import torch
-
     if not torch.cuda.is_available():
         # DeepSpeed would pick the CPU itself, with a WARNING in every process saying it could not find a GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -41,7 +44,6 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
 def _destroy_process_group() -> None:
     # A process group left to the interpreter's teardown can abort the process after a finished run (gloo's threads:
     # "terminate called without an active exception", SIGABRT), which a launcher reports as a failed rank.
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -51,9 +53,6 @@ def use_gloo_without_accelerators() -> None:
     """On a host without GPUs (CI, laptops), accelerate picks no backend for a torchrun or DeepSpeed launch that did not
     pass ``--use_cpu``: every process then trains alone with world size 1 while DeepSpeed itself sees the real world
     size. Make such a launch a gloo process group on CPU, as ``--use_cpu`` would, but keep DeepSpeed usable."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
     original = PartialState._prepare_backend
     if getattr(original, "_hf_medvis_cpu_fallback", False):
         return
@@ -76,7 +75,7 @@ def _skip_deepspeed_cpu_shm_op() -> None:
     if os.environ.get("HF_MEDVIS_DS_SHM_COMM") == "1":
         return
     try:
-        import deepspeed.ops
+        import deepspeed.ops  # optional dependency
     except ImportError:
         return
     compatible = deepspeed.ops.__compatible_ops__  # a module-level dict DeepSpeed keeps; edits persist

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
+from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import TrainingArguments
 
 
@@ -12,19 +17,12 @@ class HubNotReadyError(RuntimeError):
 
 
 def _endpoint() -> str:
-    from huggingface_hub import constants
 
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT)
 
 
 def check_hub_ready(args: TrainingArguments, timeout: float = 10.0) -> str:
     """Verifies that a token exists and that the Hub accepts it; returns the user name. Raises HubNotReadyError."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
     token = args.hub_token or get_token()
     if not token:
         raise HubNotReadyError(
@@ -37,11 +35,15 @@ def check_hub_ready(args: TrainingArguments, timeout: float = 10.0) -> str:
     except urllib.error.HTTPError:
         pass  # the Hub answered (any status): reachable
     except (urllib.error.URLError, OSError) as err:
-        raise HubNotReadyError(f"--push_to_hub: cannot reach the Hugging Face Hub at {endpoint} ({_reason(err)})") from None
+        raise HubNotReadyError(
+            f"--push_to_hub: cannot reach the Hugging Face Hub at {endpoint} ({_reason(err)})"
+        ) from None
     try:
         user = HfApi(endpoint=endpoint).whoami(token=token)
     except OSError as err:
-        raise HubNotReadyError(f"--push_to_hub: cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__})") from None
+        raise HubNotReadyError(
+            f"--push_to_hub: cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__})"
+        ) from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", "?")
         raise HubNotReadyError(f"--push_to_hub: the Hub at {endpoint} rejected the token (HTTP {status})") from None
@@ -59,3 +61,11 @@ def keep_token_out_of_outputs(args: TrainingArguments) -> None:
     if args.hub_token:
         os.environ["HF_TOKEN"] = args.hub_token
         args.hub_token = None
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` when it is a Hub model id (``owner/name``, not an existing local path or a URL), else None: only a Hub
+    id is named as ``base_model`` in a model card; local folders are not."""
+    if not name or "://" in name or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    return None if Path(name).exists() else name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import TrainingArguments
 
+from .deepspeed_config import load_deepspeed_config
+
 
 def global_batch_size(args: TrainingArguments) -> int:
     """Per-device batch x gradient accumulation x world size, as seen at run time."""
@@ -45,7 +47,6 @@ def refresh_deepspeed_lr(args: TrainingArguments) -> None:
     ds_config = getattr(args, "hf_deepspeed_config", None)
     if ds_config is None or not getattr(args, "deepspeed", None):
         return
-    from .deepspeed_config import load_deepspeed_config
 
     original, _ = load_deepspeed_config(args.deepspeed)
     for path in _DEEPSPEED_LR_KEYS:

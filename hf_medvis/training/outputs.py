@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from .preemption import COMPLETE_MARKER, is_complete, last_complete_checkpoint
 
@@ -96,7 +97,9 @@ def _check_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise OutputDirError(f"--output_dir {folder} cannot be written ({err.strerror or type(err).__name__})") from None
+        raise OutputDirError(
+            f"--output_dir {folder} cannot be written ({err.strerror or type(err).__name__})"
+        ) from None
 
 
 # What a finished or interrupted run leaves; logs of a run that failed during setup do not count.
@@ -109,10 +112,10 @@ def holds_a_run(folder: Path) -> bool:
 
 def disable_evaluation_without_data(args: TrainingArguments, eval_dataset) -> None:
     """No evaluation set (e.g. shards without --validation_data): evaluate never, rather than fail in the Trainer."""
-    from transformers.trainer_utils import IntervalStrategy
-
     if eval_dataset is None and args.eval_strategy != IntervalStrategy.NO:
-        logger.warning("no evaluation data: --eval_strategy %s ignored", getattr(args.eval_strategy, "value", args.eval_strategy))
+        logger.warning(
+            "no evaluation data: --eval_strategy %s ignored", getattr(args.eval_strategy, "value", args.eval_strategy)
+        )
         args.eval_strategy = IntervalStrategy.NO
         args.do_eval = False
         if args.load_best_model_at_end:

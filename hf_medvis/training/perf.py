@@ -1,11 +1,9 @@
 """Performance helpers shared by the training benchmark and the recipes: the accelerator's measured matmul peak (the
-MFU denominator), peak-memory bookkeeping, and a check of the settings that cost throughput on a GPU."""
+MFU denominator) and peak-memory bookkeeping."""
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
 import torch
 
@@ -48,38 +46,3 @@ def peak_memory_gib() -> float | None:
         return None
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
-
-
-def throughput_warnings(args: Any) -> list[str]:
-    """Settings of a TrainingArguments that add a host-device synchronisation per step or starve the GPU. Meant for a
-    log line at start-up (recipes) and for the benchmark's report; empty on CPU-only hosts."""
-    if not torch.cuda.is_available():
-        return []
-    found = []
-    if getattr(args, "logging_nan_inf_filter", False):
-        found.append("logging_nan_inf_filter=True: the Trainer checks every step's loss on the host (one sync per "
-                     "micro-batch); set it false (NaN losses then show in the logged loss, which the alerts read)")
-    accel = getattr(args, "accelerator_config", None)
-    if accel is not None and not getattr(accel, "non_blocking", False):
-        found.append("accelerator_config.non_blocking=False: each batch's host-to-device copy waits for the queued "
-                     "step (a sync per step); set {\"non_blocking\": true} with dataloader_pin_memory")
-    if getattr(args, "dataloader_num_workers", 0) == 0:
-        found.append("dataloader_num_workers=0: batches are read and augmented in the training process")
-    if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
-        found.append("no bf16: fp32 runs at ~0.6x the bf16 throughput of the Trainer (REFERENCE.md)")
-    return found
-
-
-class StepTimer:
-    """Wall-clock timer that first drains the GPU queue, for coarse timings around whole phases (never per step)."""
-
-    def __enter__(self) -> StepTimer:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start

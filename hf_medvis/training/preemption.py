@@ -13,7 +13,6 @@ folder without it, which ``last_complete_checkpoint`` skips.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import re
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..data.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,8 @@ def _barrier() -> None:
 
 
 def mark_complete(checkpoint_dir: str | os.PathLike, global_step: int) -> None:
-    """Writes the marker atomically (temp file + rename): it exists whole or not at all."""
-    folder = Path(checkpoint_dir)
-    tmp = folder / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps({"global_step": global_step, "time": time.time()}) + "\n")
-    os.replace(tmp, folder / COMPLETE_MARKER)
+    """Writes the marker atomically: it exists whole or not at all."""
+    write_json_atomic(Path(checkpoint_dir) / COMPLETE_MARKER, {"global_step": global_step, "time": time.time()})
 
 
 def mark_incomplete(checkpoint_dir: str | os.PathLike) -> None:
@@ -185,6 +183,7 @@ def exit_if_preempted(trainer) -> None:
         return
     logger.warning(
         "preempted: checkpoint-%d saved in %s; rerun the same command with --resume_from_checkpoint last to continue",
-        callback.stopped_at, trainer.args.output_dir,
+        callback.stopped_at,
+        trainer.args.output_dir,
     )
     raise SystemExit(0)

@@ -1,5 +1,6 @@
-"""The Trainer subclass shared by the recipes: uint8 batches are normalised (and optionally augmented) on the
-accelerator, and the model card is ours (written by the recipe) rather than the Trainer's generic one."""
+"""The Trainer subclasses of the recipes: uint8 batches normalised (and optionally augmented) on the accelerator, exact
+checkpoint reloads and resumes, shard streams loaded per rank, our model card; and for fine-tuning, the loss (BCE or
+cross-entropy) and layer-wise lr decay."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from ..data.labels import MULTI_LABEL
 from ..data.streaming import StreamDataLoader, stream_control
 from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
+from ..models.param_groups import vit_param_groups
 from ..models.weights import load_saved_weights
 from .deepspeed_config import prefer_torch_adam_without_cuda
 from .preemption import CheckpointCommitCallback, mark_incomplete, workers_ignore_sigterm
@@ -183,8 +186,12 @@ class MedVisTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_best_model()
         checkpoint = self.state.best_model_checkpoint
-        logger.info("loading the best model from %s (%s %s)", checkpoint, self.args.metric_for_best_model,
-                    self.state.best_metric)
+        logger.info(
+            "loading the best model from %s (%s %s)",
+            checkpoint,
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+        )
         load_saved_weights(self.model, checkpoint)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -206,3 +213,43 @@ class MedVisTrainer(Trainer):
         # push_to_hub() calls this and would overwrite README.md with a generic card.
         if self.model_card_writer is not None and self.is_world_process_zero():
             self.model_card_writer(self.args.output_dir)
+
+
+class ClassificationTrainer(MedVisTrainer):
+    """BCE (optional ``pos_weight``) or cross-entropy (optional label smoothing), and layer-wise lr decay groups."""
+
+    # compute_loss returns a per-batch mean: the Trainer must divide it by the gradient-accumulation steps. (ViT's
+    # forward takes **kwargs, which would otherwise make the Trainer assume a loss normalised by num_items_in_batch.)
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, pos_weight: torch.Tensor | None = None, layer_decay: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pos_weight = pos_weight
+        self.layer_decay = layer_decay
+        self.can_return_loss = False  # the loss needs labels; Trainer's label handling applies
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits
+        if self.model.config.problem_type == MULTI_LABEL:  # self.model: `model` may be wrapped (DDP, DeepSpeed)
+            pos_weight = self.pos_weight.to(logits.device, logits.dtype) if self.pos_weight is not None else None
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels.to(logits.dtype), pos_weight=pos_weight
+            )
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                logits, labels.long(), label_smoothing=self.args.label_smoothing_factor
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = vit_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)
+            for group in groups:
+                group.pop("names")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

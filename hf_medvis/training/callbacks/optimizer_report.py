@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
 
-def optimizer_peak_lrs(optimizer) -> list[float]:
+def optimizer_peak_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     """Per param group: the lr before any schedule (torch schedulers keep it as ``initial_lr``), else the current lr."""
     groups = getattr(optimizer, "param_groups", None) or []
     return [float(group.get("initial_lr", group.get("lr", float("nan")))) for group in groups]
 
 
-def describe_optimizer(optimizer) -> str:
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     inner = getattr(optimizer, "optimizer", None)  # accelerate / DeepSpeed wrappers keep the real one inside
     names = [type(optimizer).__name__]
     while inner is not None and len(names) < 4:
@@ -27,13 +28,16 @@ def describe_optimizer(optimizer) -> str:
 
 
 class OptimizerReportCallback(TrainerCallback):
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None,
-                       **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
+    ):
         if optimizer is None:
             return
         lrs = sorted(set(optimizer_peak_lrs(optimizer)))
         logger.info(
             "optimizer %s: peak lr %s in %d param groups (learning_rate argument %g)",
-            describe_optimizer(optimizer), ", ".join(f"{lr:.6g}" for lr in lrs),
-            len(getattr(optimizer, "param_groups", [])), args.learning_rate,
+            describe_optimizer(optimizer),
+            ", ".join(f"{lr:.6g}" for lr in lrs),
+            len(getattr(optimizer, "param_groups", [])),
+            args.learning_rate,
         )

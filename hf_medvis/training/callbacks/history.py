@@ -1,4 +1,5 @@
-"""Small Trainer callbacks used by every recipe."""
+"""``loss_history.jsonl``: every log record of a run (loss, eval metrics, lr, grad norm), one line per step across
+resumed attempts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ...data.storage import write_text_atomic
 
 LOSS_HISTORY_FILE = "loss_history.jsonl"
 
@@ -27,11 +30,12 @@ class LossHistoryCallback(TrainerCallback):
             return
         # Resumed: keep what was logged up to the checkpoint; steps after it (lost with the interrupted attempt) are
         # trained again and logged again.
-        kept = "".join(line for line in self.path.read_text().splitlines(keepends=True)
-                       if _logged_step(line) is not None and _logged_step(line) <= state.global_step)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(kept)
-        os.replace(tmp, self.path)
+        kept = "".join(
+            line
+            for line in self.path.read_text().splitlines(keepends=True)
+            if _logged_step(line) is not None and _logged_step(line) <= state.global_step
+        )
+        write_text_atomic(self.path, kept)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -21,8 +21,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from hf_medvis.data import storage
-from hf_medvis.data.streaming import StreamControl, drive_epochs, resume_position, stream_control
+from ...data import storage
+from ...data.streaming import StreamControl, drive_epochs, resume_position, stream_control
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class StreamStateCallback(TrainerCallback):
             if type(dataset).__name__ == "IterableDataset":
                 drive_epochs(dataset, self.control)
         if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
-            logger.warning("persistent DataLoader workers keep an old copy of the stream: epochs and resume are not exact")
+            logger.warning(
+                "persistent DataLoader workers keep an old copy of the stream: epochs and resume are not exact"
+            )
         self._epoch, self._epoch_start_step, self._resumed_pass = -1, state.global_step, False
         if state.global_step == 0:
             return
@@ -84,14 +86,22 @@ class StreamStateCallback(TrainerCallback):
         with open(path) as f:
             saved = json.load(f)
         expected = self._position_fingerprint(args)
-        mismatched = {k: (saved["fingerprint"].get(k), v) for k, v in expected.items() if saved["fingerprint"].get(k) != v}
+        mismatched = {
+            k: (saved["fingerprint"].get(k), v) for k, v in expected.items() if saved["fingerprint"].get(k) != v
+        }
         if mismatched:
-            logger.warning("stream position not restored, the run differs from the checkpoint in %s", sorted(mismatched))
+            logger.warning(
+                "stream position not restored, the run differs from the checkpoint in %s", sorted(mismatched)
+            )
             return
         batches = saved["steps_in_epoch"] * args.gradient_accumulation_steps
         position = resume_position(
-            self.control, epoch=saved["epoch"], batches=batches, batch_size=args.per_device_train_batch_size,
-            num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
+            self.control,
+            epoch=saved["epoch"],
+            batches=batches,
+            batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            drop_last=args.dataloader_drop_last,
         )
         # We position the stream; the Trainer must not also skip (it would count from the wrong epoch).
         args.ignore_data_skip = True
@@ -100,8 +110,11 @@ class StreamStateCallback(TrainerCallback):
             # Saved exactly at the end of an epoch: the next pass is the next epoch, from its start. (Replaying the
             # finished epoch would give an empty pass, which the Trainer takes for the end of the data.)
             self._epoch, self._epoch_start_step = saved["epoch"], state.global_step
-            logger.info("stream resumes at the start of epoch %d (the checkpoint ended epoch %d)", saved["epoch"] + 1,
-                        saved["epoch"])
+            logger.info(
+                "stream resumes at the start of epoch %d (the checkpoint ended epoch %d)",
+                saved["epoch"] + 1,
+                saved["epoch"],
+            )
             return
         self.control.skip, self.control.resume_order = position.skip, position.order
         self.control.skip_epoch = saved["epoch"]

@@ -1,4 +1,5 @@
-"""Process-level setup shared by the recipes: logging and the translation of setup failures into one-line errors."""
+"""A run's setup, shared by the recipes: logging, the environment report, the checks that fail fast before anything is
+written (resume target, output folder, Hub, learning rate, DeepSpeed config), and setup failures as one-line errors."""
 
 from __future__ import annotations
 
@@ -13,16 +14,15 @@ from pathlib import Path
 
 import datasets
 import transformers
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from ..data.storage import explain_storage_error
-from ..data.streaming import ShardReadError, stream_control
-from .callbacks import LossHistoryCallback
+from ..data.streaming import ShardReadError
+from ..infra.env import collect_env_report, format_env_report
 from .deepspeed_config import check_deepspeed_config
 from .distributed import check_world_size
 from .hub import HubNotReadyError, check_hub_ready, keep_token_out_of_outputs
 from .lr import apply_base_learning_rate
-from .monitoring import MonitoringArguments, build_monitoring_callbacks
 from .outputs import (
     FINAL_RESULTS,
     check_output_dir,
@@ -30,9 +30,6 @@ from .outputs import (
     resolve_resume_checkpoint,
     resume_requested,
 )
-from .preemption import PreemptionCallback
-from .run_report import OptimizerReportCallback
-from .stream_state import StreamStateCallback
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +65,8 @@ def setup_logging(args: TrainingArguments) -> None:
     # DeepSpeed's ZeRO calls torch collectives that torch has since renamed: a FutureWarning per call site and rank, about
     # DeepSpeed's code, not the run. Everything else still shows.
     warnings.filterwarnings(
-        "ignore", category=FutureWarning,
+        "ignore",
+        category=FutureWarning,
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
     )
 
@@ -88,8 +86,15 @@ def recipe_errors() -> Iterator[None]:
 
 
 _SETUP_INPUT_ERRORS = (
-    ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, HubNotReadyError, ShardReadError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    HubNotReadyError,
+    ShardReadError,
 )
+
 
 @dataclass
 class RunPlan:
@@ -109,7 +114,10 @@ def prepare_run(args: TrainingArguments) -> RunPlan:
     if finished is not None:  # a restart of a job that already finished: change nothing
         logger.info(
             "%s holds a finished run (step %d, %s): nothing to do. Raise --max_steps / --num_train_epochs to train on, "
-            "or pass another --output_dir", args.output_dir, finished, FINAL_RESULTS,
+            "or pass another --output_dir",
+            args.output_dir,
+            finished,
+            FINAL_RESULTS,
         )
         raise SystemExit(0)
     if args.push_to_hub:
@@ -123,24 +131,6 @@ def prepare_run(args: TrainingArguments) -> RunPlan:
     return RunPlan(checkpoint=checkpoint, lr_line=lr_line)
 
 
-def build_recipe_callbacks(
-    args: TrainingArguments,
-    monitoring_args: MonitoringArguments,
-    train_dataset=None,
-    resume_from_checkpoint: str | None = None,
-) -> list[TrainerCallback]:
-    """Callbacks every recipe installs: loss history, monitoring (profiler, alerts, logs, throughput), the optimizer's
-    lr read back at start, SIGTERM -> checkpoint (the recipe then calls ``preemption.exit_if_preempted``), and for a
-    shard stream the position it saves with each checkpoint."""
-    callbacks = [
-        LossHistoryCallback(args.output_dir), *build_monitoring_callbacks(monitoring_args, args),
-        OptimizerReportCallback(), PreemptionCallback(),
-    ]
-    if train_dataset is not None and stream_control(train_dataset) is not None:
-        callbacks.append(StreamStateCallback(train_dataset, resume_from_checkpoint))
-    return callbacks
-
-
 def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
     """A streamed training set has no length: it needs ``--max_steps``. Under several processes each rank reads its
     own shards: the training stream is split by node when loaded and MedVisTrainer keeps accelerate from sharding it
@@ -148,7 +138,9 @@ def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
     if hasattr(train_dataset, "__len__"):
         return
     if args.max_steps is None or args.max_steps <= 0:
-        raise ValueError("--max_steps must be set (> 0) when --train_data is a prepared-shard stream (it has no length)")
+        raise ValueError(
+            "--max_steps must be set (> 0) when --train_data is a prepared-shard stream (it has no length)"
+        )
     if args.world_size > 1:
         args.accelerator_config.dispatch_batches = False
 
@@ -157,7 +149,5 @@ def log_environment(args: TrainingArguments) -> None:
     """The environment report (versions, GPUs, known-bad combinations) at the top of every run's log."""
     if not args.should_log:
         return
-    from ..infra.env import collect_env_report, format_env_report
-
     report = collect_env_report(include_deepspeed_ops=bool(args.deepspeed))
     logger.info("environment:\n%s", format_env_report(report))

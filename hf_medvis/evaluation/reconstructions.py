@@ -1,20 +1,22 @@
-"""MAE reconstructions on held-out images: rows original / masked input / reconstruction."""
+"""MAE reconstructions of held-out images and their figure (rows: original / masked input / reconstruction)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.transforms import normalize_batch
+from .plots import pyplot, save_figure
 
 
 @torch.no_grad()
 def reconstruct(
-    model, pixel_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 0
+    model: Any, pixel_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (original, masked, reconstruction) display images in [0, 1], each [N, H, W] (first channel).
 
@@ -58,14 +60,12 @@ def save_reconstruction_grid(
     path: str | os.PathLike, original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, title: str = ""
 ) -> Path:
     """Writes a 3-row PNG (original / masked input / reconstruction), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = original.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
-    for row, (name, images) in enumerate((("original", original), ("masked", masked), ("reconstruction", reconstruction))):
+    for row, (name, images) in enumerate(
+        (("original", original), ("masked", masked), ("reconstruction", reconstruction))
+    ):
         for col in range(n):
             ax = axes[row][col]
             ax.imshow(images[col], cmap="gray", vmin=0, vmax=1)
@@ -76,9 +76,4 @@ def save_reconstruction_grid(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=80)

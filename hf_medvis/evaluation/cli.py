@@ -1,4 +1,7 @@
-"""``hf-medvis evaluate`` (metrics with patient-bootstrap CIs and plots) and ``hf-medvis predict`` (JSON lines)."""
+"""``hf-medvis evaluate`` (metrics with patient-bootstrap CIs and plots) and ``hf-medvis predict`` (JSON lines).
+
+The heavy imports (torch, transformers, scikit-learn) happen when a command runs, not when ``hf-medvis`` builds its
+parser."""
 
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+# This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
+# load torch, pyarrow or pydicom (tests/test_architecture.py).
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr = subparsers.add_parser(
         "predict",
         help="per-class probabilities for DICOM/PNG/JPEG files, as JSON lines",
-        description="Prints one JSON object per input: {\"file\": ..., \"probabilities\": {class: p, ...}}.",
+        description='Prints one JSON object per input: {"file": ..., "probabilities": {class: p, ...}}.',
     )
     pr.add_argument("--model", required=True, help="fine-tuned model folder")
     pr.add_argument("files", nargs="+", help="image files or fsspec URLs")
@@ -42,34 +49,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=run_predict)
 
 
-def _storage_options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError("--storage-options must be a JSON object (value not shown)") from None
-    if not isinstance(value, dict):
-        raise ValueError("--storage-options must be a JSON object (value not shown)")
-    return value
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data.folder import build_folder_records, find_labels_file
-    from .data.labels import encode_labels, is_labelled, label_matrix
-    from .training.evaluation import (
-        Predictor,
-        format_metrics_table,
-        metrics_with_ci,
-        per_class_table,
-        save_confusion_plot,
-        save_roc_plot,
-        write_json,
-    )
+    from ..data.folder import build_folder_records, find_labels_file
+    from ..data.labels import encode_labels, is_labelled, label_matrix
+    from ..data.storage import parse_storage_options, write_json_atomic
+    from .bootstrap import metrics_with_ci
+    from .metrics import format_metrics_table, per_class_table
+    from .plots import save_confusion_plot, save_roc_plot
+    from .predict import Predictor
 
     if not 0 < args.threshold < 1:
         raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
-    storage_options = _storage_options(args.storage_options)
+    storage_options = parse_storage_options(args.storage_options) or None
     predictor = Predictor(args.model)
     spec = predictor.spec
     labels_file = args.labels or find_labels_file(args.data)
@@ -88,13 +79,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     truth = label_matrix(encoded, spec)
     print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
     probs = predictor.predict(paths, batch_size=args.batch_size, storage_options=storage_options)
-    metrics = metrics_with_ci(truth, probs, groups, spec, threshold=args.threshold, n_resamples=args.bootstrap,
-                              seed=args.seed)
+    metrics = metrics_with_ci(
+        truth, probs, groups, spec, threshold=args.threshold, n_resamples=args.bootstrap, seed=args.seed
+    )
     metrics["problem_type"] = spec.problem_type
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "per_class.json", per_class_table(metrics, spec))
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "per_class.json", per_class_table(metrics, spec))
     save_roc_plot(out / "roc.png", truth, probs, spec)
     if not spec.multi_label:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)
@@ -104,13 +96,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .training.evaluation import Predictor
+    from .predict import Predictor
 
     predictor = Predictor(args.model)
     probs = predictor.predict(args.files, batch_size=args.batch_size)
     lines = [
-        json.dumps({"file": file.split("?", 1)[0],
-                    "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.spec.names, row, strict=True)}})
+        json.dumps(
+            {
+                "file": file.split("?", 1)[0],
+                "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.spec.names, row, strict=True)},
+            }
+        )
         for file, row in zip(args.files, probs, strict=True)
     ]
     text = "\n".join(lines) + "\n"

@@ -1,0 +1,147 @@
+"""The recipes' data arguments (HfArgumentParser dataclasses): where the images and labels are and how they are
+augmented. ``build_datasets`` takes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .storage import parse_storage_options
+
+
+@dataclass
+class DataArguments:
+    """Where the images are. Without ``--train_data`` the embedded phantom chest X-ray set is used."""
+
+    train_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training images: a folder, glob or fsspec URL (az://, abfs://, file://) of PNG/JPEG/DICOM files, "
+            "or a prepared-shard location. Default: the embedded synthetic chest X-ray phantoms."
+        },
+    )
+    validation_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out images (same forms). Default: a patient-level holdout of --train_data."},
+    )
+    labels_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "NIH-style labels CSV (Image Index, Patient ID, Finding Labels, ...). "
+            "Default: labels.csv beside the images, if any."
+        },
+    )
+    storage_options: str | None = field(
+        default=None, metadata={"help": "JSON dict of fsspec storage options (credentials are never logged)."}
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of patients held out when --validation_data is not given."}
+    )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation mean (1 value or one per channel). Default: the checkpoint's, else X-ray statistics."
+        },
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Normalisation std (see --image_mean)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    phantom_patients: int = field(default=200, metadata={"help": "Patients in the embedded phantom set."})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"
+            )
+        if self.storage_options:
+            try:
+                parse_storage_options(self.storage_options)
+            except ValueError:  # never echo the value: it usually holds credentials
+                raise ValueError("--storage_options must be a JSON object (value not shown)") from None
+        if self.phantom_patients < 2:
+            raise ValueError(f"--phantom_patients must be >= 2, got {self.phantom_patients}")
+
+    def parsed_storage_options(self) -> dict | None:
+        return parse_storage_options(self.storage_options) or None
+
+
+@dataclass
+class MAEDataArguments(DataArguments):
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.2, 1.0],
+        metadata={"help": "RandomResizedCrop scale range (MAE: 0.2 1.0; X-ray MAE: 0.5 1.0)."},
+    )
+    hflip: bool = field(default=True, metadata={"help": "Random horizontal flips during pretraining."})
+    num_reconstruction_images: int = field(
+        default=8, metadata={"help": "Held-out images shown in reconstructions.png (0 to skip)."}
+    )
+    augment_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "Crop and flip on the accelerator (one grid_sample per batch); loader workers only hand over "
+            "fixed-size uint8 images. For GPU hosts whose CPU workers cannot keep up."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"--crop_scale needs two values 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class ClassificationDataArguments(DataArguments):
+    validation_labels_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Labels CSV of --validation_data (e.g. val.csv of `hf-medvis split`). Images "
+            "not listed in an explicit labels file are skipped."
+        },
+    )
+    problem_type: str = field(
+        default="auto",
+        metadata={"help": "multi_label (BCE; 'A|B', 'No Finding' = all negative), single_label (softmax over "
+                  "classes) or auto (multi-label if any image has 0 or several findings)."},
+    )  # fmt: skip
+    pos_weight: bool = field(
+        default=False, metadata={"help": "Multi-label: weight positives by negatives/positives of the training set."}
+    )
+    threshold: float = field(default=0.5, metadata={"help": "Probability threshold for F1 (multi-label)."})
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.8, 1.0], metadata={"help": "RandomResizedCrop scale range (aspect ratio 0.9-1.1)."}
+    )
+    rotation_degrees: float = field(default=5.0, metadata={"help": "Random rotation range (degrees); 0 disables."})
+    rand_augment_magnitude: int = field(
+        default=0, metadata={"help": "RandAugment magnitude (2 ops); 0 disables (X-ray MAE recipe: 6)."}
+    )
+    hflip: bool = field(
+        default=False,
+        metadata={"help": "Random horizontal flips. Off by default: chest X-rays are not left-right symmetric "
+                  "(heart on the patient's left; laterality of findings matters)."},
+    )  # fmt: skip
+    eval_subsample: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate during training on a fixed label-stratified subsample of this many "
+            "validation images (the final evaluation uses all of them)."
+        },
+    )
+    phantom_image_size: int = field(
+        default=256, metadata={"help": "Pixel size of the embedded phantom images (smaller decodes faster on CPU)."}
+    )
+    dataset_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset id of the training data, recorded in the model card's metadata."}
+    )
+    ci_bootstrap_samples: int = field(
+        default=200, metadata={"help": "Patient-level bootstrap resamples for the final metrics' 95%% CIs (0: none)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"--crop_scale needs two values 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if not 0 <= self.rand_augment_magnitude <= 30:
+            raise ValueError(f"--rand_augment_magnitude must be in [0, 30], got {self.rand_augment_magnitude}")
+        if self.problem_type not in ("auto", "multi_label", "single_label"):
+            raise ValueError(f"--problem_type must be auto, multi_label or single_label, got '{self.problem_type}'")

@@ -1,0 +1,105 @@
+"""The one way both recipes get their data: ``build_datasets(data_args, task, ...)`` gives the training and evaluation
+sets (raw folders, globs, fsspec URLs, prepared shards, or the embedded phantoms), the label set for classification,
+and the augmentation objects the Trainer drives."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+from .folder import only_listed_images
+from .labelled import build_labelled_data
+from .labels import LabelSpec
+from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .transforms import (
+    DeviceRandomResizedCrop,
+    SeededAugmentation,
+    build_eval_transform,
+    build_load_transform,
+    build_pretrain_transform,
+)
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("mae", "classification")
+
+
+@dataclass
+class Datasets:
+    train: Any  # map-style datasets.Dataset, or an IterableDataset over prepared shards
+    eval: Any | None  # every held-out image: the final evaluation
+    source: ResolvedSource
+    info: dict[str, Any] = field(default_factory=dict)  # counts (images, patients, shards) for logs and the model card
+    eval_during_training: Any | None = None  # a fixed label-stratified subsample (--eval_subsample), else ``eval``
+    labels: LabelSpec | None = None  # classification: the classes, in the head's order
+    split_report: dict[str, Any] | None = None  # classification split by the recipe: counts per split and class
+    augmentation: SeededAugmentation | None = None  # per-sample crops in the workers; the Trainer sets its epoch
+    device_augmentation: DeviceRandomResizedCrop | None = None  # MAE --augment_on_device: crops on the accelerator
+
+
+def build_datasets(
+    data_args: DataArguments, task: str, *, image_size: int, seed: int = 0, label_names: Sequence[str] | None = None
+) -> Datasets:
+    """``task`` "mae" (``MAEDataArguments``): uint8 crops for masked-autoencoder pretraining, labels not needed.
+    "classification" (``ClassificationDataArguments``): labelled images split by patient (``labelled.py``);
+    ``label_names`` fixes the classes and their order."""
+    if task == "classification":
+        return _classification_datasets(data_args, image_size, seed, label_names)
+    if task == "mae":
+        return _mae_datasets(data_args, image_size, seed)
+    raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+
+
+def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Datasets:
+    augmentation = None
+    device_augmentation = None
+    if data_args.augment_on_device:  # the workers only resize; crops happen on the accelerator
+        train_transform = build_load_transform(round(image_size * 256 / 224))
+        device_augmentation = DeviceRandomResizedCrop(image_size, data_args.crop_scale, hflip=data_args.hflip)
+    else:  # drawn per sample, so a resumed run sees the crops it would have seen
+        augmentation = SeededAugmentation(
+            build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=seed
+        )
+        train_transform = augmentation
+    source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
+    train, evaluation, info = build_train_eval_datasets(
+        source,
+        data_args.validation_data,
+        train_transform=train_transform,
+        eval_transform=build_eval_transform(image_size),
+        storage_options=data_args.parsed_storage_options(),
+        holdout_percentage=data_args.validation_split_percentage,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=seed,
+        # An explicit labels file lists the images of one split (e.g. train.csv from `hf-medvis split`).
+        filter_records=only_listed_images if data_args.labels_file else None,
+    )
+    return Datasets(
+        train,
+        evaluation,
+        source,
+        info,
+        eval_during_training=evaluation,
+        augmentation=augmentation,
+        device_augmentation=device_augmentation,
+    )
+
+
+def _classification_datasets(
+    data_args: ClassificationDataArguments, image_size: int, seed: int, label_names: Sequence[str] | None
+) -> Datasets:
+    data = build_labelled_data(data_args, image_size, seed, label_names)
+    return Datasets(
+        data.train_dataset,
+        data.eval_dataset,
+        data.source,
+        data.info,
+        eval_during_training=data.eval_during_training,
+        labels=data.spec,
+        split_report=data.split_report,
+        augmentation=data.train_augmentation,
+    )

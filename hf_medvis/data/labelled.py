@@ -1,0 +1,283 @@
+"""Labelled datasets for classification: images with their labels from a labels file or prepared shards, split by
+patient (label-stratified), checked patient-disjoint. ``datasets.build_datasets`` is the front door."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torchvision.transforms import v2
+
+from .arguments import ClassificationDataArguments
+from .labels import (
+    IMAGE_COL,
+    LABEL_COL,
+    PATIENT_COL,
+    LabelError,
+    LabelSpec,
+    encode_labels,
+    infer_label_spec,
+    is_labelled,
+    label_matrix,
+    positive_weights,
+    read_labels_table,
+)
+from .shard_table import load_shard_table, make_shard_transform, shard_metadata
+from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
+from .streaming import find_manifest
+from .transforms import SeededAugmentation, build_eval_transform
+
+logger = logging.getLogger(__name__)
+
+
+def build_finetune_transform(
+    image_size: int,
+    crop_scale: Sequence[float] = (0.8, 1.0),
+    rotation_degrees: float = 5.0,
+    rand_augment_magnitude: int = 0,
+    hflip: bool = False,
+) -> v2.Compose:
+    """X-ray-safe augmentation on uint8 [1, H, W]: mild crops and rotations, optional RandAugment; no flip by default."""
+    steps: list = [
+        v2.RandomResizedCrop(
+            image_size,
+            scale=tuple(crop_scale),
+            ratio=(0.9, 1.1),
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    ]
+    if rotation_degrees:
+        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
+    if rand_augment_magnitude:
+        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment_magnitude))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+@dataclass
+class LabelledData:
+    train_dataset: Any
+    eval_dataset: Any | None  # every validation image (final metrics)
+    eval_during_training: Any | None  # the fixed subsample, or eval_dataset
+    spec: LabelSpec
+    source: ResolvedSource
+    info: dict[str, Any]
+    split_report: dict[str, Any] | None = None
+    train_augmentation: SeededAugmentation | None = None  # the Trainer sets its epoch
+
+
+class _LabelledRecords:
+    """``filter_records`` / ``split_records`` hooks: keep labelled images, encode labels, split by patient."""
+
+    def __init__(
+        self,
+        data_args: ClassificationDataArguments,
+        explicit_labels: bool,
+        seed: int,
+        label_names: Sequence[str] | None,
+    ):
+        self.args = data_args
+        self.label_names = label_names
+        self.explicit = explicit_labels
+        self.seed = seed
+        self.spec: LabelSpec | None = None
+        self.report: dict[str, Any] | None = None
+
+    def __call__(self, records: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        total = len(records["group"])  # folder records and shard records both carry ``group``
+        values = records["finding_labels"]
+        labelled = [i for i, v in enumerate(values) if is_labelled(v)]
+        not_listed = sum(1 for v in values if v is None)
+        blank = total - len(labelled) - not_listed
+        if not labelled:
+            raise LabelError(
+                f"none of the {total} images has a label: give an NIH-style labels CSV "
+                "(Image Index, Patient ID, Finding Labels) with --labels_file, or put labels.csv beside the images"
+            )
+        if not_listed and not self.explicit:
+            raise LabelError(f"{not_listed} of {total} images have no row in the labels file")
+        if not_listed or blank:
+            parts = [f"{not_listed} not listed in the labels file"] if not_listed else []
+            parts += [f"{blank} with an empty Finding Labels (unlabelled)"] if blank else []
+            logger.info("using %d of %d images: %s skipped", len(labelled), total, " and ".join(parts))
+            records = {k: [v[i] for i in labelled] for k, v in records.items()}
+        if self.spec is None:  # the first call sees the training data: it defines the classes
+            self.spec = infer_label_spec(records["finding_labels"], self.label_names, self.args.problem_type)
+        records["labels"] = encode_labels(records["finding_labels"], self.spec)
+        return records
+
+    def split(self, records: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        fraction = self.args.validation_split_percentage / 100
+        matrix = label_matrix(records["labels"], self.spec)
+        assignment = stratified_group_assignment(records["group"], matrix, [1 - fraction, fraction], self.seed)
+        self.report = split_report(assignment, records["group"], matrix, self.spec, split_names=("train", "val"))
+        for warning in self.report["warnings"]:
+            logger.warning("%s", warning)
+        parts = [{k: [v[i] for i in np.flatnonzero(assignment == s)] for k, v in records.items()} for s in (0, 1)]
+        if not parts[0]["group"] or not parts[1]["group"]:
+            raise LabelError(f"too few patients ({len(set(records['group']))}) for a patient-level validation split")
+        return parts[0], parts[1]
+
+
+def build_labelled_data(
+    data_args: ClassificationDataArguments, image_size: int, seed: int = 0, label_names: Sequence[str] | None = None
+) -> LabelledData:
+    """Training and validation datasets with ``labels``; one labelled set is split by patient (stratified).
+    ``label_names`` fixes the classes and their order (default: every finding in the training labels).
+    ``--train_data`` is a raw folder (labels from a CSV) or prepared shards (labels stored in the shards)."""
+    options = data_args.parsed_storage_options()
+    augmentation = SeededAugmentation(
+        build_finetune_transform(
+            image_size,
+            data_args.crop_scale,
+            data_args.rotation_degrees,
+            data_args.rand_augment_magnitude,
+            data_args.hflip,
+        ),
+        seed=seed,
+    )
+    if data_args.train_data is not None and find_manifest(data_args.train_data, options) is not None:
+        hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
+        source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options, augmentation)
+        return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
+    source = resolve_train_source(
+        data_args.train_data,
+        data_args.labels_file,
+        data_args.phantom_patients,
+        phantom_image_size=data_args.phantom_image_size,
+    )
+    if source.labels_file is None:
+        raise LabelError(
+            "images without labels: no labels.csv beside --train_data; pass --labels_file (NIH layout: Image Index, "
+            "Patient ID, Finding Labels)"
+        )
+    for labels_file in (source.labels_file, data_args.validation_labels_file):
+        if labels_file:  # without a patient column every image would be its own "patient": a silent leak
+            read_labels_table(labels_file, required=(PATIENT_COL, LABEL_COL))
+    explicit = data_args.labels_file is not None or data_args.validation_labels_file is not None
+    hooks = _LabelledRecords(data_args, explicit_labels=explicit, seed=seed, label_names=label_names)
+    split = data_args.validation_data is None and data_args.validation_split_percentage > 0
+    train, evaluation, info = build_train_eval_datasets(
+        source,
+        data_args.validation_data,
+        validation_labels_file=data_args.validation_labels_file,
+        train_transform=augmentation,
+        eval_transform=build_eval_transform(image_size),
+        storage_options=data_args.parsed_storage_options(),
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        filter_records=hooks,
+        split_records=hooks.split if split else None,
+        holdout_percentage=0.0,
+    )
+    return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
+
+
+def _finish_classification_data(
+    data_args: ClassificationDataArguments,
+    seed: int,
+    source: ResolvedSource,
+    train: Any,
+    evaluation: Any | None,
+    info: dict[str, Any],
+    hooks: _LabelledRecords,
+    augmentation: SeededAugmentation,
+) -> LabelledData:
+    """Checks shared by folders and shards: patient-disjoint validation, classes without positives, eval subsample."""
+    spec = hooks.spec
+    during = evaluation
+    if evaluation is not None:
+        train_raw, eval_raw = train.with_format(None), evaluation.with_format(None)
+        check_patient_disjoint(train_raw["group"], eval_raw["group"])
+        eval_matrix = label_matrix(eval_raw["labels"], spec)
+        for c, name in enumerate(spec.names):
+            if eval_matrix[:, c].sum() == 0:
+                logger.warning("class '%s' has no positives in the validation set: its AUROC is undefined", name)
+        if data_args.eval_subsample and data_args.eval_subsample < len(evaluation):
+            during = evaluation.select(stratified_subsample(eval_matrix, data_args.eval_subsample, seed).tolist())
+            info["eval_subsample"] = len(during)
+    return LabelledData(train, evaluation, during, spec, source, info, hooks.report, augmentation)
+
+
+def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, list[Any]]:
+    """Records (``index`` into ``table``, ``key``, ``group``, ``finding_labels``) of the labelled samples of a shard
+    table; an explicit labels file keeps only the samples it lists (as for folders), its labels are not used."""
+    records = shard_metadata(table)
+    records["index"] = list(range(len(table)))
+    total = len(records["key"])
+    labelled = [is_labelled(v) for v in records["finding_labels"]]
+    if not any(labelled):
+        raise LabelError(
+            f"{flag} holds prepared shards without labels: re-run `hf-medvis prepare` with --labels (NIH-style CSV: "
+            "Image Index, Patient ID, Finding Labels)"
+        )
+    keep = labelled
+    if labels_file:
+        # Keys are the labels file's Image Index stems (prepare stores them so), so a split CSV selects its samples.
+        listed = {Path(row[IMAGE_COL]).stem for row in read_labels_table(labels_file).rows}
+        keep = [ok and key in listed for ok, key in zip(labelled, records["key"], strict=True)]
+        if not any(keep):
+            raise LabelError(f"none of the {total} labelled samples of {flag} is listed in {Path(labels_file).name}")
+        logger.info("%s: using the %d of %d samples listed in %s", flag, sum(keep), total, Path(labels_file).name)
+    elif not all(labelled):
+        raise LabelError(
+            f"{total - sum(labelled)} of {total} samples of {flag} have no labels (no labels row at prepare): pass a "
+            "labels file listing the samples to use"
+        )
+    return {k: [v[i] for i in range(total) if keep[i]] for k, v in records.items()}
+
+
+def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) -> Any:
+    """The selected rows of ``table`` with their encoded ``labels``, decoding pixels on access."""
+    labels: list[Any] = [None] * len(table)
+    for index, encoded in zip(records["index"], records["labels"], strict=True):
+        labels[index] = encoded
+    # add_column joins an in-memory column to the memory-mapped table (no copy of the pixels); select only maps indices.
+    return table.add_column("labels", labels).select(records["index"]).with_transform(make_shard_transform(transform))
+
+
+def _build_shard_datasets(
+    data_args: ClassificationDataArguments,
+    image_size: int,
+    hooks: _LabelledRecords,
+    options: dict | None,
+    train_transform: SeededAugmentation,
+) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
+    """Prepared shards -> map-style train/validation datasets; the split and label logic is the folders' (hooks)."""
+    train_table = load_shard_table(data_args.train_data, options)
+    source = ResolvedSource(data_args.train_data, data_args.labels_file, "user-provided prepared shards")
+    records = hooks(_shard_records(train_table, data_args.labels_file, "--train_data"))
+    eval_table, eval_records = None, None
+    if data_args.validation_data is not None:
+        if find_manifest(data_args.validation_data, options) is None:
+            raise LabelError(
+                "--validation_data must be prepared shards too when --train_data is (run `hf-medvis prepare`)"
+            )
+        eval_table = load_shard_table(data_args.validation_data, options)
+        eval_records = hooks(_shard_records(eval_table, data_args.validation_labels_file, "--validation_data"))
+    elif data_args.validation_split_percentage > 0:
+        records, eval_records = hooks.split(records)
+        eval_table = train_table
+    if data_args.max_train_samples is not None:
+        records = {k: v[: data_args.max_train_samples] for k, v in records.items()}
+    info: dict[str, Any] = {"train_images": len(records["key"]), "train_patients": len(set(records["group"]))}
+    train = _shard_dataset(train_table, records, train_transform)
+    evaluation = None
+    if eval_records is not None:
+        if data_args.max_eval_samples is not None:
+            eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
+        info.update(eval_images=len(eval_records["key"]), eval_patients=len(set(eval_records["group"])))
+        evaluation = _shard_dataset(eval_table, eval_records, build_eval_transform(image_size))
+    return source, train, evaluation, info
+
+
+def positive_class_weights(train_dataset: Any, spec: LabelSpec) -> np.ndarray:
+    """BCE ``pos_weight`` per class: negatives / positives in the training set (``labels.positive_weights``)."""
+    return positive_weights(label_matrix(train_dataset.with_format(None)["labels"], spec))

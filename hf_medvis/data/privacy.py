@@ -1,0 +1,37 @@
+"""Salted hashes: the only form in which patient ids and source paths leave the operator's machine (shards,
+manifests, quarantine reports)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+SALT_ENV = "HF_MEDVIS_SALT"
+
+
+def salted_hash(value: str, salt: str, kind: str) -> str:
+    """Truncated SHA-256 keyed by the salt; ``kind`` separates namespaces (a patient id never collides with a path).
+    File names that are not valid UTF-8 (kept by Python as surrogate escapes) hash by their bytes."""
+    return hashlib.sha256(f"{kind}\x00{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def resolve_salt(salt: str | None) -> str:
+    """The salt given, else $HF_MEDVIS_SALT; ValueError when neither is set."""
+    salt = salt if salt is not None else os.environ.get(SALT_ENV)
+    if not salt:
+        raise ValueError(
+            f"no salt for patient-id hashing: pass --salt or set {SALT_ENV} (keep it secret and the same for every "
+            "prepare of one dataset, so a patient gets the same group across runs)"
+        )
+    return salt
+
+
+def salt_check(salt: str) -> str:
+    """A fingerprint of the salt, stored in the manifest, so a later run can tell it was given another salt."""
+    return hashlib.sha256(f"hf_medvis-salt-check\x00{salt}".encode()).hexdigest()[:16]
+
+
+def relative_path(path: str, root: str) -> str:
+    """``path`` relative to the source root ``root``: the form a source path is hashed in."""
+    root = root.rstrip("/")
+    return path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]

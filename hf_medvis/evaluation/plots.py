@@ -1,0 +1,84 @@
+"""Figures of an evaluation (ROC curves, confusion matrix) and of images (a grid for notebooks), saved atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from ..data.decode import read_image
+from ..data.labels import LabelSpec
+from ..data.storage import write_bytes_atomic
+from .metrics import defined
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot that draws to files (Agg), or to a notebook's inline backend inside one."""
+    import matplotlib  # on first use only: the training processes never draw
+
+    # Files only, never a GUI window; but keep a notebook's inline backend so that figures display there.
+    if "inline" not in matplotlib.get_backend():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 90) -> Path:
+    """The figure as a PNG at ``path`` (written whole or not at all), then closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
+    write_bytes_atomic(os.fspath(path), buffer.getvalue())
+    return Path(path)
+
+
+def save_roc_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> Path:
+    """One ROC curve per class (one-vs-rest for multi-class)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, name in enumerate(spec.names):
+        if defined(labels[:, c]):
+            RocCurveDisplay.from_predictions(labels[:, c], probs[:, c], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set_title("ROC per class")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_confusion_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> Path:
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ConfusionMatrixDisplay.from_predictions(
+        labels.argmax(axis=1),
+        probs.argmax(axis=1),
+        labels=list(range(len(spec.names))),
+        display_labels=list(spec.names),
+        ax=ax,
+        colorbar=False,
+    )
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_image_grid(
+    sources: Sequence[str], titles: Sequence[str], columns: int = 6, storage_options: dict | None = None
+) -> Any:
+    """A matplotlib figure of images (DICOM/PNG/JPEG through read_image) with a title each; for notebooks."""
+    plt = pyplot()
+    rows = max(1, -(-len(sources) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.25 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, src, title in zip(axes.flat, sources, titles, strict=False):
+        ax.imshow(read_image(src, storage_options=storage_options), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig

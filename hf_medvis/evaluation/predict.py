@@ -1,0 +1,47 @@
+"""Inference with a fine-tuned classifier on image files (DICOM, PNG, JPEG; local or fsspec URLs), with the exact
+preprocessing of training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import ViTImageProcessor
+
+from ..data.decode import read_image
+from ..data.labels import LabelSpec
+from ..data.transforms import build_eval_transform, normalize_batch, to_uint8_tensor
+from ..models.transfer import load_classifier
+from .metrics import probabilities
+
+
+class Predictor:
+    """A saved classifier plus the exact preprocessing of training: read_image (DICOM/PNG/JPEG) -> resize + centre
+    crop -> normalise with the processor's mean/std."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None):
+        self.model = load_classifier(os.fspath(model_dir)).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        processor = ViTImageProcessor.from_pretrained(model_dir)
+        self.image_size = int(processor.size["height"])
+        self.mean, self.std = list(processor.image_mean), list(processor.image_std)
+        config = self.model.config
+        self.spec = LabelSpec(tuple(config.id2label[i] for i in range(config.num_labels)), config.problem_type)
+        self.transform = build_eval_transform(self.image_size)
+
+    def preprocess(self, source: str, storage_options: dict | None = None) -> torch.Tensor:
+        """The uint8 [1, size, size] image the model sees (before normalisation), as in training's evaluation."""
+        return self.transform(to_uint8_tensor(read_image(source, storage_options=storage_options)))
+
+    @torch.no_grad()
+    def predict(self, sources: Sequence[str], batch_size: int = 32, storage_options: dict | None = None) -> np.ndarray:
+        """[N, classes] probabilities, in the order of ``config.id2label``."""
+        out = []
+        for start in range(0, len(sources), batch_size):
+            batch = torch.stack([self.preprocess(src, storage_options) for src in sources[start : start + batch_size]])
+            pixels = normalize_batch(batch.to(self.device), self.mean, self.std, self.model.config.num_channels)
+            out.append(probabilities(self.model(pixel_values=pixels).logits.float().cpu().numpy(), self.spec))
+        return np.concatenate(out) if out else np.zeros((0, len(self.spec.names)), dtype=np.float32)

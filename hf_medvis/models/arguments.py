@@ -1,0 +1,88 @@
+"""The recipes' model arguments (HfArgumentParser dataclasses): which checkpoint or preset, and its shape.
+``build_model`` takes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .build import preset_names
+from .transfer import POOLINGS
+
+
+@dataclass
+class ModelArguments:
+    """What both recipes ask of a model: a checkpoint or a preset, its input geometry, config overrides, loading."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this checkpoint (local folder or Hub id). Default: a new model."}
+    )
+    model_preset: str = field(
+        default="tiny", metadata={"help": f"Architecture for a new model: one of {', '.join(preset_names())}."}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Input size (default: the preset's)."})
+    patch_size: int | None = field(
+        default=None, metadata={"help": "Patch size of a new model (default: the preset's)."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated key=value config overrides, e.g. 'hidden_size=128'."}
+    )
+    attn_implementation: str | None = field(
+        default="sdpa", metadata={"help": "Attention kernel: sdpa (default) or eager."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the checkpoint's repository."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None and self.model_preset not in preset_names():
+            raise ValueError(f"--model_preset must be one of {', '.join(preset_names())}, got '{self.model_preset}'")
+
+
+@dataclass
+class MAEModelArguments(ModelArguments):
+    num_channels: int = field(
+        default=3,
+        metadata={"help": "3 replicates grayscale to RGB so Hub checkpoints fit; 1 keeps X-rays single-channel."},
+    )
+    mask_ratio: float = field(
+        default=0.75, metadata={"help": "Fraction of patches masked (MAE: 0.75; X-ray MAE: 0.90)."}
+    )
+    norm_pix_loss: bool = field(default=True, metadata={"help": "Reconstruct per-patch normalised pixels."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"--mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.num_channels not in (1, 3):
+            raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}")
+
+
+@dataclass
+class ClassifierModelArguments(ModelArguments):
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from a Hub id (e.g. google/vit-base-patch16-224), a local ViT folder, or an MAE "
+                  "pretraining output (encoder transferred, decoder dropped). Default: a new model from --model_preset."},
+    )  # fmt: skip
+    image_size: int | None = field(
+        default=None, metadata={"help": "Input size; differing from the checkpoint's interpolates position embeddings."}
+    )
+    num_channels: int | None = field(
+        default=None, metadata={"help": "Channels of a new model: 3 (grayscale replicated, default) or 1."}
+    )
+    pooling: str = field(
+        default="cls",
+        metadata={"help": "cls: the CLS token (plain ViTForImageClassification, loads anywhere); mean: global average "
+                  "of patch tokens (the MAE fine-tuning default; load with hf_medvis)."},
+    )  # fmt: skip
+    hidden_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout in the encoder MLPs and embeddings."})
+    attention_probs_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout on attention weights."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
+        if self.num_channels not in (None, 1, 3):
+            raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

@@ -1,0 +1,222 @@
+"""Model cards (README.md with Hub metadata) for both recipes' outputs. They never carry patient data, local paths or
+credentials: only what describes the model and how it was trained."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCardData
+from transformers import PreTrainedModel
+
+from ..data.arguments import ClassificationDataArguments, MAEDataArguments
+from ..data.labels import LabelSpec
+from ..data.storage import write_text_atomic
+from ..models.arguments import ClassifierModelArguments, MAEModelArguments
+from ..models.build import count_parameters
+from ..models.transfer import LoadReport
+from .args import FinetuningArguments, PretrainingArguments, precision_name
+from .hub import hub_model_id
+
+NOT_FOR_CLINICAL_USE = (
+    "**Not for clinical use.** This model is a research artifact. It has not been validated for diagnosis, triage or any "
+    "other clinical decision, and must not be used as a medical device."
+)
+
+
+def _table(rows: Mapping[str, Any]) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    return "\n".join(lines)
+
+
+def render_model_card(
+    *,
+    title: str,
+    summary: str,
+    metadata: Mapping[str, Any],
+    sections: Mapping[str, str | Mapping[str, Any]],
+) -> str:
+    """Front matter from ``metadata`` (huggingface_hub ModelCardData), then one section per entry (text or a table)."""
+    card_data = ModelCardData(**{k: v for k, v in metadata.items() if v is not None})
+    parts = [f"---\n{card_data.to_yaml()}\n---", f"# {title}", summary]
+    for heading, body in sections.items():
+        parts.append(f"## {heading}")
+        parts.append(_table(body) if isinstance(body, Mapping) else str(body))
+    parts += ["## Intended use and limitations", NOT_FOR_CLINICAL_USE]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(output_dir: str | os.PathLike, content: str) -> Path:
+    path = Path(output_dir) / "README.md"
+    write_text_atomic(path, content)
+    return path
+
+
+def mae_model_card(
+    model: PreTrainedModel,
+    model_args: MAEModelArguments,
+    data_args: MAEDataArguments,
+    training_args: PretrainingArguments,
+    *,
+    data_description: str,
+    data_info: dict,
+    lr_line: str,
+    metrics: dict,
+) -> str:
+    config = model.config
+    architecture = {
+        "encoder": f"ViT, {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
+        "decoder": f"{config.decoder_num_hidden_layers} layer(s), hidden {config.decoder_hidden_size}",
+        "patch size": config.patch_size,
+        "image size": config.image_size,
+        "channels": config.num_channels,
+        "parameters": f"{count_parameters(model):,}",
+    }
+    training = {
+        "objective": f"masked autoencoding, mask ratio {config.mask_ratio}, norm_pix_loss {config.norm_pix_loss}",
+        "data": data_description,
+        "images (train / held-out)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
+        "augmentation": f"RandomResizedCrop scale {tuple(data_args.crop_scale)}"
+        + (", horizontal flip" if data_args.hflip else ""),
+        "learning rate": lr_line,
+        "optimizer": f"{_plain(training_args.optim)}, betas ({training_args.adam_beta1}, {training_args.adam_beta2}), "
+        f"weight decay {training_args.weight_decay}",
+        "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
+        "precision": precision_name(training_args),
+        "steps": metrics.get("global_step", "?"),
+    }
+    results = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items() if k != "global_step"}
+    return render_model_card(
+        title="ViT-MAE pretrained with hf_medvis",
+        summary="A Masked Autoencoder (`ViTMAEForPreTraining`) pretrained on chest X-ray images with "
+        "hf_medvis. Load the encoder into `ViTForImageClassification` to fine-tune; "
+        "`reconstructions.png` shows masked reconstructions of held-out images.",
+        metadata={
+            "library_name": "transformers",
+            "license": "apache-2.0",
+            "tags": ["vit-mae", "masked-autoencoder", "medical-imaging", "chest-x-ray", "hf_medvis"],
+            "base_model": hub_model_id(model_args.model_name_or_path),
+        },
+        sections={"Architecture": architecture, "Training": training, "Results": results or "No evaluation was run."},
+    )
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def classifier_model_card(
+    model: PreTrainedModel,
+    model_args: ClassifierModelArguments,
+    data_args: ClassificationDataArguments,
+    training_args: FinetuningArguments,
+    *,
+    spec: LabelSpec,
+    data_description: str,
+    data_info: dict,
+    load_report: LoadReport,
+    lr_line: str,
+    metrics: dict,
+) -> str:
+    """A model card with Hub metadata (base model, datasets, metrics with CIs in model-index) and no patient data."""
+    config = model.config
+    task = "multi-label" if spec.multi_label else "multi-class"
+    headline = "auroc_macro" if spec.multi_label or "accuracy" not in metrics else "accuracy"
+    eval_results = []
+    dataset_id = data_args.dataset_id
+    dataset_name = dataset_id or data_description
+    for key, metric_type in (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", "average_precision")):
+        if key in metrics:
+            ci = ""
+            if f"{key}_ci95_low" in metrics:
+                ci = f" (95% CI {metrics[f'{key}_ci95_low']:.3f}-{metrics[f'{key}_ci95_high']:.3f}, patient bootstrap)"
+            eval_results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=dataset_id or "private",
+                    dataset_name=dataset_name,
+                    dataset_split="validation (held-out patients)",
+                    metric_type=metric_type,
+                    metric_value=round(float(metrics[key]), 4),
+                    metric_name=f"{key}{ci}",
+                )
+            )
+    base = hub_model_id(model_args.model_name_or_path)
+    pos_weight = "training-set negatives/positives" if data_args.pos_weight and spec.multi_label else "none"
+    loss = (
+        f"BCE with logits, pos_weight {pos_weight}"
+        if spec.multi_label
+        else f"cross-entropy, label smoothing {training_args.label_smoothing_factor}"
+    )
+    augmentation = (
+        f"RandomResizedCrop scale {tuple(data_args.crop_scale)}, rotation ±{data_args.rotation_degrees:g}°"
+        + (f", RandAugment m{data_args.rand_augment_magnitude}" if data_args.rand_augment_magnitude else "")
+        + (
+            ", horizontal flip"
+            if data_args.hflip
+            else ", no horizontal flip (chest X-rays are not left-right symmetric)"
+        )
+    )
+    architecture = {
+        "model": f"ViTForImageClassification ({config.pooling if hasattr(config, 'pooling') else 'cls'} pooling)",
+        "encoder": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
+        "patch size / image size / channels": f"{config.patch_size} / {config.image_size} / {config.num_channels}",
+        "parameters": f"{count_parameters(model):,}",
+        "initialisation": load_report.summary() if load_report.source_type != "new" else "random (no pretraining)",
+        "labels": ", ".join(spec.names),
+        "task": f"{task} ({spec.problem_type})",
+    }
+    training = {
+        "data": data_description,
+        "images (train / validation)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
+        "patients (train / validation)": f"{data_info.get('train_patients', '?')} / {data_info.get('eval_patients', 0)}"
+        " (patient-disjoint)",
+        "loss": loss,
+        "augmentation": augmentation,
+        "learning rate": lr_line,
+        "layer-wise lr decay": training_args.layer_decay,
+        "optimizer": f"{_plain(training_args.optim)}, weight decay {training_args.weight_decay} (none on norms, biases, "
+        "position embeddings, CLS token)",
+        "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
+        "precision": precision_name(training_args),
+        "steps": metrics.get("global_step", "?"),
+    }
+    results = {k: _metric(v) for k, v in metrics.items() if k.startswith(("auroc", "ap_", "f1", "accuracy"))}
+    usage = (
+        '```python\nfrom hf_medvis.evaluation import Predictor\n\npredictor = Predictor("path/or/hub-id")\n'
+        'probabilities = predictor.predict(["image.dcm", "image.png"])  # [N, classes], order of config.id2label\n```'
+        "\n\nOr `hf-medvis predict --model DIR FILES...` (JSON lines). The image processor (size, mean/std) is saved "
+        f"with the model; inputs are grayscale X-rays {'replicated to 3 channels' if config.num_channels == 3 else ''}."
+    )
+    return render_model_card(
+        title=f"ViT chest X-ray classifier ({task}) fine-tuned with hf_medvis",
+        summary=f"A `ViTForImageClassification` fine-tuned for {task} classification of chest X-rays "
+        f"({', '.join(spec.names)}). Headline: {headline} on held-out patients.",
+        metadata={
+            "library_name": "transformers",
+            "license": "apache-2.0",
+            "pipeline_tag": "image-classification",
+            "tags": ["vit", "image-classification", "medical-imaging", "chest-x-ray", "hf_medvis", task],
+            "base_model": base,
+            "datasets": [dataset_id] if dataset_id else None,
+            "metrics": sorted({r.metric_type for r in eval_results}) or None,
+            "model_name": training_args.hub_model_id.split("/")[-1]
+            if training_args.hub_model_id
+            else "hf_medvis-vit-cxr",
+            "eval_results": eval_results or None,
+        },
+        sections={
+            "Architecture": architecture,
+            "Training": training,
+            "Results (held-out patients)": results or "No evaluation was run.",
+            "How to use": usage,
+        },
+    )
+
+
+def _plain(value: Any) -> str:
+    """Enum members (OptimizerNames, SchedulerType) as their plain value."""
+    return str(getattr(value, "value", value))
