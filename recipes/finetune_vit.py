@@ -13,7 +13,9 @@ One labelled set is split by patient (label-stratified); a validation set that s
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import set_seed
@@ -49,7 +51,7 @@ logger = logging.getLogger("finetune_vit")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vit_tiny_demo.yaml"
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(

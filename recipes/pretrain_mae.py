@@ -9,7 +9,9 @@ Every TrainingArguments flag works; ``--config FILE.yaml`` holds the same argume
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from transformers import set_seed
 
@@ -38,7 +40,7 @@ logger = logging.getLogger("pretrain_mae")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mae_tiny_demo.yaml"
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(

@@ -191,6 +191,8 @@ def test_sources_bytes_and_fsspec_urls(tmp_path):
     assert read_image("memory://x/b.png").shape == (4, 5)
 
 
+# pydicom warns (UserWarning) about the invalid values these files hold on purpose, before we raise our error.
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 def test_bad_inputs_raise_with_the_path(tmp_path):
     good = _png((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64))
     cases = {
@@ -225,6 +227,7 @@ def test_sources_are_described_without_credentials():
     assert "SECRET" not in str(ImageDecodeError("https://a:SECRET@host/x.png?sig=SECRET", "empty file"))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS:UserWarning")  # the planted NaN RescaleSlope
 def test_non_finite_pixels_are_an_error_not_black_pixels():
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     values[2, 3] = np.inf

@@ -20,7 +20,7 @@ from .storage import describe, read_bytes
 class ImageDecodeError(ValueError):
     """An input that cannot be decoded into an image; the message names the source and the reason."""
 
-    def __init__(self, source: Any, reason: str):
+    def __init__(self, source: Any, reason: str) -> None:
         self.source = _describe(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
@@ -129,7 +129,7 @@ def _decode_raster(src: Any, data: bytes) -> np.ndarray:
         raise ImageDecodeError(src, f"truncated or corrupt image: {err}") from None
 
 
-def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True):
+def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True) -> pydicom.Dataset:
     """The DICOM dataset of ``data`` (pixels included, not decoded); ``ImageDecodeError`` when unreadable."""
     try:
         with warnings.catch_warnings():
@@ -142,11 +142,11 @@ def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True):
     return ds
 
 
-def _transfer_syntax(ds):
+def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID | None:
     return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
 
 
-def _check_decoder(src: Any, ds) -> None:
+def _check_decoder(src: Any, ds: pydicom.Dataset) -> None:
     """A clear error before decoding when the transfer syntax has no decoder, or needs the [dicom] extra."""
     syntax = _transfer_syntax(ds)
     if syntax is None or not syntax.is_compressed:
@@ -165,7 +165,9 @@ def _check_decoder(src: Any, ds) -> None:
         )
 
 
-def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None, strict: bool = True) -> np.ndarray:
+def _decode_dicom(
+    src: Any, data: bytes, *, window: str | tuple[float, float] | None, frame: int | None, strict: bool = True
+) -> np.ndarray:
     ds = read_dicom_header(data, src, strict=strict)
     try:
         return _decode_dicom_dataset(src, ds, window=window, frame=frame)
@@ -176,7 +178,9 @@ def _decode_dicom(src: Any, data: bytes, *, window, frame: int | None, strict: b
         raise ImageDecodeError(src, f"invalid DICOM image attributes: {type(err).__name__}: {err}") from None
 
 
-def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndarray:
+def _decode_dicom_dataset(
+    src: Any, ds: pydicom.Dataset, *, window: str | tuple[float, float] | None, frame: int | None
+) -> np.ndarray:
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageDecodeError(src, "DICOM has no pixel data")
@@ -233,13 +237,13 @@ def _decode_dicom_dataset(src: Any, ds, *, window, frame: int | None) -> np.ndar
     return values.astype(np.float32)
 
 
-def _frame_array(ds, frame: int) -> np.ndarray:
+def _frame_array(ds: pydicom.Dataset, frame: int) -> np.ndarray:
 
     # pixel_array(index=) decodes only the requested frame.
     return pixel_array(ds, index=frame)
 
 
-def _first(value) -> float:
+def _first(value: Any) -> float:
     """WindowCenter/Width may be multi-valued: the first pair is the default view."""
     try:
         return float(value[0]) if not isinstance(value, (str, bytes)) and len(value) > 0 else float(value)
@@ -260,7 +264,7 @@ def _linear_window(
     return ((values - (center - 0.5)) / max(width - 1, 1e-6) + 0.5).clip(0.0, 1.0)
 
 
-def _normalise_stored_range(values: np.ndarray, ds, pixels: np.ndarray) -> np.ndarray:
+def _normalise_stored_range(values: np.ndarray, ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
     bits = int(getattr(ds, "BitsStored", pixels.dtype.itemsize * 8))
     signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
     stored_lo, stored_hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -270,7 +274,7 @@ def _normalise_stored_range(values: np.ndarray, ds, pixels: np.ndarray) -> np.nd
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
-def _colour_to_luminance(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
+def _colour_to_luminance(ds: pydicom.Dataset, pixels: np.ndarray, photometric: str) -> np.ndarray:
 
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)

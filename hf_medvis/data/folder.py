@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 
 from . import storage
 from .decode import looks_like_image, read_image
@@ -173,7 +174,7 @@ def build_folder_records(
 
 def dataset_from_records(
     records: dict[str, list[Any]], image_transform: Callable | None = None, storage_options: dict | None = None
-):
+) -> datasets.Dataset:
     """A ``datasets.Dataset`` of file references; with ``image_transform`` rows decode on access (``pixel_values``)."""
     dataset = datasets.Dataset.from_dict(records)
     if image_transform is not None:
@@ -186,7 +187,7 @@ def build_folder_dataset(
     image_transform: Callable | None = None,
     labels_file: str | os.PathLike | None = None,
     storage_options: dict | None = None,
-):
+) -> datasets.Dataset:
     """Every image under ``source`` as a ``datasets.Dataset`` (see ``dataset_from_records``)."""
     records = build_folder_records(source, labels_file, storage_options)
     return dataset_from_records(records, image_transform, storage_options)
@@ -201,7 +202,7 @@ class DecodedImageCache:
     its time decoding PNG/DICOM otherwise (2 ms per 256² PNG, far more per DICOM). Entries are never modified: the
     augmentations return new tensors. Once the budget is spent, further images are decoded each time as before."""
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None) -> None:
         if budget_bytes is None:
             budget_bytes = int(float(os.environ.get(DECODE_CACHE_ENV, "1024")) * 2**20)
         self.budget, self.used, self.images = budget_bytes, 0, {}
@@ -222,7 +223,7 @@ def make_decode_transform(image_transform: Callable, storage_options: dict | Non
     ``image_transform`` -> ``pixel_values``."""
     cache = DecodedImageCache()
 
-    def decode(path: str):
+    def decode(path: str) -> torch.Tensor:
         # Bytes go through fsspec/adlfs with our storage options: datasets' own Image feature loses them for az://.
         return to_uint8_tensor(read_image(path, storage_options=storage_options))
 

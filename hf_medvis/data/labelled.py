@@ -82,7 +82,7 @@ class _LabelledRecords:
         explicit_labels: bool,
         seed: int,
         label_names: Sequence[str] | None,
-    ):
+    ) -> None:
         self.args = data_args
         self.label_names = label_names
         self.explicit = explicit_labels

@@ -206,7 +206,7 @@ def to_uint8(display: np.ndarray) -> np.ndarray:
     return np.round(display * 255.0).astype(np.uint8)
 
 
-def _dicom_dataset(image: PhantomImage, display: np.ndarray):
+def _dicom_dataset(image: PhantomImage, display: np.ndarray) -> pydicom.Dataset:
     """Encodes a display image as a 16-bit DICOM whose modality + VOI LUTs map back to the same display image."""
     monochrome1 = image.patient_id % 2 == 1  # CR-style readers often deliver MONOCHROME1
     modality = "CR" if monochrome1 else "DX"

@@ -26,7 +26,9 @@ PIXEL_COLUMNS: tuple[str, ...] = ("pixels", "height", "width", "bits")
 TABLE_METADATA_COLUMNS: tuple[str, ...] = ("key", "group", "finding_labels")
 
 
-def load_shard_table(source: str, storage_options: dict | str | None = None, cache_dir: str | None = None):
+def load_shard_table(
+    source: str, storage_options: dict | str | None = None, cache_dir: str | None = None
+) -> datasets.Dataset:
     """Every sample of the prepared-shard location ``source`` (a folder / URL or its manifest.json) as a map-style
     ``datasets.Dataset`` with the shard schema's columns (``key``, ``group``, ``finding_labels``, ``view_position``,
     ``pixels``, ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest."""
@@ -62,7 +64,7 @@ def load_shard_table(source: str, storage_options: dict | str | None = None, cac
     return table
 
 
-def shard_metadata(table) -> dict[str, list[Any]]:
+def shard_metadata(table: datasets.Dataset) -> dict[str, list[Any]]:
     """The pixel-free columns of a shard table as lists (Arrow reads only these columns)."""
     return table.select_columns(list(TABLE_METADATA_COLUMNS)).with_format(None).to_dict()
 

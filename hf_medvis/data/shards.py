@@ -36,7 +36,7 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 
 
-def schema():
+def schema() -> pa.Schema:
 
     return pa.schema(
         [

@@ -69,7 +69,7 @@ def build_train_eval_datasets(
     split_records: Callable[[dict[str, list[Any]]], tuple[dict[str, list[Any]], dict[str, list[Any]]]] | None = None,
     validation_labels_file: str | None = None,
     seed: int = 0,
-):
+) -> tuple[Any, Any | None, dict[str, Any]]:
     """Returns (train_dataset, eval_dataset or None, info dict with counts).
 
     Without ``validation_data``, ``split_records`` (if given) splits the training records into (train, eval) instead of
@@ -131,7 +131,7 @@ def _build_stream_datasets(
     seed: int,
     max_train_samples: int | None,
     max_eval_samples: int | None,
-):
+) -> tuple[Any, Any | None, dict[str, Any]]:
     # Split by node here (RANK / WORLD_SIZE), the split StreamStateCallback's twin replays on resume; MedVisTrainer
     # then keeps accelerate from sharding this stream a second time (trainer.py, get_train_dataloader).
     train_ds = load_image_dataset(
@@ -167,7 +167,7 @@ def _build_stream_datasets(
     return train_ds, eval_ds, info
 
 
-def first_examples(dataset, n: int) -> list[dict[str, Any]]:
+def first_examples(dataset: Any, n: int) -> list[dict[str, Any]]:
     """The first ``n`` rows of a map-style or streaming dataset."""
     if hasattr(dataset, "__len__"):
         return [dataset[i] for i in range(min(n, len(dataset)))]

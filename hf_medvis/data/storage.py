@@ -101,7 +101,7 @@ def check_container_name(url: str, path: str) -> None:
         )
 
 
-def filesystem(url: str, storage_options: dict | str | None = None):
+def filesystem(url: str, storage_options: dict | str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) for a URL or local path."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
     if protocol_of(url) in AZURE_PROTOCOLS:
@@ -138,7 +138,7 @@ def explain_storage_error(err: BaseException, url: str | None = None) -> str | N
     return None
 
 
-def _code_name(code) -> str:
+def _code_name(code: object) -> str:
     return str(getattr(code, "value", code))
 
 

@@ -123,7 +123,7 @@ def _worker_id() -> int:
 class ShardReader:
     """Generator body for one data source (a shard): bytes through fsspec with retries, checksum, rows in order."""
 
-    def __init__(self, base: str, storage_options: dict, skip_bad_shards: bool, with_pixels: bool = True):
+    def __init__(self, base: str, storage_options: dict, skip_bad_shards: bool, with_pixels: bool = True) -> None:
         self.base, self.storage_options = base, storage_options
         self.skip_bad_shards, self.with_pixels = skip_bad_shards, with_pixels
         self.bad_shards = 0
@@ -156,7 +156,7 @@ class ShardReader:
 class _ResumeSkip:
     """``filter(with_indices=True)``: drops the samples this worker had delivered before the checkpoint, undecoded."""
 
-    def __init__(self, control: StreamControl):
+    def __init__(self, control: StreamControl) -> None:
         self.control = control
 
     def __call__(self, example: dict, index: int) -> bool:
@@ -169,7 +169,7 @@ class _ResumeSkip:
 class DecodeStoredPixels:
     """Stored pixels -> uint8 tensor [1, H, W] -> ``image_transform`` -> ``pixel_values``."""
 
-    def __init__(self, image_transform: Callable | None):
+    def __init__(self, image_transform: Callable | None) -> None:
         self.image_transform = image_transform
 
     def __call__(self, example: dict) -> dict:
@@ -188,7 +188,7 @@ class DecodeStoredPixels:
 class _EpochFromControl:
     """Installed as ``dataset.set_epoch``: the Trainer's epoch number is replaced by the stream's own."""
 
-    def __init__(self, dataset, control: StreamControl):
+    def __init__(self, dataset: datasets.IterableDataset, control: StreamControl) -> None:
         self.dataset, self.control = dataset, control
 
     def __call__(self, epoch: int) -> None:
@@ -202,7 +202,7 @@ def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _build_stream(control: StreamControl, reader: ShardReader):
+def _build_stream(control: StreamControl, reader: ShardReader) -> datasets.IterableDataset:
 
     ds = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": list(control.shards)})
     if control.split_by_node and control.world_size > 1:
@@ -231,7 +231,7 @@ def load_shard_stream(
     shuffle_buffer: int = 1000,
     skip_bad_shards: bool = False,
     split_by_node: bool = True,
-):
+) -> datasets.IterableDataset:
     """The ``datasets.IterableDataset`` over a prepared-shard location; ``stream_control(ds)`` gives its control."""
     options = storage.storage_options_for(base, storage_options)
     rank, world_size = _distributed_env()
@@ -257,12 +257,12 @@ def load_shard_stream(
     return ds
 
 
-def stream_control(dataset) -> StreamControl | None:
+def stream_control(dataset: Any) -> StreamControl | None:
     """The control of a dataset returned by ``load_image_dataset`` for shards (None for anything else)."""
     return getattr(dataset, "stream_control", None)
 
 
-def drive_epochs(dataset, control: StreamControl) -> None:
+def drive_epochs(dataset: datasets.IterableDataset, control: StreamControl) -> None:
     """Makes ``dataset.set_epoch`` use ``control.epoch`` (the callback's count) instead of the caller's number."""
     dataset.set_epoch = _EpochFromControl(dataset, control)
 
@@ -318,7 +318,7 @@ def worker_skip_counts(
 class _TagWorker:
     """Collate wrapper run in the DataLoader worker: (worker id, batch), so the main process knows each batch's source."""
 
-    def __init__(self, collate_fn: Callable):
+    def __init__(self, collate_fn: Callable) -> None:
         self.collate_fn = collate_fn
 
     def __call__(self, examples: list) -> tuple[int, Any]:
@@ -346,7 +346,9 @@ class StreamDataLoader(DataLoader):
     worker round-robin at worker 0, while the interrupted epoch would have continued with the next worker in turn.)
     Batches are buffered only while they arrive out of turn: at most about one per worker."""
 
-    def __init__(self, dataset, *args: Any, collate_fn: Callable | None = None, **kwargs: Any):
+    def __init__(
+        self, dataset: datasets.IterableDataset, *args: Any, collate_fn: Callable | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, *args, collate_fn=_TagWorker(collate_fn or default_collate), **kwargs)
         self.stream = stream_control(dataset)
 
@@ -354,7 +356,7 @@ class StreamDataLoader(DataLoader):
         # What accelerate's DataLoaderShard.set_epoch does: the Trainer calls it before each epoch.
         self.dataset.set_epoch(epoch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         tagged = super().__iter__()
         control = self.stream
         if control is not None and control.resume_order and control.epoch == control.skip_epoch:
@@ -376,7 +378,7 @@ def load_image_dataset(
     shuffle_buffer: int = 1000,
     skip_bad_shards: bool = False,
     split_by_node: bool = True,
-):
+) -> datasets.Dataset | datasets.IterableDataset:
     """Training/validation data from ``source``: prepared shards -> ``datasets.IterableDataset``; a raw folder, glob or
     URL -> map-style ``datasets.Dataset`` decoding on access (for small data). Columns: ``pixel_values``, ``key``,
     ``group``, ``finding_labels`` (+ ``view_position`` for shards, ``path`` for raw folders)."""

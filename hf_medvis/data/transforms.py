@@ -7,6 +7,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -36,7 +37,7 @@ class SeededAugmentation:
     global CPU generator is left as it was (``fork_rng``), so the training process's own draws (MAE masks, dropout) do
     not depend on how many samples were decoded in it."""
 
-    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], seed: int):
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], seed: int) -> None:
         self.transform, self.seed = transform, int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -80,7 +81,7 @@ def build_eval_transform(image_size: int) -> v2.Compose:
     )
 
 
-def to_uint8_tensor(image) -> torch.Tensor:
+def to_uint8_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A float [0, 1] or uint8 H x W array to a uint8 [1, H, W] tensor."""
     tensor = torch.as_tensor(image)
     if tensor.dtype != torch.uint8:
@@ -146,7 +147,7 @@ class DeviceRandomResizedCrop:
         hflip: bool = True,
         mode: str = "bicubic",
         tries: int = 10,
-    ):
+    ) -> None:
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale needs 0 < min <= max <= 1, got {tuple(scale)}")
         self.size, self.scale, self.ratio = (

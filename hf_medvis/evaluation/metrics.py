@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 from ..data.labels import LabelSpec
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
 
 
 def probabilities(logits: np.ndarray, spec: LabelSpec) -> np.ndarray:
@@ -81,7 +84,7 @@ def classification_metrics(
 def build_compute_metrics(spec: LabelSpec, threshold: float = 0.5) -> Callable[[Any], dict[str, float]]:
     """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ..."""
 
-    def compute_metrics(eval_pred) -> dict[str, float]:
+    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return classification_metrics(
             label_targets(eval_pred.label_ids, spec), probabilities(logits, spec), spec, threshold

@@ -21,7 +21,7 @@ class Predictor:
     """A saved classifier plus the exact preprocessing of training: read_image (DICOM/PNG/JPEG) -> resize + centre
     crop -> normalise with the processor's mean/std."""
 
-    def __init__(self, model_dir: str | os.PathLike, device: str | None = None):
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None) -> None:
         self.model = load_classifier(os.fspath(model_dir)).eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)

@@ -8,7 +8,7 @@ import sys
 from .aml import DATA_MODES, DEFAULT_ENVIRONMENT, RECIPES, AmlJobSpec, write_job
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "aml-job",
         help="write an Azure ML job YAML that runs a recipe on N nodes x G GPUs",

@@ -26,7 +26,7 @@ class JsonLinesHandler(logging.Handler):
 
     def __init__(
         self, directory: str | os.PathLike, rank: int | None = None, node: str | None = None, level: int = logging.INFO
-    ):
+    ) -> None:
         super().__init__(level)
         self.rank = _rank_from_env() if rank is None else rank
         self.node = node or socket.gethostname()

@@ -130,7 +130,7 @@ class Watchdog:
     and ``os._exit(3)``; a blocked collective cannot be interrupted from Python any other way.
     """
 
-    def __init__(self, timeout_s: float, rank: int, on_timeout: Callable[[str], None] | None = None):
+    def __init__(self, timeout_s: float, rank: int, on_timeout: Callable[[str], None] | None = None) -> None:
         self.timeout_s = timeout_s
         self.rank = rank
         self.on_timeout = on_timeout or self._exit
@@ -301,7 +301,7 @@ def _tolerance(dtype: torch.dtype, n: int) -> float:
 class _Timer:
     """Per-iteration timing: CUDA events on GPU (no host sync inside the loop), a host clock on CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
     def time_iterations(self, fn: Callable[[], None], iters: int) -> list[float]:

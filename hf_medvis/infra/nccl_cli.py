@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .catalog import find_sku
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_name(device) -> str:
+def _device_name(device: Any) -> str:
     import torch
 
     if device.type == "cuda":

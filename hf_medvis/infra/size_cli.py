@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sizing import SizeEstimate
 
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_estimate(e) -> str:
+def format_estimate(e: SizeEstimate) -> str:
     lines = [
         f"{e.task} {e.model} {e.image_size}px: {e.parameters / 1e6:.1f}M parameters ({e.trainable_parameters / 1e6:.1f}M trainable, "
         f"largest layer {e.largest_layer_parameters / 1e6:.2f}M)",

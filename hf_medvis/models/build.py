@@ -42,7 +42,7 @@ def apply_config_overrides(config: PretrainedConfig, text: str | None) -> None:
     try:
         config.update_from_string(text.strip().strip(","))
     except (ValueError, TypeError) as err:
-        raise ModelSetupError(f"--config_overrides: {type(config).__name__}: {_first_line(err)}") from None
+        raise ModelSetupError(f"--config_overrides: {type(config).__name__}: {first_line(err)}") from None
 
 
 def build_mae_config(
@@ -114,7 +114,7 @@ def build_mae_model(
         config = ViTMAEConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
     except OSError as err:
         raise ModelSetupError(
-            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}"
+            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {first_line(err)}"
         ) from None
     if config.model_type not in ("vit_mae", "vit"):
         raise ModelSetupError(
@@ -127,7 +127,7 @@ def build_mae_model(
         )
     except OSError as err:
         raise ModelSetupError(
-            f"--model_name_or_path: cannot load weights from {model_name_or_path}: {_first_line(err)}"
+            f"--model_name_or_path: cannot load weights from {model_name_or_path}: {first_line(err)}"
         ) from None
     return model
 
@@ -149,7 +149,8 @@ def ensure_sincos_position_embeddings(model: ViTMAEForPreTraining) -> ViTMAEForP
     return model
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none): for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoConfig, ViTConfig, ViTForImageClassification
+from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .build import ModelSetupError, _first_line, apply_config_overrides, load_presets
+from .build import ModelSetupError, apply_config_overrides, first_line, load_presets
 from .weights import own_load_report
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,13 @@ class MeanPoolViTForImageClassification(ViTForImageClassification):
     ``ViTForImageClassification`` would read the CLS token instead.
     """
 
-    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, **kwargs) -> ImageClassifierOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput:
         outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 1:, :].mean(dim=1))
         loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
@@ -123,7 +129,7 @@ def _label_config(config: ViTConfig, spec: LabelSet, pooling: str) -> None:
     config.pooling = pooling
 
 
-def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: str | None):
+def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
     local = Path(model_name_or_path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no config.json (not a model folder)")
@@ -133,7 +139,7 @@ def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: 
         )
     except (OSError, ValueError) as err:
         raise ModelSetupError(
-            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {_first_line(err)}"
+            f"--model_name_or_path: cannot load a config from {model_name_or_path}: {first_line(err)}"
         ) from None
     if config.model_type not in ("vit", "vit_mae"):
         raise ModelSetupError(
@@ -232,8 +238,7 @@ def build_classifier(
             )
     except OSError as err:
         raise ModelSetupError(
-            f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors "
-            f"only): {_first_line(err)}"
+            f"--model_name_or_path: cannot load weights from {model_name_or_path} (safetensors only): {first_line(err)}"
         ) from None
     mismatched = sorted(_key(entry) for entry in info.get("mismatched_keys", []))
     report.reinitialised = mismatched
@@ -277,4 +282,4 @@ def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:
     try:
         return cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)
     except OSError as err:
-        raise ModelSetupError(f"cannot load weights from {model_dir}: {_first_line(err)}") from None
+        raise ModelSetupError(f"cannot load weights from {model_dir}: {first_line(err)}") from None

@@ -27,7 +27,7 @@ from .deepspeed_config import load_deepspeed_config
 class RecipeArgumentError(SystemExit):
     """A bad argument. Uncaught, the interpreter prints the one-line message to stderr and exits with status 1."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str) -> None:
         self.message = message if message.startswith(_prog()) else f"{_prog()}: error: {message}"
         super().__init__(self.message)
 

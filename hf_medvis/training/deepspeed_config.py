@@ -43,19 +43,19 @@ class DeepSpeedConfigError(ValueError):
 class _ReadTrackingDict(dict):
     """Records the top-level keys DeepSpeed reads. ``copy.copy`` (which DeepSpeedConfig does) shares the record."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read: set[str] = set()
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         self.read.add(key)
         return super().__getitem__(key)
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         self.read.add(key)
         return super().get(key, default)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         self.read.add(key)
         return super().__contains__(key)
 
@@ -120,7 +120,7 @@ def _remaining_auto(config: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
-def _first_line(err: BaseException) -> str:
+def _validation_error_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     # pydantic: "1 validation error for DeepSpeedZeroConfig / stage / Input should be 0, 1, 2 or 3 [type=...]"
     if type(err).__name__ == "ValidationError" and len(lines) >= 3:
@@ -145,7 +145,7 @@ def validate_deepspeed_config(source: str | os.PathLike | dict, args: TrainingAr
     try:
         DeepSpeedConfig(tracked)
     except Exception as err:  # DeepSpeed raises AssertionError, ValueError, pydantic errors, its own config errors
-        raise DeepSpeedConfigError(f"{name}: {_first_line(err)}") from None
+        raise DeepSpeedConfigError(f"{name}: {_validation_error_line(err)}") from None
     unknown = sorted(set(raw) - tracked.read)
     if unknown:
         hints = []

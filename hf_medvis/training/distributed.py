@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
+from transformers import TrainingArguments
 
 from ..infra.launch_env import (  # noqa: F401  (re-exported: the recipes' view of a launch)
     AML_MPI_DEFAULT_PORT,
@@ -57,7 +58,9 @@ def use_gloo_without_accelerators() -> None:
     if getattr(original, "_hf_medvis_cpu_fallback", False):
         return
 
-    def prepare_backend(self, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None):
+    def prepare_backend(
+        self: PartialState, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None
+    ) -> tuple[str | None, DistributedType]:
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
         launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
         if chosen is None and kind == DistributedType.NO and launched:
@@ -90,7 +93,7 @@ def rank_tag(environ: MutableMapping[str, str] | None = None) -> str:
     return f"node {detected.node_rank} rank {detected.rank}"
 
 
-def check_world_size(args) -> None:
+def check_world_size(args: TrainingArguments) -> None:
     """A launch of N processes that trains with world size 1 (e.g. ``accelerate launch --cpu --num_processes N`` on some
     setups) would silently run N independent copies; stop before anything is written."""
     launched = int_env(os.environ, "WORLD_SIZE", 1)

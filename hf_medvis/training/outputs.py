@@ -6,6 +6,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
@@ -110,7 +111,7 @@ def holds_a_run(folder: Path) -> bool:
     return any(any(folder.glob(pattern)) for pattern in RUN_MARKERS)
 
 
-def disable_evaluation_without_data(args: TrainingArguments, eval_dataset) -> None:
+def disable_evaluation_without_data(args: TrainingArguments, eval_dataset: Any) -> None:
     """No evaluation set (e.g. shards without --validation_data): evaluate never, rather than fail in the Trainer."""
     if eval_dataset is None and args.eval_strategy != IntervalStrategy.NO:
         logger.warning(

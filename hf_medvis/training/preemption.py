@@ -19,10 +19,14 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..data.storage import write_json_atomic
 
@@ -73,7 +77,7 @@ class CheckpointCommitCallback(TrainerCallback):
     """After every checkpoint save (and after the other callbacks' ``on_save``, which may add files), wait for all ranks,
     then mark the folder complete from the main process."""
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         _barrier()  # every rank's shards (DeepSpeed writes one per rank) are on disk
         if state.is_world_process_zero and folder.is_dir():
@@ -84,17 +88,19 @@ class CheckpointCommitCallback(TrainerCallback):
 class PreemptionCallback(TrainerCallback):
     """SIGTERM (or the given signals) -> save a checkpoint at the next step boundary and stop training."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         self.signals = signals
         self.received: int | None = None  # signal number, set by the handler
         self.stopped_at: int | None = None  # global step of the preemption checkpoint
         self._previous: dict[int, object] = {}
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: the handler runs between two Python bytecodes, possibly inside a collective.
         self.received = signum
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if threading.current_thread() is not threading.main_thread():
             logger.warning("not on the main thread: SIGTERM will not trigger a preemption checkpoint")
             return
@@ -109,7 +115,7 @@ class PreemptionCallback(TrainerCallback):
             flag = bool(tensor.item())
         return flag
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.stopped_at is None and self._any_rank_received(args):
             self.stopped_at = state.global_step
             control.should_save = True  # whatever save_strategy says: this checkpoint is what the restart resumes
@@ -118,7 +124,9 @@ class PreemptionCallback(TrainerCallback):
             logger.warning("%s received: saving checkpoint-%d and stopping", name, state.global_step)
         return control
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
@@ -127,7 +135,7 @@ class PreemptionCallback(TrainerCallback):
 _PARENT_EXITING = None  # shared-memory flag, set when this (training) process shuts down normally
 
 
-def _parent_exiting():
+def _parent_exiting() -> torch.Tensor:
     global _PARENT_EXITING
     if _PARENT_EXITING is None:
         _PARENT_EXITING = torch.zeros((), dtype=torch.uint8).share_memory_()
@@ -144,13 +152,13 @@ class _WorkerSigterm:
     the middle of its preemption checkpoint. So a worker ignores SIGTERM, unless its parent is shutting down (the
     parent's exit stops workers with SIGTERM); it also ends when its loader is done or its parent is gone."""
 
-    def __init__(self, previous, parent_exiting):
+    def __init__(self, previous: Callable[[int], None] | None, parent_exiting: Any) -> None:
         self.previous, self.parent_exiting = previous, parent_exiting
 
     def __call__(self, worker_id: int) -> None:
         exiting = self.parent_exiting
 
-        def on_sigterm(signum, frame) -> None:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
             if exiting.item():
                 os._exit(0)
 
@@ -159,7 +167,7 @@ class _WorkerSigterm:
             self.previous(worker_id)
 
 
-def workers_ignore_sigterm(loader):
+def workers_ignore_sigterm(loader: DataLoader) -> DataLoader:
     """Makes ``loader``'s worker processes leave SIGTERM to the training process (``_WorkerSigterm``); returns it."""
     target = vars(loader).get("base_dataloader", loader)  # accelerate's wrappers iterate the DataLoader they hold
     current = getattr(target, "worker_init_fn", None)
@@ -168,14 +176,14 @@ def workers_ignore_sigterm(loader):
     return loader
 
 
-def find_callback(trainer, kind: type) -> TrainerCallback | None:
+def find_callback(trainer: Trainer, kind: type) -> TrainerCallback | None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, kind):
             return callback
     return None
 
 
-def exit_if_preempted(trainer) -> None:
+def exit_if_preempted(trainer: Trainer) -> None:
     """After ``trainer.train()``: if training stopped for a preemption, say so and exit 0 (the checkpoint is saved;
     final evaluation, saving and pushing belong to the run that finishes)."""
     callback = find_callback(trainer, PreemptionCallback)

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import transformers
@@ -131,7 +132,7 @@ def prepare_run(args: TrainingArguments) -> RunPlan:
     return RunPlan(checkpoint=checkpoint, lr_line=lr_line)
 
 
-def configure_stream_loading(args: TrainingArguments, train_dataset) -> None:
+def configure_stream_loading(args: TrainingArguments, train_dataset: Any) -> None:
     """A streamed training set has no length: it needs ``--max_steps``. Under several processes each rank reads its
     own shards: the training stream is split by node when loaded and MedVisTrainer keeps accelerate from sharding it
     again; a streamed validation set is sharded by accelerate, which needs batches not dispatched from rank 0."""

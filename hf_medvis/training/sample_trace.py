@@ -15,7 +15,7 @@ BATCH_KEY = "sample_keys"  # rides along in the collated batch; the Trainer remo
 
 
 class SampleTrace:
-    def __init__(self, folder: str | os.PathLike, rank: int):
+    def __init__(self, folder: str | os.PathLike, rank: int) -> None:
         self.path = Path(folder) / f"samples-rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
 

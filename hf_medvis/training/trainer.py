@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
 
 from ..data.labels import MULTI_LABEL
 from ..data.streaming import StreamDataLoader, stream_control
@@ -37,11 +38,11 @@ class _RanksStopTogether(StreamDataLoader):
     epoch, so the batches consumed before a checkpoint are still a prefix of each rank's deterministic stream, which is
     what StreamStateCallback replays on resume."""
 
-    def __init__(self, *args: Any, sync_device: torch.device, **kwargs: Any):
+    def __init__(self, *args: Any, sync_device: torch.device, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sync_device = sync_device
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
         while True:
             batch = next(batches, None)
@@ -62,7 +63,7 @@ class MedVisTrainer(Trainer):
         train_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sample_augmentation: SeededAugmentation | None = None,
         **kwargs: Any,
-    ):
+    ) -> None:
         """``train_augment`` (e.g. ``transforms.DeviceRandomResizedCrop``) maps a uint8 training batch on the device to
         float [0, 1] crops; the workers then only hand over fixed-size uint8 images. Evaluation batches skip it.
         ``sample_augmentation``: the training set's per-sample seeded augmentation, told the epoch before each epoch."""
@@ -85,7 +86,7 @@ class MedVisTrainer(Trainer):
         # Self-supervised models return a loss without a labels key; let evaluation report it.
         self.can_return_loss = True
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
         # The commit marker must come after every other on_save (e.g. the stream position), whenever they were added.
         commit = [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointCommitCallback)]
         for callback in commit:
@@ -222,13 +223,21 @@ class ClassificationTrainer(MedVisTrainer):
     # forward takes **kwargs, which would otherwise make the Trainer assume a loss normalised by num_items_in_batch.)
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, pos_weight: torch.Tensor | None = None, layer_decay: float = 1.0, **kwargs: Any):
+    def __init__(
+        self, *args: Any, pos_weight: torch.Tensor | None = None, layer_decay: float = 1.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pos_weight = pos_weight
         self.layer_decay = layer_decay
         self.can_return_loss = False  # the loss needs labels; Trainer's label handling applies
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
@@ -244,7 +253,7 @@ class ClassificationTrainer(MedVisTrainer):
             )
         return (loss, outputs) if return_outputs else loss
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = vit_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)

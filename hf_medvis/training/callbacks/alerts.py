@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..args import MonitoringArguments
 from .common import is_training_log
@@ -55,7 +55,7 @@ class AlertCallback(TrainerCallback):
         monitoring: MonitoringArguments,
         training_args: TrainingArguments,
         memory_probe: Callable[[], float | None] = cuda_memory_fraction,
-    ):
+    ) -> None:
         self.m = monitoring
         self.output_dir = Path(training_args.output_dir or ".")
         self.rank = training_args.process_index
@@ -146,7 +146,14 @@ class AlertCallback(TrainerCallback):
         return found
 
     # Delivery --------------------------------------------------------------------------------------------------------
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not logs or not is_training_log(logs):
             return
         findings = self.check(logs)
@@ -214,6 +221,8 @@ class AlertCallback(TrainerCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # once per logging step, where the Trainer syncs anyway
         return bool(flag.item())
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         for thread in self._threads:
             thread.join(timeout=15)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -18,11 +19,13 @@ LOSS_HISTORY_FILE = "loss_history.jsonl"
 class LossHistoryCallback(TrainerCallback):
     """Appends every log record (loss, eval loss, lr, grad norm, ...) to ``output_dir/loss_history.jsonl``."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOSS_HISTORY_FILE
         self._start = time.time()
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not self.path.exists():
             return
         if state.global_step == 0:  # a fresh run (or a first attempt started again) starts a fresh history
@@ -37,7 +40,14 @@ class LossHistoryCallback(TrainerCallback):
         )
         write_text_atomic(self.path, kept)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self._start, 3)}

@@ -5,6 +5,7 @@ can silently differ (see ``lr.refresh_deepspeed_lr``), so this reads it back fro
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -29,8 +30,13 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
 
 class OptimizerReportCallback(TrainerCallback):
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
-    ):
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
         if optimizer is None:
             return
         lrs = sorted(set(optimizer_peak_lrs(optimizer)))

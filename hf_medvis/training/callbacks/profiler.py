@@ -7,9 +7,10 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ class ProfilerCallback(TrainerCallback):
     """torch.profiler over optimizer steps FIRST..LAST: a TensorBoard trace per rank in ``trace_dir`` and a table of
     the top operators (printed by the main process, saved per rank as top_ops-rank<R>.txt)."""
 
-    def __init__(self, steps: tuple[int, int], trace_dir: str | os.PathLike, rank: int = 0, top_ops: int = 15):
+    def __init__(self, steps: tuple[int, int], trace_dir: str | os.PathLike, rank: int = 0, top_ops: int = 15) -> None:
         self.first, self.last = steps
         self.trace_dir = Path(trace_dir)
         self.rank = rank
@@ -26,7 +27,9 @@ class ProfilerCallback(TrainerCallback):
         self.profiler: torch.profiler.profile | None = None
         self.table: str | None = None
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if (
             self.profiler is None
             and self.table is None
@@ -48,11 +51,13 @@ class ProfilerCallback(TrainerCallback):
             self.profiler.start()
             logger.info("profiler started at step %d (until step %d)", state.global_step + 1, self.last)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.profiler is not None and state.global_step >= self.last:
             self._finish()
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.profiler is not None:  # training ended inside the range
             self._finish()
 

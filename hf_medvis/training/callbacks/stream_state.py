@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ...data import storage
 from ...data.streaming import StreamControl, drive_epochs, resume_position, stream_control
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "stream_state.json"
 
 
-def _datasets_in(loader) -> list:
+def _datasets_in(loader: Any) -> list:
     """The dataset objects a (possibly accelerate-wrapped) DataLoader iterates, outermost first."""
     found, obj, seen = [], loader, set()
     while obj is not None and id(obj) not in seen:
@@ -40,7 +41,7 @@ def _datasets_in(loader) -> list:
     return found
 
 
-def _any_rank(flag: bool, args) -> bool:
+def _any_rank(flag: bool, args: TrainingArguments) -> bool:
     """True on every rank when it is True on one (one collective; resume only)."""
     if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         tensor = torch.tensor([1 if flag else 0], device=args.device)
@@ -54,7 +55,7 @@ class StreamStateCallback(TrainerCallback):
     (the Trainer's own resume is exact for those). ``resume_from_checkpoint``: the folder being resumed, when it is
     not ``output_dir/checkpoint-<global_step>``."""
 
-    def __init__(self, train_dataset, resume_from_checkpoint: str | None = None):
+    def __init__(self, train_dataset: Any, resume_from_checkpoint: str | None = None) -> None:
         self.control: StreamControl | None = stream_control(train_dataset)
         self.dataset = train_dataset
         self.resume_from_checkpoint = resume_from_checkpoint
@@ -62,10 +63,17 @@ class StreamStateCallback(TrainerCallback):
         self._epoch_start_step = 0
         self._resumed_pass = False
 
-    def _checkpoint_dir(self, args, state) -> str:
+    def _checkpoint_dir(self, args: TrainingArguments, state: TrainerState) -> str:
         return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if self.control is None:
             return
         for dataset in [self.dataset, *_datasets_in(train_dataloader)]:
@@ -123,7 +131,9 @@ class StreamStateCallback(TrainerCallback):
         self._resumed_pass = True
         logger.info("stream resumes epoch %d after %d batches", saved["epoch"], batches)
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.control is None:
             return
         self._epoch += 1
@@ -133,7 +143,7 @@ class StreamStateCallback(TrainerCallback):
             self._epoch_start_step = state.global_step
         self.control.epoch = self._epoch
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.control is None or not state.is_world_process_zero:
             return
         folder = self._checkpoint_dir(args, state)
@@ -147,7 +157,7 @@ class StreamStateCallback(TrainerCallback):
         }
         storage.write_bytes_atomic(os.path.join(folder, STATE_FILE), (json.dumps(record, indent=1) + "\n").encode())
 
-    def _position_fingerprint(self, args) -> dict:
+    def _position_fingerprint(self, args: TrainingArguments) -> dict:
         return {
             **self.control.position_fingerprint(),
             "per_device_train_batch_size": args.per_device_train_batch_size,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ...infra.catalog import gpu_peak_tflops
 from ..args import MonitoringArguments, precision_name
@@ -72,7 +72,7 @@ class ThroughputCallback(TrainerCallback):
         monitoring: MonitoringArguments,
         training_args: TrainingArguments,
         clock: Callable[[], float] = time.perf_counter,
-    ):
+    ) -> None:
         self.clock = clock
         self.images_per_step = (
             training_args.per_device_train_batch_size
@@ -95,27 +95,38 @@ class ThroughputCallback(TrainerCallback):
         self._wait = 0.0
         self._steps = 0
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
         if self.flops_per_sample is None and model is not None:
             self.flops_per_sample = count_model_flops_per_sample(model)
         if self.peak_tflops is None:
             self.peak_tflops = default_peak_tflops(self.precision)
         self._ref = self.clock()
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         now = self.clock()
         if self._ref is not None:
             self._wait += now - self._ref
         self._step_begin = now
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         now = self.clock()
         if self._step_begin is not None:
             self._compute += now - self._step_begin
         self._steps += 1
         self._ref = self._last_step_end = now
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         now = self.clock()
         if logs is None or not is_training_log(logs) or self._steps == 0:
             self._ref = now
@@ -132,10 +143,10 @@ class ThroughputCallback(TrainerCallback):
         self._reset_interval()
         self._ref = now
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._ref = self.clock()
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._ref = self.clock()
 
     def metrics_for(self, steps: int, seconds: float, wait_seconds: float) -> dict[str, float]:
@@ -168,7 +179,9 @@ class ThroughputCallback(TrainerCallback):
         summary.update(self.metrics_for(steps, seconds, wait))
         return summary
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not self.intervals:
             return
         summary = self.summary()
