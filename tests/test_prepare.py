@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.decode import read_image
-from hf_medvis.data.prepare import prepare, resize_to_square
+from hf_medvis.data.prepare import prepare
+from hf_medvis.data.prepare_rows import resize_to_square
 from hf_medvis.data.quarantine import locate_quarantined, read_quarantine
 from hf_medvis.data.shards import iter_shard_rows
 
@@ -110,9 +112,24 @@ def _remember_source(phantom_dir):
     _src.source = str(phantom_dir)
 
 
-def test_workers_give_identical_shards(phantom_dir, prepared, tmp_path):
+def test_workers_give_identical_shards(phantom_dir, prepared, tmp_path, monkeypatch):
+    """Two workers share each shard (slices of 5 inputs, reassembled in order), started after this process has used
+    torch's threads (a forked pool could deadlock here): the same bytes as one process."""
+    import hf_medvis.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "SLICE_SIZE", 5)
     manifest = prepare(str(phantom_dir), str(tmp_path / "w2"), size=48, shard_size=16, salt=SALT, workers=2)
     assert manifest["shards"] == json.loads((prepared / "manifest.json").read_text())["shards"]
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (700, 1023), (1023, 700), (37, 53), (20, 300)])
+@pytest.mark.parametrize("size", [256, 33])
+def test_resize_is_torchvision_resize_and_centre_crop_bit_for_bit(shape, size):
+    from torchvision.transforms.v2 import functional as F
+
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = F.center_crop(F.resize(torch.from_numpy(image)[None], size, antialias=True), [size, size])[0]
+    np.testing.assert_array_equal(resize_to_square(image, size), expected.clamp(0, 1).numpy())
 
 
 def test_16_bit_shards(phantom_dir, tmp_path):

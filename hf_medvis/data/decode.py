@@ -99,7 +99,6 @@ def looks_like_image(head: bytes) -> bool:
 
 
 def _decode_raster(src: Any, data: bytes) -> np.ndarray:
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

@@ -22,35 +22,28 @@ is written to DST or logged.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
-import signal
-import sys
-import threading
-import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import PurePosixPath
 from typing import Any
-
-import numpy as np
-import torch
-from torchvision.transforms.v2 import functional as F
 
 from . import shards as shard_format
 from . import storage
-from .decode import ImageDecodeError, read_dicom_header, read_image
 from .folder import DataSourceError, find_labels_file, iter_image_files
-from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, is_labelled, normalize_patient_id, read_labels_table
-from .privacy import relative_path, resolve_salt, salt_check, salted_hash
+from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, read_labels_table
+from .pool import init_pool_worker
+from .prepare_rows import VIEW_COL, PrepareParams, decode_inputs
+from .privacy import relative_path, resolve_salt, salt_check
 
 logger = logging.getLogger(__name__)
 
-VIEW_COL = "View Position"
 KNOWN_COLUMNS = {
     IMAGE_COL,
     LABEL_COL,
@@ -64,84 +57,6 @@ KNOWN_COLUMNS = {
     "OriginalImagePixelSpacing[x",
     "y]",
 }
-RESIZE_POLICY = "shorter side to SIZE (bilinear, antialiased), then centre crop to SIZE x SIZE"
-
-
-@dataclass(frozen=True)
-class PrepareParams:
-    """Everything that changes the bytes of a shard; part of each shard record's fingerprint."""
-
-    size: int = 256
-    bits: int = 8
-    shard_size: int = 1000
-    window: str = "auto"
-    resize_policy: str = RESIZE_POLICY
-    format: str = "parquet"
-    format_version: int = shard_format.FORMAT_VERSION
-
-
-def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Float [0, 1] H x W -> float size x size, per RESIZE_POLICY."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    tensor = F.resize(tensor, size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    tensor = F.center_crop(tensor, [size, size])
-    return tensor[0].clamp_(0.0, 1.0).numpy()
-
-
-def quantize(image: np.ndarray, bits: int) -> bytes:
-    if bits == 8:
-        return np.round(image * 255.0).astype(np.uint8).tobytes()
-    return np.round(image * 65535.0).astype("<u2").tobytes()
-
-
-def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
-    """(PatientID, ViewPosition) from a DICOM header; nothing else is taken from it."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        return None, None
-    try:
-        ds = read_dicom_header(data)
-    except ImageDecodeError:
-        return None, None
-    patient = str(ds.get("PatientID", "") or "").strip() or None
-    view = str(ds.get("ViewPosition", "") or "").strip() or None
-    return patient, view
-
-
-def _process_input(source: str, rel: str, row: dict | None, params: PrepareParams, salt: str, options: dict) -> dict:
-    """One input -> one shard row; raises ImageDecodeError for anything that cannot become an image."""
-    source_hash = salted_hash(rel, salt, "source")
-    try:
-        data = storage.read_bytes(source, options) if "://" in source else Path(source).read_bytes()
-    except FileNotFoundError:
-        broken_link = "://" not in source and os.path.islink(source)
-        raise ImageDecodeError(
-            source_hash,
-            "broken symbolic link (its target does not exist)" if broken_link else "file disappeared during prepare",
-        ) from None
-    except OSError as err:
-        raise ImageDecodeError(source_hash, f"cannot read: {type(err).__name__} ({err.strerror or ''})") from None
-    if not data:
-        raise ImageDecodeError(source_hash, "empty file (0 bytes)")
-    image = read_image(data, window=params.window)
-    dicom_patient, dicom_view = _dicom_fields(data)
-    patient = normalize_patient_id((row or {}).get(PATIENT_COL) or dicom_patient)
-    name = (row or {}).get(IMAGE_COL)
-    resized = resize_to_square(image, params.size)
-    return {
-        # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
-        # the salted source hash (a file name may carry a patient name).
-        "key": PurePosixPath(name).stem if name else source_hash,
-        "group": salted_hash(patient, salt, "patient") if patient else f"src-{source_hash}",
-        "finding_labels": (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None,
-        "view_position": ((row or {}).get(VIEW_COL) or dicom_view or None),
-        "source_hash": source_hash,
-        "orig_height": int(image.shape[0]),
-        "orig_width": int(image.shape[1]),
-        "height": params.size,
-        "width": params.size,
-        "bits": params.bits,
-        "pixels": quantize(resized, params.bits),
-    }
 
 
 def _fingerprint(job: dict, params: PrepareParams, salt_check: str) -> str:
@@ -165,28 +80,27 @@ def _load_record(dst: str, index: int, options: dict) -> dict | None:
 
 def process_chunk(job: dict) -> dict:
     """Decodes one chunk into one shard (skipped when a matching record exists); returns the shard record."""
-    dst, index, params, salt, options = job["dst"], job["index"], job["params"], job["salt"], job["options"]
-    fingerprint = _fingerprint(job, params, job["salt_check"])
-    previous = _load_record(dst, index, options)
-    if previous and previous.get("fingerprint") == fingerprint:
-        shard_ok = previous["samples"] == 0 or storage.exists(storage.join(dst, previous["path"]), options)
-        if shard_ok:
-            return {**previous, "resumed": True}
-    rows, quarantine = [], []
-    for rel, source, row, missing in job["inputs"]:
-        # Entries name the input by its salted hash only: a file name may carry a patient's name or MRN.
-        entry = {"source_hash": salted_hash(rel, salt, "source"), "shard": index}
-        if missing:
-            quarantine.append({**entry, "reason": "no row in the labels file"})
-            continue
-        try:
-            rows.append(_process_input(source, rel, row, params, salt, job["input_options"]))
-        except ImageDecodeError as err:
-            quarantine.append({**entry, "reason": err.reason})
-        except Exception as err:  # nothing crashes mid-run: an unexpected failure quarantines that input only
-            logger.error("unexpected %s on input %s (shard %d)", type(err).__name__, entry["source_hash"], index)
-            logger.debug("traceback", exc_info=True)  # may quote the file name: debug level only
-            quarantine.append({**entry, "reason": f"unexpected error: {type(err).__name__}"})
+    fingerprint = _fingerprint(job, job["params"], job["salt_check"])
+    previous = _finished_record(job, fingerprint)
+    if previous is not None:
+        return previous
+    rows, quarantine = decode_inputs(job)
+    return _write_shard(job, fingerprint, rows, quarantine)
+
+
+def _finished_record(job: dict, fingerprint: str) -> dict | None:
+    """The record of this chunk's shard from an earlier run with the same inputs, parameters and salt, if complete."""
+    dst, options = job["dst"], job["options"]
+    previous = _load_record(dst, job["index"], options)
+    if not previous or previous.get("fingerprint") != fingerprint:
+        return None
+    complete = previous["samples"] == 0 or storage.exists(storage.join(dst, previous["path"]), options)
+    return {**previous, "resumed": True} if complete else None
+
+
+def _write_shard(job: dict, fingerprint: str, rows: list[dict], quarantine: list[dict]) -> dict:
+    """Writes the shard, then its record (each under its final name only when complete); returns the record."""
+    dst, index, options = job["dst"], job["index"], job["options"]
     record: dict[str, Any] = {
         "index": index,
         "path": shard_format.shard_name(index),
@@ -341,38 +255,47 @@ def prepare(
     return manifest
 
 
+# Inputs per task of the worker pool: small enough that N workers share even a single shard, large enough that
+# sending the task and its rows between processes stays a small part of decoding it.
+SLICE_SIZE = 16
+
+
 def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
     if workers == 1:
         return [process_chunk(job) for job in jobs]
-    # Bounded submission: the listing is consumed as shards finish, never all at once.
     records: list[dict] = []
-    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-        pending = set()
+    # Workers decode slices of every shard (a shard is no longer the unit of parallelism: 2 shards keep 8 workers busy);
+    # this process checks which shards an earlier run finished and writes each shard once its slices are in, in order.
+    # Spawned, not forked: a fork after this process used torch's or Arrow's threads can deadlock the child.
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_pool_worker,
+        initargs=(os.getpid(),),
+    )
+    in_flight: deque[tuple[dict, str, list[Future]]] = deque()
+    with pool:
         for job in jobs:
-            pending.add(pool.submit(process_chunk, job))
-            if len(pending) >= 2 * workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                records.extend(f.result() for f in done)
-        records.extend(f.result() for f in pending)
+            fingerprint = _fingerprint(job, job["params"], job["salt_check"])
+            previous = _finished_record(job, fingerprint)
+            if previous is not None:
+                records.append(previous)
+                continue
+            slices = [job["inputs"][i : i + SLICE_SIZE] for i in range(0, len(job["inputs"]), SLICE_SIZE)]
+            in_flight.append((job, fingerprint, [pool.submit(decode_inputs, {**job, "inputs": s}) for s in slices]))
+            # Bounded: the listing is consumed as shards finish, and at most about two shards' rows wait in memory.
+            while sum(len(futures) for _, _, futures in in_flight) > 4 * workers and len(in_flight) > 1:
+                records.append(_collect(*in_flight.popleft()))
+        while in_flight:
+            records.append(_collect(*in_flight.popleft()))
     return records
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Pool worker initializer: a worker must not outlive a killed ``prepare`` (it would go on writing shards, then
-    block forever on a result queue nobody reads). Linux: the kernel sends SIGKILL when the parent dies; elsewhere, and
-    as a backstop, a thread checks every second whether the parent is still ours."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+def _collect(job: dict, fingerprint: str, futures: list[Future]) -> dict:
+    rows: list[dict] = []
+    quarantine: list[dict] = []
+    for future in futures:
+        slice_rows, slice_quarantine = future.result()
+        rows += slice_rows
+        quarantine += slice_quarantine
+    return _write_shard(job, fingerprint, rows, quarantine)

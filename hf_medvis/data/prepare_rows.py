@@ -1,0 +1,130 @@
+"""One input file -> one shard row: the per-image work of ``prepare``, run in its pool workers. Imports only what
+decoding needs, so that a spawned worker starts in seconds."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from . import shards as shard_format
+from . import storage
+from .decode import ImageDecodeError, read_dicom_header, read_image
+from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, is_labelled, normalize_patient_id
+from .privacy import salted_hash
+
+logger = logging.getLogger(__name__)
+
+VIEW_COL = "View Position"
+RESIZE_POLICY = "shorter side to SIZE (bilinear, antialiased), then centre crop to SIZE x SIZE"
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """Everything that changes the bytes of a shard; part of each shard record's fingerprint."""
+
+    size: int = 256
+    bits: int = 8
+    shard_size: int = 1000
+    window: str = "auto"
+    resize_policy: str = RESIZE_POLICY
+    format: str = "parquet"
+    format_version: int = shard_format.FORMAT_VERSION
+
+
+def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Float [0, 1] H x W -> float size x size, per RESIZE_POLICY: exactly torchvision's v2 ``resize`` (shorter side,
+    bilinear, antialiased) + ``center_crop``, computed with torch alone (tests/test_prepare.py compares them bit for
+    bit), so that pool workers start without importing torchvision (3 s each)."""
+    height, width = image.shape
+    short, long = sorted((height, width))
+    new_long = int(size * long / short)
+    new_height, new_width = (size, new_long) if height <= width else (new_long, size)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    tensor = torch.nn.functional.interpolate(
+        tensor, size=(new_height, new_width), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0]
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return tensor[top : top + size, left : left + size].clamp_(0.0, 1.0).numpy()
+
+
+def quantize(image: np.ndarray, bits: int) -> bytes:
+    """Float [0, 1] pixels -> little-endian uint8 or uint16 bytes."""
+    if bits == 8:
+        return np.round(image * 255.0).astype(np.uint8).tobytes()
+    return np.round(image * 65535.0).astype("<u2").tobytes()
+
+
+def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
+    """(PatientID, ViewPosition) from a DICOM header; nothing else is taken from it."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None, None
+    try:
+        ds = read_dicom_header(data)
+    except ImageDecodeError:
+        return None, None
+    patient = str(ds.get("PatientID", "") or "").strip() or None
+    view = str(ds.get("ViewPosition", "") or "").strip() or None
+    return patient, view
+
+
+def process_input(source: str, rel: str, row: dict | None, params: PrepareParams, salt: str, options: dict) -> dict:
+    """One input -> one shard row; raises ImageDecodeError for anything that cannot become an image."""
+    source_hash = salted_hash(rel, salt, "source")
+    try:
+        data = storage.read_bytes(source, options) if "://" in source else Path(source).read_bytes()
+    except FileNotFoundError:
+        broken_link = "://" not in source and os.path.islink(source)
+        raise ImageDecodeError(
+            source_hash,
+            "broken symbolic link (its target does not exist)" if broken_link else "file disappeared during prepare",
+        ) from None
+    except OSError as err:
+        raise ImageDecodeError(source_hash, f"cannot read: {type(err).__name__} ({err.strerror or ''})") from None
+    if not data:
+        raise ImageDecodeError(source_hash, "empty file (0 bytes)")
+    image = read_image(data, window=params.window)
+    dicom_patient, dicom_view = _dicom_fields(data)
+    patient = normalize_patient_id((row or {}).get(PATIENT_COL) or dicom_patient)
+    name = (row or {}).get(IMAGE_COL)
+    resized = resize_to_square(image, params.size)
+    return {
+        # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
+        # the salted source hash (a file name may carry a patient name).
+        "key": PurePosixPath(name).stem if name else source_hash,
+        "group": salted_hash(patient, salt, "patient") if patient else f"src-{source_hash}",
+        "finding_labels": (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None,
+        "view_position": ((row or {}).get(VIEW_COL) or dicom_view or None),
+        "source_hash": source_hash,
+        "orig_height": int(image.shape[0]),
+        "orig_width": int(image.shape[1]),
+        "height": params.size,
+        "width": params.size,
+        "bits": params.bits,
+        "pixels": quantize(resized, params.bits),
+    }
+
+
+def decode_inputs(job: dict) -> tuple[list[dict], list[dict]]:
+    """(shard rows, quarantine entries) for ``job["inputs"]``, in input order: all of a chunk, or one slice of it."""
+    index, params, salt = job["index"], job["params"], job["salt"]
+    rows, quarantine = [], []
+    for rel, source, row, missing in job["inputs"]:
+        # Entries name the input by its salted hash only: a file name may carry a patient's name or MRN.
+        entry = {"source_hash": salted_hash(rel, salt, "source"), "shard": index}
+        if missing:
+            quarantine.append({**entry, "reason": "no row in the labels file"})
+            continue
+        try:
+            rows.append(process_input(source, rel, row, params, salt, job["input_options"]))
+        except ImageDecodeError as err:
+            quarantine.append({**entry, "reason": err.reason})
+        except Exception as err:  # nothing crashes mid-run: an unexpected failure quarantines that input only
+            logger.error("unexpected %s on input %s (shard %d)", type(err).__name__, entry["source_hash"], index)
+            logger.debug("traceback", exc_info=True)  # may quote the file name: debug level only
+            quarantine.append({**entry, "reason": f"unexpected error: {type(err).__name__}"})
+    return rows, quarantine
