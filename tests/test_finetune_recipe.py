@@ -7,26 +7,10 @@ import shutil
 import pytest
 from conftest import load_recipe
 
-TINY = [
-    "--max_steps",
-    "4",
-    "--per_device_train_batch_size",
-    "8",
-    "--logging_steps",
-    "1",
-    "--eval_steps",
-    "2",
-    "--save_steps",
-    "2",
-    "--validation_split_percentage",
-    "30",
-    "--ci_bootstrap_samples",
-    "50",
-    "--early_stopping_patience",
-    "3",
-    "--eval_subsample",
-    "8",
-]
+TINY = (
+    "--max_steps 4 --per_device_train_batch_size 8 --logging_steps 1 --eval_steps 2 --save_steps 2 "
+    "--validation_split_percentage 30 --ci_bootstrap_samples 50 --early_stopping_patience 3 --eval_subsample 8"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,10 @@ from conftest import load_recipe
 from hf_medvis.data.prepare import prepare
 
 SALT = "x"
-RUN = [
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "8",
-    "--eval_strategy",
-    "no",
-    "--load_best_model_at_end",
-    "false",
-    "--ci_bootstrap_samples",
-    "20",
-    "--save_strategy",
-    "no",
-    "--logging_steps",
-    "1",
-]
+RUN = (
+    "--max_steps 3 --per_device_train_batch_size 8 --eval_strategy no --load_best_model_at_end false "
+    "--ci_bootstrap_samples 20 --save_strategy no --logging_steps 1"
+).split()
 
 
 @pytest.fixture(scope="module")

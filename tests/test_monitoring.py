@@ -102,17 +102,10 @@ def _alerts(output_dir: Path) -> list[dict]:
 def test_arguments_parse_with_training_arguments_and_reject_bad_ranges():
     parser = HfArgumentParser((MonitoringArguments, TrainingArguments))
     monitoring, _ = parser.parse_args_into_dataclasses(
-        [
-            "--output_dir",
-            "x",
-            "--profile_steps",
-            "10-15",
-            "--alert_webhook",
-            "http://127.0.0.1:1/h",
-            "--stop_on_alert",
-            "--peak_tflops",
-            "764",
-        ]
+        (
+            "--output_dir x --profile_steps 10-15 --alert_webhook http://127.0.0.1:1/h --stop_on_alert --peak_tflops "
+            "764"
+        ).split()
     )
     assert (
         parse_step_range(monitoring.profile_steps) == (10, 15)

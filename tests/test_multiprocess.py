@@ -15,26 +15,11 @@ from conftest import REPO, launch_command, multiprocess_env
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "4",
-    "--logging_steps",
-    "1",
-    "--save_steps",
-    "2",
-    "--eval_strategy",
-    "no",
-    "--num_reconstruction_images",
-    "0",
-    "--dataloader_num_workers",
-    "0",
-    "--base_learning_rate",
-    "0.016",
-    "--validation_split_percentage",
-    "0",
-]
+TINY = (
+    "--max_steps 3 --per_device_train_batch_size 4 --logging_steps 1 --save_steps 2 --eval_strategy no "
+    "--num_reconstruction_images 0 --dataloader_num_workers 0 --base_learning_rate 0.016 "
+    "--validation_split_percentage 0"
+).split()
 EXPECTED_LR = 0.016 * (4 * 2) / 256  # base lr x global batch (4 per device x 2 processes) / 256
 
 
@@ -112,28 +97,11 @@ def test_deepspeed_runs_use_the_derived_lr_and_save_loadable_weights(tmp_path, p
         resume_from_checkpoint_2(command, out, tmp_path)
 
 
-VIT_TINY = [
-    "--max_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "4",
-    "--logging_steps",
-    "1",
-    "--save_steps",
-    "2",
-    "--eval_strategy",
-    "no",
-    "--load_best_model_at_end",
-    "false",
-    "--dataloader_num_workers",
-    "0",
-    "--base_learning_rate",
-    "0.016",
-    "--ci_bootstrap_samples",
-    "20",
-    "--save_total_limit",
-    "5",
-]
+VIT_TINY = (
+    "--max_steps 3 --per_device_train_batch_size 4 --logging_steps 1 --save_steps 2 --eval_strategy no "
+    "--load_best_model_at_end false --dataloader_num_workers 0 --base_learning_rate 0.016 --ci_bootstrap_samples 20 "
+    "--save_total_limit 5"
+).split()
 
 
 @pytest.mark.parametrize(

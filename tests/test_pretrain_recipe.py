@@ -11,22 +11,10 @@ import pytest
 import yaml
 from conftest import REPO, load_recipe, subprocess_env
 
-TINY = [
-    "--max_steps",
-    "4",
-    "--per_device_train_batch_size",
-    "8",
-    "--logging_steps",
-    "1",
-    "--eval_steps",
-    "2",
-    "--save_steps",
-    "2",
-    "--num_reconstruction_images",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-]
+TINY = (
+    "--max_steps 4 --per_device_train_batch_size 8 --logging_steps 1 --eval_steps 2 --save_steps 2 "
+    "--num_reconstruction_images 4 --dataloader_num_workers 0"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -21,53 +21,16 @@ from hf_medvis.models.weights import WeightLoadError, load_saved_weights
 
 # 49 phantom images in 10 shards of <= 5; 2 DataLoader workers take 5 shards each (25 and 24 samples), so with batches of
 # 5 an epoch is 10 batches whose order alternates between the workers.
-STREAM_ARGS = [
-    "--per_device_train_batch_size",
-    "5",
-    "--dataloader_num_workers",
-    "2",
-    "--max_steps",
-    "12",
-    "--logging_steps",
-    "1",
-    "--save_steps",
-    "1",
-    "--save_total_limit",
-    "20",
-    "--eval_strategy",
-    "no",
-    "--num_reconstruction_images",
-    "0",
-    "--seed",
-    "7",
-]
+STREAM_ARGS = (
+    "--per_device_train_batch_size 5 --dataloader_num_workers 2 --max_steps 12 --logging_steps 1 --save_steps 1 "
+    "--save_total_limit 20 --eval_strategy no --num_reconstruction_images 0 --seed 7"
+).split()
 EPOCH_STEPS = 10
-FINETUNE_ARGS = [
-    "--per_device_train_batch_size",
-    "8",
-    "--dataloader_num_workers",
-    "2",
-    "--max_steps",
-    "6",
-    "--logging_steps",
-    "1",
-    "--save_steps",
-    "1",
-    "--save_total_limit",
-    "20",
-    "--eval_strategy",
-    "no",
-    "--load_best_model_at_end",
-    "false",
-    "--hidden_dropout_prob",
-    "0.1",
-    "--ci_bootstrap_samples",
-    "10",
-    "--validation_split_percentage",
-    "25",
-    "--seed",
-    "7",
-]
+FINETUNE_ARGS = (
+    "--per_device_train_batch_size 8 --dataloader_num_workers 2 --max_steps 6 --logging_steps 1 --save_steps 1 "
+    "--save_total_limit 20 --eval_strategy no --load_best_model_at_end false --hidden_dropout_prob 0.1 "
+    "--ci_bootstrap_samples 10 --validation_split_percentage 25 --seed 7"
+).split()
 
 
 def run(recipe, argv: list[str]) -> str:
