@@ -71,6 +71,29 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
         processor.size["height"] == processor.size["width"] == 64 and list(processor.image_mean) == [0.5] * 3
     )  # MAE stats
 
+    # transformers' own pipeline reads the folder as `hf-medvis predict` does, on a grey PNG as X-rays come.
+    from PIL import Image
+    from transformers import pipeline
+
+    from hf_medvis.evaluation import Predictor
+
+    image = sorted((phantom_dir / "images").glob("*.png"))[0]
+    grey = Image.open(image)  # a PIL image as given (a path would be converted to RGB by the pipeline itself)
+    assert grey.mode == "L"
+    scores = {r["label"]: r["score"] for r in pipeline("image-classification", model=str(out))(grey, top_k=None)}
+    expected = Predictor(out).predict([str(image)])[0]
+    assert list(scores) and sorted(scores) == sorted(model.config.label2id)
+    for name, index in model.config.label2id.items():
+        assert scores[name] == pytest.approx(float(expected[index]), abs=1e-4), name
+    # The saved processor itself takes the grey image (the pipeline converts to RGB before calling it; users may not).
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(out)
+    torch.testing.assert_close(
+        processor(grey, return_tensors="pt")["pixel_values"],
+        processor(grey.convert("RGB"), return_tensors="pt")["pixel_values"],
+    )
+
     # Transfer report in the log: loaded / missing / unexpected, decoder dropped.
     assert "weights from vit_mae checkpoint" in log and "2 missing (classifier.bias, classifier.weight)" in log
     assert "0 unexpected" in log and "dropped (decoder.*)" in log and "pos_weight: Cardiomegaly" in log

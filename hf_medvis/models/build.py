@@ -187,8 +187,10 @@ def _processor_stats(model_name_or_path: str | None) -> tuple[list[float], list[
 
 
 def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> ViTImageProcessor:
-    """The processor saved beside the model so Hub users preprocess exactly as training did."""
+    """The processor saved beside the model so Hub users preprocess exactly as training did: grey images (most X-rays)
+    become the 3 equal channels the model was trained on, as the recipes feed them."""
     return ViTImageProcessor(
+        do_convert_rgb=True,
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=3,  # bicubic, as in training
