@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # As the recipes do on a host without CUDA: otherwise the first save_pretrained of a test process imports DeepSpeed
 # (through accelerate), whose accelerator probe prints a WARNING to stdout, into whichever test happens to run first.
-if not __import__("torch").cuda.is_available():
+if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

@@ -28,17 +28,13 @@ class DataSourceError(ValueError):
     """A data location that cannot be used (missing, empty, unreadable labels)."""
 
 
-def _has_glob(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
 def _walk_files(source: str | os.PathLike, storage_options: dict | None = None) -> Iterator[tuple[str, Any]]:
     """(path or URL, fsspec filesystem or None for local) of every file under a folder (recursive), a glob, or an
     fsspec URL, in a deterministic order, streamed: folders are walked one at a time (names sorted within each), so
     millions of files cost memory for one folder's names only. Local symbolic links are listed, dangling ones too."""
     text = os.fspath(source)
     pattern = None
-    if _has_glob(text):
+    if storage.has_glob(text):
         head = text.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
         root, pattern = head.rsplit("/", 1)[0] if "/" in head else ".", text
     else:
@@ -129,7 +125,7 @@ def list_image_files(source: str | os.PathLike, storage_options: dict | None = N
 def find_labels_file(source: str | os.PathLike) -> Path | None:
     """A ``labels.csv`` in a local data folder or its parent (the phantom layout), else None."""
     text = os.fspath(source)
-    if "://" in text or _has_glob(text):
+    if "://" in text or storage.has_glob(text):
         return None
     path = Path(text).expanduser()
     for folder in (path, path.parent) if path.is_dir() else (path.parent,):

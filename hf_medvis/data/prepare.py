@@ -40,7 +40,7 @@ from .folder import DataSourceError, find_labels_file, iter_image_files
 from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, read_labels_table
 from .pool import init_pool_worker
 from .prepare_rows import VIEW_COL, PrepareParams, decode_inputs
-from .privacy import relative_path, resolve_salt, salt_check
+from .privacy import relative_path, resolve_salt, salt_check, source_root
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ KNOWN_COLUMNS = {
 }
 
 
-def _fingerprint(job: dict, params: PrepareParams, salt_check: str) -> str:
+def _fingerprint(job: dict) -> str:
+    """What a shard's bytes depend on: the parameters, the salt (by its check value) and the chunk's inputs."""
     h = hashlib.sha256()
-    h.update(json.dumps(asdict(params), sort_keys=True).encode())
-    h.update(salt_check.encode())
+    h.update(json.dumps(asdict(job["params"]), sort_keys=True).encode())
+    h.update(job["salt_check"].encode())
     for rel, _, row, missing in job["inputs"]:
         h.update(f"\n{rel}\x00{json.dumps(row, sort_keys=True)}\x00{missing}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -80,7 +81,7 @@ def _load_record(dst: str, index: int, options: dict) -> dict | None:
 
 def process_chunk(job: dict) -> dict:
     """Decodes one chunk into one shard (skipped when a matching record exists); returns the shard record."""
-    fingerprint = _fingerprint(job, job["params"], job["salt_check"])
+    fingerprint = _fingerprint(job)
     previous = _finished_record(job, fingerprint)
     if previous is not None:
         return previous
@@ -182,7 +183,7 @@ def prepare(
 
     matched: set[str] = set()
     skipped: dict[str, int] = {}
-    root = src if not any(ch in src for ch in "*?[") else src.split("*", 1)[0].rsplit("/", 1)[0]
+    root = source_root(src)
 
     def skip(path: str, reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -276,7 +277,7 @@ def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
     in_flight: deque[tuple[dict, str, list[Future]]] = deque()
     with pool:
         for job in jobs:
-            fingerprint = _fingerprint(job, job["params"], job["salt_check"])
+            fingerprint = _fingerprint(job)
             previous = _finished_record(job, fingerprint)
             if previous is not None:
                 records.append(previous)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from .storage import has_glob
+
 SALT_ENV = "HF_MEDVIS_SALT"
 
 
@@ -35,3 +37,8 @@ def relative_path(path: str, root: str) -> str:
     """``path`` relative to the source root ``root``: the form a source path is hashed in."""
     root = root.rstrip("/")
     return path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+
+
+def source_root(src: str) -> str:
+    """The folder source paths are made relative to: ``src`` itself, or the part of a glob before its first ``*``."""
+    return src.split("*", 1)[0].rsplit("/", 1)[0] if has_glob(src) else src

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from . import shards as shard_format
 from . import storage
 from .folder import iter_image_files
-from .privacy import relative_path, resolve_salt, salt_check, salted_hash
+from .privacy import relative_path, resolve_salt, salt_check, salted_hash, source_root
 
 
 def read_quarantine(dst: str, storage_options: dict | str | None = None) -> list[dict]:
@@ -30,21 +30,13 @@ def locate_quarantined(
     and hashing each path with the salt: DST holds no file names, the operator's copy of SRC does. Also yields each
     file skipped as not an image."""
     salt = resolve_salt(salt)
-    manifest = json.loads(
-        storage.read_bytes(
-            storage.join(dst, shard_format.MANIFEST_NAME),
-            dst_storage_options if dst_storage_options is not None else storage_options,
-        )
-    )
+    dst_options = dst_storage_options if dst_storage_options is not None else storage_options
+    manifest = json.loads(storage.read_bytes(storage.join(dst, shard_format.MANIFEST_NAME), dst_options))
     if manifest.get("salt_check") not in (None, salt_check(salt)):
         raise ValueError(f"this salt is not the one {storage.describe(dst)} was prepared with")
-    wanted = {
-        e["source_hash"]: e["reason"]
-        for e in read_quarantine(dst, dst_storage_options if dst_storage_options is not None else storage_options)
-        if "source_hash" in e
-    }
+    wanted = {e["source_hash"]: e["reason"] for e in read_quarantine(dst, dst_options) if "source_hash" in e}
     in_options = storage.storage_options_for(src, storage_options)
-    root = src if not any(ch in src for ch in "*?[") else src.split("*", 1)[0].rsplit("/", 1)[0]
+    root = source_root(src)
     skipped: list[tuple[str, str]] = []
     for source in iter_image_files(src, in_options, on_skip=lambda path, reason: skipped.append((path, reason))):
         reason = wanted.get(salted_hash(relative_path(source, root), salt, "source"))

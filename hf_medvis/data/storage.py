@@ -27,6 +27,11 @@ AZURE_PROTOCOLS = ("az", "abfs", "abfss", "adl")
 _SECRET_WORDS = ("key", "secret", "token", "password", "connection_string", "credential", "sas")
 
 
+def has_glob(location: str) -> bool:
+    """Whether a path or URL is a glob pattern (``*``, ``?``, ``[``) rather than one location."""
+    return any(ch in location for ch in "*?[")
+
+
 def protocol_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 

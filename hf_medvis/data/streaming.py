@@ -48,7 +48,7 @@ class ShardReadError(RuntimeError):
 
 def find_manifest(source: str, storage_options: dict | str | None = None) -> tuple[str, dict] | None:
     """(base URL, manifest) when ``source`` is a prepared-shard location (or its manifest.json), else None."""
-    if any(ch in source for ch in "*?["):
+    if storage.has_glob(source):
         return None
     base = (
         source[: -len(shard_format.MANIFEST_NAME)].rstrip("/")

@@ -204,36 +204,29 @@ def nccl_version() -> str | None:
 class Collective:
     """One collective: its bus-bandwidth factor, buffer shapes, call, and the answer it must give on patterned input.
 
-    Every rank fills its input with ``_pattern(numel, rank, offset)``; ``expected`` is what this rank must then read
-    back in ``out`` (None where the output is undefined: non-root ranks of reduce)."""
+    Every rank fills its input with ``_pattern(numel, rank, offset)``; ``expected(numel, rank, n, device)`` is what this
+    rank must then read back in ``out`` (None where the output is undefined: non-root ranks of reduce)."""
 
     name: str
-    busbw_numerator: int  # factor = numerator * (n - 1) / n, or 1 for rooted collectives (numerator 0)
-    in_fraction: bool  # input is 1/n of the whole array (all_gather)
-    out_fraction: bool  # output is 1/n of the whole array (reduce_scatter)
-    call: Callable[[torch.Tensor, torch.Tensor], None]
-    offset_by_rank: bool = False  # input pattern continues across ranks (all_gather)
-
-    def busbw_factor(self, n: int) -> float:
-        return self.busbw_numerator * (n - 1) / n if self.busbw_numerator else 1.0
+    busbw_factor: Callable[[int], float]  # nccl-tests' factor for n ranks
+    call: Callable[[torch.Tensor, torch.Tensor], None]  # (out, inp)
+    expected: Callable[[int, int, int, torch.device], torch.Tensor | None]
+    in_fraction: bool = False  # input is 1/n of the whole array (all_gather)
+    out_fraction: bool = False  # output is 1/n of the whole array (reduce_scatter)
 
     @property
     def in_place(self) -> bool:
         return not (self.in_fraction or self.out_fraction)
 
-    def expected(self, numel: int, rank: int, n: int, device: torch.device) -> torch.Tensor | None:
-        tri = n * (n + 1) / 2  # sum over ranks of (rank + 1)
-        if self.name == "all_gather":
-            return torch.cat([_pattern(numel, r, r * numel, device) for r in range(n)])
-        if self.name == "broadcast":
-            return _pattern(numel, 0, 0, device)  # rank 0's data
-        if self.name == "reduce" and rank != 0:
-            return None
-        summed = _pattern(numel, 0, 0, device) * tri
-        if self.name == "reduce_scatter":
-            chunk = numel // n
-            return summed[rank * chunk : (rank + 1) * chunk]
-        return summed  # all_reduce, reduce on the root
+
+def _summed(numel: int, n: int, device: torch.device) -> torch.Tensor:
+    """The sum over ranks of their patterns: rank 0's pattern times sum(rank + 1)."""
+    return _pattern(numel, 0, 0, device) * (n * (n + 1) / 2)
+
+
+def _reduce_scatter_expected(numel: int, rank: int, n: int, device: torch.device) -> torch.Tensor:
+    chunk = numel // n
+    return _summed(numel, n, device)[rank * chunk : (rank + 1) * chunk]
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -244,14 +237,40 @@ def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor) -> None:
     (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp)
 
 
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
 _COLLECTIVES: dict[str, Collective] = {
     c.name: c
     for c in (
-        Collective("all_reduce", 2, False, False, lambda out, inp: dist.all_reduce(inp)),
-        Collective("all_gather", 1, True, False, _all_gather, offset_by_rank=True),
-        Collective("reduce_scatter", 1, False, True, _reduce_scatter),
-        Collective("broadcast", 0, False, False, lambda out, inp: dist.broadcast(inp, src=0)),
-        Collective("reduce", 0, False, False, lambda out, inp: dist.reduce(inp, dst=0)),
+        Collective(
+            "all_reduce",
+            lambda n: 2 * _ring(n),
+            lambda out, inp: dist.all_reduce(inp),
+            lambda numel, rank, n, device: _summed(numel, n, device),
+        ),
+        Collective(
+            "all_gather",
+            _ring,
+            _all_gather,
+            # each rank's input continues the pattern where the previous rank's ends (see check_collective)
+            lambda numel, rank, n, device: torch.cat([_pattern(numel, r, r * numel, device) for r in range(n)]),
+            in_fraction=True,
+        ),
+        Collective("reduce_scatter", _ring, _reduce_scatter, _reduce_scatter_expected, out_fraction=True),
+        Collective(
+            "broadcast",
+            lambda n: 1.0,
+            lambda out, inp: dist.broadcast(inp, src=0),
+            lambda numel, rank, n, device: _pattern(numel, 0, 0, device),  # rank 0's data
+        ),
+        Collective(
+            "reduce",
+            lambda n: 1.0,
+            lambda out, inp: dist.reduce(inp, dst=0),
+            lambda numel, rank, n, device: _summed(numel, n, device) if rank == 0 else None,
+        ),
     )
 }
 COLLECTIVES: tuple[str, ...] = tuple(_COLLECTIVES)
@@ -285,7 +304,7 @@ def check_collective(op: str, inp: torch.Tensor, out: torch.Tensor, rank: int, n
     """Runs ``op`` once on patterned data and returns the largest absolute error against the known answer
     (0.0 on ranks whose output is undefined, e.g. non-root ranks of reduce)."""
     spec, numel = collective(op), inp.numel()
-    inp.copy_(_pattern(numel, rank, rank * numel if spec.offset_by_rank else 0, inp.device))
+    inp.copy_(_pattern(numel, rank, rank * numel if spec.in_fraction else 0, inp.device))
     expected = spec.expected(numel, rank, n, inp.device)
     spec.call(out, inp)
     if expected is None:
