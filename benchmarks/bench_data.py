@@ -91,6 +91,7 @@ def main(argv=None) -> int:
             )
             prepare_s = time.perf_counter() - t0
             prepare_rates = _prepare_rates(raw / "images", tmp, args.workers)
+            decode_costs = _decode_costs(tmp / "local-1")
 
             # (a) imagefolder streaming. datasets' Image decoding of az:// loses storage_options, so the anchor gets
             # its credentials from the environment, as a user would have to.
@@ -137,6 +138,10 @@ def main(argv=None) -> int:
         f"({many / cores:.0f} img/s/core, worker start-up included); Pillow decode+resize of the same files "
         f"{floor:.0f} img/s on one core"
     )
+    print(
+        "decode per 256² image, one core: "
+        + ", ".join(f"{name} {microseconds:.1f} µs" for name, microseconds in decode_costs.items())
+    )
     rates = {}
     for name, (images, seconds) in (
         ("(a) imagefolder, loose PNG, az://", a),
@@ -175,6 +180,45 @@ def _prepare_rates(images: Path, tmp: Path, workers: int) -> tuple[float, float,
             image.convert("L").resize((256, 256), Image.BILINEAR)
     rates.append(len(files) / (time.perf_counter() - t0))
     return rates[0], rates[1], rates[2]
+
+
+def _decode_costs(shard_dir: Path) -> dict[str, float]:
+    """µs per image to get the pixels of a stored sample, best of 3: our reader (the PGM's pixels after its header, no
+    decoding), format version 1's raw pixel column (the same pixels read with np.frombuffer), what a ``datasets`` user
+    pays (the ``Image`` feature: PIL decodes the PGM), and what a PNG-encoded image column would cost."""
+    import io
+    import json
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from hf_medvis.data.shards import iter_shard_rows, stored_pixels
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    rows = [r for s in manifest["shards"] for r in iter_shard_rows((shard_dir / s["path"]).read_bytes())][:500]
+    raw = [stored_pixels(r).tobytes() for r in rows]
+    pngs = []
+    for row in rows:
+        buf = io.BytesIO()
+        Image.fromarray(stored_pixels(row)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    feature = datasets.Image()
+    ways = {
+        "hf_medvis reader (PGM, header skipped)": lambda: [stored_pixels(r).copy() for r in rows],
+        "format v1 raw pixels": lambda: [np.frombuffer(b, np.uint8).reshape(256, 256).copy() for b in raw],
+        "datasets Image (PIL decodes the PGM)": lambda: [np.asarray(feature.decode_example(r["image"])) for r in rows],
+        "PNG column (PIL)": lambda: [np.asarray(Image.open(io.BytesIO(b))) for b in pngs],
+    }
+    costs = {}
+    for name, read in ways.items():
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t0)
+        costs[name] = best / len(rows) * 1e6
+    return costs
 
 
 def _gray(image):

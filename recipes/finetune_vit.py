@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             load_report=load_report,
             lr_line=run.lr_line,
             metrics=card_state["metrics"],
+            checkpoint=card_state.get("checkpoint"),
+            synthetic=data.source.synthetic,
         )
         write_model_card(output_dir, content)
 
@@ -170,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.save_state()
     card_state["metrics"] = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
     card_state["metrics"]["global_step"] = trainer.state.global_step
+    card_state["checkpoint"] = {
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": trainer.state.best_metric,
+        "metric": training_args.metric_for_best_model,
+        "load_best": training_args.load_best_model_at_end,
+    }
     if trainer.is_world_process_zero():
         write_card(training_args.output_dir)
         if data.split_report is not None:  # counts only: no image names or patient ids

@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_info=data.info,
             lr_line=run.lr_line,
             metrics=card_state["metrics"],
+            synthetic=data.source.synthetic,
         )
         write_model_card(output_dir, content)
 

@@ -1,12 +1,16 @@
-"""Smoke test of the training benchmark: ``bench_train.py --quick`` runs the plain Trainer and the recipe on tiny models
-(CPU) from real prepared shards and ends with the summary line CI parses."""
+"""Smoke tests of the training benchmark: ``bench_train.py --quick`` runs the plain Trainer and the recipe on tiny models
+(CPU) from real prepared shards and ends with the summary line CI parses; ``--same-pipeline --quick`` compares the CPU
+time of the two on one raw folder through one input pipeline and ends with ``cpu_time_vs_plain=<x>``."""
 
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +33,40 @@ def test_bench_train_quick(tmp_path):
     assert match.group(2) == "n/a"  # no peak on a CPU
     assert any(line.startswith("plain ") for line in lines) and any(line.startswith("recipe ") for line in lines)
     assert (tmp_path / "results-mae-base-quick.json").is_file()
+
+
+# The bound on cpu_time_vs_plain. Measured on the 2-core dev VM with other test runs on it (benchmarks/RESULTS.md):
+# 1.00-1.02 (0.999-1.09 with 2 intra-op threads); identical runs of one path differ by up to ~8 % there. The bench keeps
+# the best of two runs per path in ABBA order (a busy host only adds CPU time). 1.25 = the 1.10 target plus about twice
+# that spread: a real regression (a callback doing I/O every step, a per-step walk over the model's parameters, work
+# moved from the workers into the training process) fails it, a noisy host does not.
+CPU_RATIO_BOUND = 1.25
+
+
+def test_bench_train_same_pipeline_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_train.py"),
+            "--same-pipeline",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    match = re.fullmatch(r"cpu_time_vs_plain=(\d+\.\d+)", lines[-1])
+    assert match, lines[-1]
+    assert 0 < float(match.group(1)) <= CPU_RATIO_BOUND, proc.stdout
+    assert any(line.startswith("plain ") for line in lines) and any(line.startswith("recipe ") for line in lines)
+    assert any("batch to device + normalise" in line for line in lines)  # the per-step cost table
+    summary = json.loads((tmp_path / "results-same-pipeline-quick.json").read_text())
+    assert summary["cpu_time_vs_plain"] == pytest.approx(float(match.group(1)), abs=1e-3)
+    assert all(run["steps"] == 40 for runs in summary["runs"].values() for run in runs)

@@ -1,5 +1,6 @@
 """`hf-medvis evaluate` (patient-bootstrap CIs, plots) and `hf-medvis predict` (JSON lines, DICOM and PNG)."""
 
+import ast
 import csv
 import json
 
@@ -185,3 +186,210 @@ def test_evaluate_and_predict_refuse_a_folder_that_is_not_a_classifier(tmp_path,
     assert cli_main(["evaluate", "--model", str(tmp_path / "empty"), "--data", png, "--out", str(tmp_path / "o")]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_transformers_reads_a_saved_classifier_as_predict_does_or_refuses_it(tmp_path, phantom_dir, capsys, pooling):
+    """A mean-pooled classifier is saved as its own model_type with its code beside the weights: plain transformers
+    refuses it without trust_remote_code (a CLS-pooled reading would give other scores), and with it the pipeline gives
+    `hf-medvis predict`'s scores. A CLS-pooled classifier stays a plain `vit` that loads without remote code."""
+    from transformers import AutoModelForImageClassification, ViTForImageClassification, pipeline
+
+    model = _save_classifier(tmp_path / "model", MULTI, pooling=pooling)
+    config = json.loads((model / "config.json").read_text())
+    png = sorted((phantom_dir / "images").glob("*.png"))[:3]
+    assert cli_main(["predict", "--model", str(model), *map(str, png)]) == 0
+    expected = [json.loads(line)["probabilities"] for line in capsys.readouterr().out.splitlines()]
+    if pooling == "mean":
+        assert config["model_type"] == "hf_medvis_vit" and config["pooling"] == "mean"
+        assert config["auto_map"]["AutoModelForImageClassification"].startswith("modeling_hf_medvis_vit.")
+        assert [p.name for p in model.glob("*.py")] == ["modeling_hf_medvis_vit.py"]
+        # The saved code stands alone: a user of the folder needs torch and transformers, not hf_medvis.
+        tree = ast.parse((model / "modeling_hf_medvis_vit.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert {name.split(".")[0] for name in imported} <= {"__future__", "typing", "torch", "transformers"}
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            AutoModelForImageClassification.from_pretrained(model)
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            pipeline("image-classification", model=str(model))
+        classify = pipeline("image-classification", model=str(model), trust_remote_code=True)
+        assert type(classify.model).__module__.startswith("transformers_modules.")  # the saved file, not hf_medvis
+        # What the refusal prevents: read as a CLS-pooled ViT, the same weights score differently.
+        wrong = pipeline(
+            "image-classification",
+            model=ViTForImageClassification.from_pretrained(model),
+            image_processor=classify.image_processor,
+        )
+        first = {r["label"]: r["score"] for r in wrong(str(png[0]), top_k=None)}
+        assert max(abs(first[name] - expected[0][name]) for name in MULTI.names) > 1e-3
+    else:
+        assert config["model_type"] == "vit" and "auto_map" not in config and not list(model.glob("*.py"))
+        assert type(AutoModelForImageClassification.from_pretrained(model)) is ViTForImageClassification
+        classify = pipeline("image-classification", model=str(model))
+    for file, scores in zip(png, expected, strict=True):
+        got = {r["label"]: r["score"] for r in classify(str(file), top_k=None)}
+        assert sorted(got) == sorted(scores)
+        for name in MULTI.names:
+            assert got[name] == pytest.approx(scores[name], abs=1e-4), (file.name, name)
+
+
+def _random_case(problem_type, seed=0):
+    """Random probabilities and labels, 40 images of 12 patients; the last class has no positives."""
+    rng = np.random.default_rng(seed)
+    n, names = 40, ("Cardiomegaly", "Effusion", "Nodule", "Hernia")
+    if problem_type == "multi_label_classification":
+        labels = (rng.random((n, 4)) < 0.4).astype(int)
+        labels[:, 3] = 0
+        probs = np.round(0.3 * labels + rng.random((n, 4)) * 0.7, 1)  # rounded: ties, and scores on the threshold
+    else:
+        labels = np.eye(4, dtype=int)[rng.integers(0, 3, n)]
+        probs = rng.dirichlet(np.ones(4), n) + 0.5 * labels
+        probs /= probs.sum(axis=1, keepdims=True)
+    groups = [f"p{i % 12:02d}" for i in range(n)]
+    return labels, probs, groups, LabelSpec(names, problem_type)
+
+
+def _sklearn_values(kind, labels, probs, spec, threshold=0.5):
+    """The reference: scikit-learn's own functions, class by class."""
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+
+    out = {}
+    if kind in ("auroc", "ap"):
+        score = roc_auc_score if kind == "auroc" else average_precision_score
+        present = [c for c in range(len(spec.names)) if 0 < labels[:, c].sum() < len(labels)]
+        out = {f"{kind}_{spec.names[c]}": score(labels[:, c], probs[:, c]) for c in present}
+        out[f"{kind}_macro"] = np.mean(list(out.values()))
+    elif kind == "accuracy":
+        out["accuracy"] = accuracy_score(labels.argmax(1), probs.argmax(1))
+    elif spec.multi_label:
+        predicted = (probs >= threshold).astype(int)
+        f1 = [f1_score(labels[:, c], predicted[:, c], zero_division=0) for c in range(len(spec.names))]
+        out = {f"f1_{name}": v for name, v in zip(spec.names, f1, strict=True)}
+        out["f1_macro"] = np.mean(f1)
+    else:
+        out["f1_macro"] = f1_score(
+            labels.argmax(1), probs.argmax(1), average="macro", labels=range(len(spec.names)), zero_division=0
+        )
+    return out
+
+
+MODULE_KINDS = {
+    "multi_label_classification": {"auroc": "auroc", "average_precision": "ap", "f1": "f1"},
+    "single_label_classification": {"auroc": "auroc", "average_precision": "ap", "accuracy": "accuracy", "f1": "f1"},
+}
+
+
+def test_metric_modules_load_offline_silently_and_fast(monkeypatch, capfd):
+    """evaluate.load of each shipped module: no network (a connect raises), nothing printed, well under a second."""
+    import socket
+    import time
+    import warnings
+
+    import evaluate
+
+    from hf_medvis.evaluation.metric_modules import MODULES, module_path
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in MODULES.values():
+            start = time.perf_counter()
+            module = evaluate.load(module_path(name))
+            elapsed = time.perf_counter() - start
+            assert module.name == name and elapsed < 1.0, (name, elapsed)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_metric_modules_are_in_the_wheel():
+    """The module folders have no __init__.py: setup.cfg's namespace package discovery is what ships them."""
+    import configparser
+    from pathlib import Path
+
+    from setuptools import find_namespace_packages
+
+    from hf_medvis.evaluation.metric_modules import MODULES
+
+    repo = Path(__file__).resolve().parents[1]
+    setup = configparser.ConfigParser()
+    setup.read(repo / "setup.cfg")
+    assert setup["options"]["packages"].strip() == "find_namespace:"
+    include = setup["options.packages.find"]["include"].replace(",", " ").split()
+    packages = find_namespace_packages(str(repo), include=include)
+    for name in MODULES.values():
+        assert f"hf_medvis.evaluation.evaluate_modules.{name}" in packages, name
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_metric_modules_give_scikit_learns_numbers_and_patient_bootstrap_cis(problem_type):
+    from hf_medvis.evaluation import load_metric
+
+    labels, probs, groups, spec = _random_case(problem_type)
+    patients, inverse = np.unique(groups, return_inverse=True)
+    for name, kind in MODULE_KINDS[problem_type].items():
+        module = load_metric(name)
+        common = {"label_names": list(spec.names), "problem_type": problem_type, "threshold": 0.5}
+        point = module.compute(predictions=probs, references=labels, **common)
+        expected = _sklearn_values(kind, labels, probs, spec)
+        assert sorted(point) == sorted(expected), name  # Hernia (no positives) has no AUROC/AP
+        for key, value in expected.items():
+            assert point[key] == pytest.approx(value, abs=1e-12), key
+        # CIs: percentiles of scikit-learn's values over resamples of patients (the images of each drawn patient).
+        with_ci = module.compute(predictions=probs, references=labels, groups=groups, n_resamples=200, seed=5, **common)
+        rng = np.random.default_rng(5)
+        samples = {}
+        for _ in range(200):
+            rows = np.concatenate([np.flatnonzero(inverse == g) for g in rng.integers(0, len(patients), len(patients))])
+            for key, value in _sklearn_values(kind, labels[rows], probs[rows], spec).items():
+                samples.setdefault(key, []).append(value)
+        for key in expected:
+            assert with_ci[key] == point[key]
+            low, high = np.quantile(samples[key], [0.025, 0.975])
+            assert with_ci[f"{key}_ci95_low"] == pytest.approx(low, abs=1e-9), key
+            assert with_ci[f"{key}_ci95_high"] == pytest.approx(high, abs=1e-9), key
+            assert low <= high
+
+
+def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
+    """compute_metrics and metrics_with_ci go through the modules; their keys (and order) are the ones written before."""
+    from transformers import EvalPrediction
+
+    from hf_medvis.evaluation import build_compute_metrics, metrics_with_ci, probabilities
+
+    for problem_type, ci_keys in (
+        ("multi_label_classification", ["auroc_Cardiomegaly", "auroc_Effusion", "auroc_Nodule", "auroc_macro"]),
+        (
+            "single_label_classification",
+            ["auroc_Cardiomegaly", "auroc_Effusion", "auroc_Nodule", "auroc_macro", "accuracy"],
+        ),
+    ):
+        labels, _, groups, spec = _random_case(problem_type)
+        logits = np.random.default_rng(1).normal(size=labels.shape) + 2 * labels
+        probs = probabilities(logits, spec)
+        expected = classification_metrics(labels, probs, spec)
+        if spec.multi_label:
+            assert list(expected) == [
+                *(f"{k}_{n}" for n in ("Cardiomegaly", "Effusion", "Nodule") for k in ("auroc", "ap")),
+                *("auroc_macro", "ap_macro", "f1_macro"),
+                *(f"f1_{n}" for n in spec.names),
+            ]
+        else:
+            assert list(expected) == [
+                *(f"auroc_{n}" for n in ("Cardiomegaly", "Effusion", "Nodule")),
+                *("auroc_macro", "accuracy", "f1_macro"),
+            ]
+        label_ids = labels.astype(np.float32) if spec.multi_label else labels.argmax(1)
+        computed = build_compute_metrics(spec)(EvalPrediction(predictions=logits, label_ids=label_ids))
+        assert list(computed) == list(expected)
+        assert computed == pytest.approx(expected, abs=1e-12)
+        final = metrics_with_ci(labels, probs, groups, spec, n_resamples=50, seed=1)
+        bounds = [f"{k}_ci95_{side}" for k in ci_keys for side in ("low", "high")]
+        assert list(final) == [*expected, *bounds, "images", "patients"]
+        intervals = bootstrap_confidence_intervals(labels, probs, groups, spec, n_resamples=50, seed=1)
+        assert [final[f"{k}_ci95_low"] for k in ci_keys] == [intervals[k][0] for k in ci_keys]
+        assert final["images"] == 40 and final["patients"] == 12

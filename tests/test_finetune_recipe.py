@@ -131,6 +131,56 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
     assert "00000001_000" not in text and "_000.png" not in text
 
 
+def test_card_names_its_data_splits_checkpoint_and_gets_the_test_result(finetuned, phantom_dir, tmp_path):
+    """The card says the data are synthetic, which split each number is from and which checkpoint was kept; `hf-medvis
+    evaluate --model` adds the test-patient result (model-index split `test`, with its CI), replacing it on a re-run."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from huggingface_hub import ModelCard
+
+    out, metrics, _ = finetuned
+    model = tmp_path / "model"
+    shutil.copytree(out, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    card = ModelCard.load(model / "README.md")
+    assert "synthetic-data" in card.data.tags and "synthetic chest X-ray phantoms" in card.text
+    assert "user-provided" not in card.text
+    best = state["best_model_checkpoint"].rsplit("/", 1)[-1]
+    assert f"{best} of 4 steps: best validation auroc_macro" in card.text
+    assert {r.dataset_split for r in card.data.eval_results} == {"validation"}
+    assert "The same split chose the checkpoint kept" in card.text
+
+    labels = tmp_path / "test.csv"
+    with open(phantom_dir / "labels.csv") as src, open(labels, "w", newline="") as dst:
+        rows = list(csv.DictReader(src))
+        writer = csv.DictWriter(dst, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[-12:])
+    command = (
+        f"-m hf_medvis.cli evaluate --model {model} --data {phantom_dir / 'images'} --labels {labels} --bootstrap 50"
+    )
+    for run in range(2):
+        result = subprocess.run(
+            [sys.executable, *command.split(), "--out", str(tmp_path / f"eval{run}")],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+        )
+        assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
+    card = ModelCard.load(model / "README.md")
+    test = [r for r in card.data.eval_results if r.dataset_split == "test"]
+    assert len(test) == 2 and {r.metric_type for r in test} == {"roc_auc", "average_precision"}  # replaced, not added
+    auroc = next(r for r in test if r.metric_type == "roc_auc")
+    assert auroc.metric_value == pytest.approx(evaluated["auroc_macro"], abs=1e-4)
+    assert f"{evaluated['auroc_macro_ci95_low']:.3f}" in auroc.metric_name and "patient bootstrap" in auroc.metric_name
+    assert card.text.count("## Test results") == 1 and "synthetic chest X-ray phantoms" in card.text
+    assert card.text.index("## Test results") < card.text.index("## Intended use and limitations")
+    assert str(phantom_dir) not in (model / "README.md").read_text()
+
+
 def test_hub_base_model_goes_into_the_card(recipe):
     from hf_medvis.training.hub import hub_model_id
 

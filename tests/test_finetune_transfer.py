@@ -1,9 +1,14 @@
 """MAE -> ViT transfer, position-embedding interpolation, model-folder checks, and optimizer parameter groups."""
 
+import io
 import json
+import shutil
+from contextlib import redirect_stdout
 
 import pytest
 import torch
+from conftest import load_recipe
+from safetensors.torch import load_file
 
 from hf_medvis.data.labels import LabelSpec
 from hf_medvis.models.build import ModelSetupError, build_mae_model
@@ -83,6 +88,19 @@ def test_vit_folders_bare_encoders_and_new_label_sets(tmp_path, mae_dir):
     # Mean pooling survives a save/load through load_classifier.
     loaded = load_classifier(str(tmp_path / "clf"))
     assert type(loaded).__name__ == "MeanPoolViTForImageClassification"
+    # A folder saved before mean-pooled classifiers had their own model_type ("vit" with pooling "mean") still loads
+    # mean-pooled through load_classifier.
+    shutil.copytree(tmp_path / "clf", tmp_path / "legacy")
+    (tmp_path / "legacy" / "modeling_hf_medvis_vit.py").unlink()
+    config = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    config.pop("auto_map")
+    config.update(model_type="vit", architectures=["ViTForImageClassification"])
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(config))
+    legacy = load_classifier(str(tmp_path / "legacy"))
+    assert type(legacy).__name__ == "MeanPoolViTForImageClassification"
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(legacy(pixel_values=pixels).logits, first(pixel_values=pixels).logits)
 
 
 def test_folders_that_are_not_vit_models_are_refused(tmp_path, mae_dir):
@@ -134,3 +152,57 @@ def test_layer_decay_and_no_weight_decay_groups():
     ):
         assert by_name[name]["weight_decay"] == 0.05, name
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+MEAN_RUN = (
+    "--per_device_train_batch_size 8 --max_steps 2 --logging_steps 1 --save_steps 1 --save_total_limit 5 --eval_strategy no "
+    "--load_best_model_at_end false --ci_bootstrap_samples 10 --validation_split_percentage 25 --seed 7 --pooling mean"
+).split()
+
+
+def _run(recipe, argv: list[str]) -> str:
+    log = io.StringIO()
+    with redirect_stdout(log):  # setup_logging logs to stdout
+        recipe.main(argv)
+    return log.getvalue()
+
+
+def test_mean_pooled_checkpoints_load_everywhere_resume_and_fine_tune_on(tmp_path, phantom_dir, mae_dir):
+    """Every folder a --pooling mean run writes (the Trainer's checkpoint-N and the output) carries its model_type and
+    code: transformers with trust_remote_code reads each as load_classifier does; the recipe resumes from a checkpoint
+    and fine-tunes from the output."""
+    from transformers import AutoModelForImageClassification
+
+    recipe = load_recipe("finetune_vit")
+    argv = ["--train_data", str(phantom_dir / "images"), *MEAN_RUN]
+    out = tmp_path / "run"
+    _run(recipe, [*argv, "--model_name_or_path", str(mae_dir), "--output_dir", str(out)])
+    for folder in (out / "checkpoint-1", out / "checkpoint-2", out):
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "hf_medvis_vit", folder.name
+        ours = load_classifier(str(folder))
+        pixels = torch.randn(2, 3, ours.config.image_size, ours.config.image_size)
+        theirs = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+        assert type(theirs).__module__.startswith("transformers_modules."), folder.name
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(pixel_values=pixels).logits, ours(pixel_values=pixels).logits)
+
+    # Resumed from checkpoint-1, step 2 ends with the uninterrupted run's weights.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    log = _run(
+        recipe,
+        [*argv, "--model_name_or_path", str(mae_dir), "--output_dir", str(resumed), "--resume_from_checkpoint", "last"],
+    )
+    assert "tensors restored" in log
+    reference, final = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert reference.keys() == final.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+    # Fine-tuning from the mean-pooled output: its encoder and head load (same labels), nothing is left over.
+    log = _run(
+        recipe, [*argv, "--max_steps", "1", "--model_name_or_path", str(out), "--output_dir", str(tmp_path / "again")]
+    )
+    assert "weights from vit checkpoint" in log and "0 missing" in log and "0 unexpected" in log, log
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "hf_medvis_vit"

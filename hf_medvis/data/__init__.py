@@ -15,6 +15,7 @@ _EXPORTS = {
     "MAEDataArguments": "arguments",
     "build_datasets": "datasets",
     "load_image_dataset": "streaming",
+    "load_prepared_dataset": "dataset_card",
     "read_image": "decode",
 }
 __all__ = [
@@ -26,12 +27,14 @@ __all__ = [
     "TASKS",
     "build_datasets",
     "load_image_dataset",
+    "load_prepared_dataset",
     "read_image",
 ]
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+    from .dataset_card import load_prepared_dataset
     from .datasets import TASKS, Datasets, build_datasets
     from .decode import ImageDecodeError, read_image
     from .streaming import load_image_dataset

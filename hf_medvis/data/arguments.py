@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .label_formats import LabelsFormat
 from .storage import parse_storage_options
 
 
@@ -30,6 +31,24 @@ class DataArguments:
             "Default: labels.csv beside the images, if any."
         },
     )
+    labels_format: str = field(
+        default="nih",
+        metadata={
+            "help": "Labels file layout: nih, wide (CheXpert/MIMIC: one column per class, 1/0/-1/blank) or auto."
+        },
+    )
+    image_col: str | None = field(
+        default=None, metadata={"help": "Image column (default 'Image Index'; wide: 'Path')."}
+    )
+    group_col: str | None = field(default=None, metadata={"help": "Patient column (default 'Patient ID')."})
+    patient_regex: str | None = field(
+        default=None, metadata={"help": "Patient from the image path instead: first group, e.g. 'patient(\\d+)'."}
+    )
+    uncertain: str = field(
+        default="ignore",
+        metadata={"help": "Wide layout, -1: ignore (masked out of loss and metrics), zeros or ones (CheXpert U-*)."},
+    )
+    blank: str = field(default="negative", metadata={"help": "Wide layout, an empty cell: negative or ignore."})
     storage_options: str | None = field(
         default=None, metadata={"help": "JSON dict of fsspec storage options (credentials are never logged)."}
     )
@@ -47,7 +66,18 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     phantom_patients: int = field(default=200, metadata={"help": "Patients in the embedded phantom set."})
 
+    def parsed_labels_format(self) -> LabelsFormat:
+        return LabelsFormat(
+            layout=self.labels_format,
+            image_col=self.image_col,
+            group_col=self.group_col,
+            patient_regex=self.patient_regex,
+            uncertain=self.uncertain,
+            blank=self.blank,
+        )
+
     def __post_init__(self) -> None:
+        self.parsed_labels_format()  # checks the choices
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError(
                 f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"

@@ -64,7 +64,12 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
             build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=seed
         )
         train_transform = augmentation
-    source = resolve_train_source(data_args.train_data, data_args.labels_file, data_args.phantom_patients)
+    source = resolve_train_source(
+        data_args.train_data,
+        data_args.labels_file,
+        data_args.phantom_patients,
+        storage_options=data_args.parsed_storage_options(),
+    )
     train, evaluation, info = build_train_eval_datasets(
         source,
         data_args.validation_data,
@@ -75,6 +80,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
         seed=seed,
+        labels_format=data_args.parsed_labels_format(),
         # An explicit labels file lists the images of one split (e.g. train.csv from `hf-medvis split`).
         filter_records=only_listed_images if data_args.labels_file else None,
     )

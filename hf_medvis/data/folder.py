@@ -16,7 +16,9 @@ import torch
 
 from . import storage
 from .decode import looks_like_image, read_image
-from .labels import read_labels_table
+from .label_formats import LabelsFormat
+from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, read_labels_table, sample_key
+from .privacy import relative_path, source_root
 from .transforms import apply_image_transform, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
@@ -149,22 +151,23 @@ def build_folder_records(
     source: str | os.PathLike,
     labels_file: str | os.PathLike | None = None,
     storage_options: dict | None = None,
-    group_col: str = "Patient ID",
-    label_col: str = "Finding Labels",
+    labels_format: LabelsFormat | None = None,
 ) -> dict[str, list[Any]]:
-    """Columns ``path``, ``group`` (hashed patient id, or the file stem when unknown) and ``finding_labels``."""
+    """Columns ``path``, ``key``, ``group`` (hashed patient id, or the file stem when unknown) and ``finding_labels``
+    (canonical text: ``label_formats``). Files are matched to labels rows by the trailing part of their path."""
     files = list_image_files(source, storage_options)
     labels_path = labels_file or find_labels_file(source)
-    rows = read_labels_table(labels_path, group_col=group_col).by_image() if labels_path else {}
+    table = read_labels_table(labels_path, labels_format=labels_format) if labels_path else None
+    root = source_root(str(source))
     records: dict[str, list[Any]] = {"path": [], "key": [], "group": [], "finding_labels": []}
     for file in files:
-        name = file.rsplit("/", 1)[-1]
-        row = rows.get(name) or rows.get(Path(name).stem)
-        group = row.get(group_col) if row else None
+        stem = Path(file.rsplit("/", 1)[-1]).stem
+        row = table.match(relative_path(file, root)) if table is not None else None
+        group = row.get(PATIENT_COL) if row else None
         records["path"].append(file)
-        records["key"].append(Path(name).stem)
-        records["group"].append(group_key_hash(group if group else Path(name).stem))
-        records["finding_labels"].append(row.get(label_col) if row else None)
+        records["key"].append(sample_key(row[IMAGE_COL]) if row else stem)
+        records["group"].append(group_key_hash(group if group else stem))
+        records["finding_labels"].append(row.get(LABEL_COL) if row else None)
     return records
 
 

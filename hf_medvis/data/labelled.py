@@ -13,6 +13,7 @@ import numpy as np
 from torchvision.transforms import v2
 
 from .arguments import ClassificationDataArguments
+from .label_formats import LabelsFormat
 from .labels import (
     IMAGE_COL,
     LABEL_COL,
@@ -25,7 +26,9 @@ from .labels import (
     label_matrix,
     positive_weights,
     read_labels_table,
+    sample_key,
 )
+from .origin import data_origin, describe_origin
 from .shard_table import load_shard_table, make_shard_transform, shard_metadata
 from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
@@ -152,6 +155,7 @@ def build_labelled_data(
         data_args.labels_file,
         data_args.phantom_patients,
         phantom_image_size=data_args.phantom_image_size,
+        storage_options=options,
     )
     if source.labels_file is None:
         raise LabelError(
@@ -160,7 +164,9 @@ def build_labelled_data(
         )
     for labels_file in (source.labels_file, data_args.validation_labels_file):
         if labels_file:  # without a patient column every image would be its own "patient": a silent leak
-            read_labels_table(labels_file, required=(PATIENT_COL, LABEL_COL))
+            read_labels_table(
+                labels_file, required=(PATIENT_COL, LABEL_COL), labels_format=data_args.parsed_labels_format()
+            )
     explicit = data_args.labels_file is not None or data_args.validation_labels_file is not None
     hooks = _LabelledRecords(data_args, explicit_labels=explicit, seed=seed, label_names=label_names)
     split = data_args.validation_data is None and data_args.validation_split_percentage > 0
@@ -176,6 +182,7 @@ def build_labelled_data(
         filter_records=hooks,
         split_records=hooks.split if split else None,
         holdout_percentage=0.0,
+        labels_format=data_args.parsed_labels_format(),
     )
     return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
 
@@ -198,7 +205,7 @@ def _finish_classification_data(
         check_patient_disjoint(train_raw["group"], eval_raw["group"])
         eval_matrix = label_matrix(eval_raw["labels"], spec)
         for c, name in enumerate(spec.names):
-            if eval_matrix[:, c].sum() == 0:
+            if (eval_matrix[:, c] == 1).sum() == 0:
                 logger.warning("class '%s' has no positives in the validation set: its AUROC is undefined", name)
         if data_args.eval_subsample and data_args.eval_subsample < len(evaluation):
             during = evaluation.select(stratified_subsample(eval_matrix, data_args.eval_subsample, seed).tolist())
@@ -206,7 +213,9 @@ def _finish_classification_data(
     return LabelledData(train, evaluation, during, spec, source, info, hooks.report, augmentation)
 
 
-def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, list[Any]]:
+def _shard_records(
+    table: Any, labels_file: str | None, flag: str, labels_format: LabelsFormat | None = None
+) -> dict[str, list[Any]]:
     """Records (``index`` into ``table``, ``key``, ``group``, ``finding_labels``) of the labelled samples of a shard
     table; an explicit labels file keeps only the samples it lists (as for folders), its labels are not used."""
     records = shard_metadata(table)
@@ -221,7 +230,8 @@ def _shard_records(table: Any, labels_file: str | None, flag: str) -> dict[str, 
     keep = labelled
     if labels_file:
         # Keys are the labels file's Image Index stems (prepare stores them so), so a split CSV selects its samples.
-        listed = {Path(row[IMAGE_COL]).stem for row in read_labels_table(labels_file).rows}
+        table = read_labels_table(labels_file, labels_format=labels_format)
+        listed = {sample_key(row[IMAGE_COL]) for row in table.rows}
         keep = [ok and key in listed for ok, key in zip(labelled, records["key"], strict=True)]
         if not any(keep):
             raise LabelError(f"none of the {total} labelled samples of {flag} is listed in {Path(labels_file).name}")
@@ -240,6 +250,9 @@ def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) ->
     for index, encoded in zip(records["index"], records["labels"], strict=True):
         labels[index] = encoded
     # add_column joins an in-memory column to the memory-mapped table (no copy of the pixels); select only maps indices.
+    # The shards' own ``labels`` (indices into every class of the labels file) give way to the training encoding.
+    if "labels" in table.column_names:
+        table = table.remove_columns("labels")
     return table.add_column("labels", labels).select(records["index"]).with_transform(make_shard_transform(transform))
 
 
@@ -252,8 +265,15 @@ def _build_shard_datasets(
 ) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
     """Prepared shards -> map-style train/validation datasets; the split and label logic is the folders' (hooks)."""
     train_table = load_shard_table(data_args.train_data, options)
-    source = ResolvedSource(data_args.train_data, data_args.labels_file, "user-provided prepared shards")
-    records = hooks(_shard_records(train_table, data_args.labels_file, "--train_data"))
+    origin = data_origin(data_args.train_data, options)
+    source = ResolvedSource(
+        data_args.train_data,
+        data_args.labels_file,
+        f"{describe_origin(origin)} (prepared shards)",
+        synthetic=bool(origin and origin.get("synthetic")),
+    )
+    fmt = data_args.parsed_labels_format()
+    records = hooks(_shard_records(train_table, data_args.labels_file, "--train_data", fmt))
     eval_table, eval_records = None, None
     if data_args.validation_data is not None:
         if find_manifest(data_args.validation_data, options) is None:
@@ -261,7 +281,7 @@ def _build_shard_datasets(
                 "--validation_data must be prepared shards too when --train_data is (run `hf-medvis prepare`)"
             )
         eval_table = load_shard_table(data_args.validation_data, options)
-        eval_records = hooks(_shard_records(eval_table, data_args.validation_labels_file, "--validation_data"))
+        eval_records = hooks(_shard_records(eval_table, data_args.validation_labels_file, "--validation_data", fmt))
     elif data_args.validation_split_percentage > 0:
         records, eval_records = hooks.split(records)
         eval_table = train_table

@@ -14,15 +14,15 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .label_formats import IMAGE_COL, LABEL_COL, NO_FINDING, PATIENT_COL, UNKNOWN_PREFIX, LabelsFormat, canonicalize
+
 logger = logging.getLogger(__name__)
 
-NO_FINDING = "No Finding"
 SEPARATOR = "|"
-IMAGE_COL, PATIENT_COL, LABEL_COL = "Image Index", "Patient ID", "Finding Labels"
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 
@@ -43,7 +43,15 @@ def parse_finding_labels(text: str | None, negative: str = NO_FINDING, separator
     if text is None:
         return []
     names = [part.strip() for part in str(text).split(separator)]
-    return [name for name in names if name and name != negative]
+    return [name for name in names if name and name != negative and not name.startswith(UNKNOWN_PREFIX)]
+
+
+def parse_unknown_labels(text: str | None, separator: str = SEPARATOR) -> list[str]:
+    """The classes whose label is unknown (``?Name``: uncertain or blank under an ``ignore`` policy)."""
+    if text is None:
+        return []
+    names = [part.strip() for part in str(text).split(separator)]
+    return [name[len(UNKNOWN_PREFIX) :] for name in names if name.startswith(UNKNOWN_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,9 @@ def infer_label_spec(
 
 
 def encode_labels(finding_labels: Iterable[str | None], spec: LabelSpec) -> list:
-    """Multi-label: float multi-hot lists (labels outside ``spec`` are ignored). Single-label: class indices; an image
-    whose label is not one of the classes is an error."""
+    """Multi-label: float multi-hot lists, -1 where the label is unknown (masked in the loss and the metrics; labels
+    outside ``spec`` are ignored). Single-label: class indices; an image whose label is not one of the classes is an
+    error."""
     index = spec.label2id
     encoded: list = []
     for text in finding_labels:
@@ -120,8 +129,13 @@ def encode_labels(finding_labels: Iterable[str | None], spec: LabelSpec) -> list
             for name in names:
                 if name in index:
                     row[index[name]] = 1.0
+            for name in parse_unknown_labels(text):
+                if name in index:
+                    row[index[name]] = -1.0
             encoded.append(row)
         else:
+            if parse_unknown_labels(text):
+                raise LabelError(f"label '{text}' has unknown classes: single-label classification needs one class")
             if len(names) != 1 or names[0] not in index:
                 raise LabelError(f"label '{text}' is not one of the classes {', '.join(spec.names)}")
             encoded.append(index[names[0]])
@@ -129,7 +143,7 @@ def encode_labels(finding_labels: Iterable[str | None], spec: LabelSpec) -> list
 
 
 def label_matrix(encoded: Sequence, spec: LabelSpec) -> np.ndarray:
-    """[N, C] 0/1 matrix for either problem type (one-hot for single-label)."""
+    """[N, C] 0/1 matrix for either problem type (one-hot for single-label); -1 marks an unknown label."""
     if spec.multi_label:
         return np.asarray(encoded, dtype=np.float32).reshape(-1, len(spec.names))
     matrix = np.zeros((len(encoded), len(spec.names)), dtype=np.float32)
@@ -138,9 +152,10 @@ def label_matrix(encoded: Sequence, spec: LabelSpec) -> np.ndarray:
 
 
 def positive_weights(matrix: np.ndarray, max_weight: float = 100.0) -> np.ndarray:
-    """BCE ``pos_weight`` = negatives / positives per class (the training-set imbalance), capped; 1 when absent."""
-    positives = matrix.sum(axis=0)
-    negatives = matrix.shape[0] - positives
+    """BCE ``pos_weight`` = negatives / positives per class (the training-set imbalance, over known labels), capped; 1
+    when absent."""
+    positives = (matrix == 1).sum(axis=0)
+    negatives = (matrix == 0).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         weights = np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
     return np.clip(weights, 1.0 / max_weight, max_weight).astype(np.float32)
@@ -159,9 +174,13 @@ def normalize_patient_id(value: str | None) -> str:
     return match.group(1) if match else text
 
 
+_AMBIGUOUS: dict[str, str] = {}
+
+
 @dataclass
 class LabelsTable:
-    """The rows of an NIH-layout labels CSV (one row per image), read once with one set of rules for every command.
+    """The rows of a labels CSV (one row per image), read once with one set of rules for every command, each with the
+    canonical ``Image Index``, ``Patient ID`` and ``Finding Labels`` of its layout (``label_formats``).
 
     Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8") and any line ending; the image column must
     name each image once; patient ids are normalised (``normalize_patient_id``); values are stripped."""
@@ -171,6 +190,28 @@ class LabelsTable:
     rows: list[dict[str, str]]
     image_col: str = IMAGE_COL
     warnings: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # a wide file's class columns
+    _index: dict[str, dict[str, str]] | None = field(default=None, repr=False)
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The row of an image file, by the longest trailing part of its path (extension aside) that names exactly one
+        row: ``images/00000001_000.png`` matches ``00000001_000.png`` (NIH names), ``.../patient00001/study1/
+        view1_frontal.jpg`` matches CheXpert's ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``
+        (not another patient's ``view1_frontal``), and ``x.dcm`` matches a row for ``x.png``."""
+        if self._index is None:
+            index: dict[str, dict[str, str]] = {}
+            for row in self.rows:
+                parts = PurePosixPath(row[self.image_col].replace("\\", "/")).with_suffix("").parts
+                for start in range(len(parts)):
+                    key = "/".join(parts[start:])
+                    index[key] = _AMBIGUOUS if key in index and index[key] is not row else row
+            self._index = index
+        parts = PurePosixPath(path.replace("\\", "/")).with_suffix("").parts
+        for start in range(len(parts)):
+            row = self._index.get("/".join(parts[start:]))
+            if row is not None:
+                return None if row is _AMBIGUOUS else row
+        return None
 
     def by_image(self) -> dict[str, dict[str, str]]:
         """Rows keyed by image file name and by its stem (so ``x.dcm`` matches a row for ``x.png``)."""
@@ -182,12 +223,18 @@ class LabelsTable:
         return index
 
 
+def sample_key(image: str) -> str:
+    """The public sample id of a labels row: its image value without the extension (NIH: ``00000001_000``)."""
+    return str(PurePosixPath(image.replace("\\", "/")).with_suffix(""))
+
+
 def read_labels_table(
     path: str | os.PathLike,
     *,
     image_col: str = IMAGE_COL,
     required: Iterable[str] = (),
     group_col: str = PATIENT_COL,
+    labels_format: LabelsFormat | None = None,
 ) -> LabelsTable:
     """Reads a labels CSV; ``LabelError`` (one line naming the file, and the rows where it applies) for a missing file or
     column, a file that is not UTF-8, an empty image name, or an image listed more than once. The table is shared by
@@ -196,12 +243,13 @@ def read_labels_table(
     if not path.is_file():
         raise LabelError(f"labels file not found: {path}")
     stat = path.stat()
-    return _read_labels_table(path.resolve(), stat.st_mtime_ns, stat.st_size, image_col, tuple(required), group_col)
+    fmt = labels_format or LabelsFormat(image_col=image_col, group_col=group_col)
+    return _read_labels_table(path.resolve(), stat.st_mtime_ns, stat.st_size, tuple(required), fmt)
 
 
 @functools.lru_cache(maxsize=8)
 def _read_labels_table(
-    path: Path, _mtime_ns: int, _size: int, image_col: str, required: tuple[str, ...], group_col: str
+    path: Path, _mtime_ns: int, _size: int, required: tuple[str, ...], fmt: LabelsFormat
 ) -> LabelsTable:
     name = path.name
     try:
@@ -214,13 +262,21 @@ def _read_labels_table(
     reader = csv.DictReader(text.splitlines(keepends=True))
     columns = [column.strip() for column in reader.fieldnames or []]
     reader.fieldnames = columns
-    for column in (image_col, *required):
-        if column not in columns:
-            raise LabelError(f"{name} has no column '{column}' (columns: {', '.join(columns) or 'none'})")
+    layout = fmt.resolve(columns)
+    image_col, group_col = fmt.image_column(layout, columns), fmt.group_column()
+    provided = {  # canonical column -> the file's column that gives it (None: the layout derives it)
+        IMAGE_COL: image_col,
+        PATIENT_COL: None if fmt.patient_regex else group_col,
+        LABEL_COL: None if layout == "wide" else fmt.label_col,
+    }
+    for column in (IMAGE_COL, *required):
+        source = provided.get(column, column)
+        if source is not None and source not in columns:
+            hint = " (or pass --group-col / --patient-regex)" if column == PATIENT_COL else ""
+            raise LabelError(f"{name} has no column '{source}'{hint} (columns: {', '.join(columns) or 'none'})")
     rows: list[dict[str, str]] = []
     first_line: dict[str, int] = {}
     duplicates: list[str] = []
-    spellings: dict[str, set[str]] = {}
     for row in reader:
         line = reader.line_num
         clean = {key: (value or "").strip() for key, value in row.items() if key is not None}
@@ -232,15 +288,23 @@ def _read_labels_table(
         if image in first_line:
             duplicates.append(f"{image} (lines {first_line[image]} and {line})")
         first_line.setdefault(image, line)
-        if group_col in clean and clean[group_col]:
-            raw = clean[group_col]
-            clean[group_col] = normalize_patient_id(raw)
-            spellings.setdefault(clean[group_col], set()).add(raw)
         rows.append(clean)
     if duplicates:
         shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)" if len(duplicates) > 3 else "")
         raise LabelError(f"{name}: the same '{image_col}' is listed more than once: {shown}")
-    table = LabelsTable(path, columns, rows, image_col)
+    try:
+        classes = canonicalize(columns, rows, fmt, name)
+    except ValueError as err:
+        raise LabelError(str(err)) from None
+    spellings: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get(PATIENT_COL):
+            raw = row[PATIENT_COL]
+            row[PATIENT_COL] = normalize_patient_id(raw)
+            if group_col in row and not fmt.patient_regex:
+                row[group_col] = row[PATIENT_COL]  # split writes the file's own columns, normalised
+            spellings.setdefault(row[PATIENT_COL], set()).add(raw)
+    table = LabelsTable(path, columns, rows, IMAGE_COL, classes=classes)
     merged = {pid: forms for pid, forms in spellings.items() if len(forms) > 1}
     if merged:
         example = ", ".join(repr(f) for f in sorted(next(iter(merged.values()))))

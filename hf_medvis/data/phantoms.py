@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+ORIGIN_MARKER = "phantoms.json"
 FINDINGS: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Nodule")
 NO_FINDING = "No Finding"
 NIH_COLUMNS: tuple[str, ...] = (
@@ -323,6 +325,7 @@ def write_phantom_dataset(
                     spacing,
                 ]
             )
+        write_origin_marker(tmp, patients=patients, seed=seed, image_size=image_size)
         with open(tmp / "labels.csv", "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(NIH_COLUMNS)
@@ -336,6 +339,15 @@ def write_phantom_dataset(
     return out
 
 
+def write_origin_marker(root: Path, **settings: int) -> None:
+    """``phantoms.json``: tells ``prepare``, the recipes and their cards that the images under ``root`` are synthetic."""
+    marker = {"synthetic": True, "generator": f"hf_medvis phantoms v{PHANTOM_FORMAT_VERSION}", **settings}
+    marker["description"] = "synthetic chest X-ray phantoms (hf-medvis demo-data), not patient images"
+    tmp = root / f".{ORIGIN_MARKER}.{os.getpid()}.tmp"  # ranks may race to write it
+    tmp.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, root / ORIGIN_MARKER)
+
+
 def default_phantom_dir(patients: int = 200, seed: int = 0, image_size: int = 256) -> Path:
     """Where the embedded default dataset is cached (``HF_MEDVIS_CACHE``, else ``~/.cache/hf_medvis``)."""
     root = Path(os.environ.get("HF_MEDVIS_CACHE", Path.home() / ".cache" / "hf_medvis"))
@@ -346,6 +358,8 @@ def ensure_phantom_dataset(patients: int = 200, seed: int = 0, image_size: int =
     """Returns the cached default phantom set, generating it on first use (safe when several ranks race)."""
     out = default_phantom_dir(patients, seed, image_size)
     if (out / "labels.csv").exists():
+        if not (out / ORIGIN_MARKER).exists():  # a set cached before the marker existed
+            write_origin_marker(out, patients=patients, seed=seed, image_size=image_size)
         return out
     try:
         write_phantom_dataset(out, patients=patients, seed=seed, image_size=image_size)

@@ -2,7 +2,8 @@
 
 Layout under DST::
 
-    manifest.json        written last: parameters, shard list (samples, bytes, sha256), totals, warnings
+    manifest.json        written last: parameters, shard list (samples, bytes, sha256), totals, warnings, source
+    README.md            the dataset card: ``datasets.load_dataset(DST)`` and the Hub read the shards as a dataset
     quarantine.jsonl     one JSON line per input that failed (its salted source hash, shard, reason) and per labels
                          row without an image (the labels file's Image Index)
     shards/shard-000000.parquet, shards/shard-000000.json (per-shard record), ...
@@ -31,13 +32,15 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
-from pathlib import PurePosixPath
 from typing import Any
 
 from . import shards as shard_format
 from . import storage
+from .dataset_card import dataset_card
 from .folder import DataSourceError, find_labels_file, iter_image_files
-from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, read_labels_table
+from .label_formats import VIEW_ALIASES, LabelsFormat
+from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, parse_finding_labels, read_labels_table
+from .origin import data_origin
 from .pool import init_pool_worker
 from .prepare_rows import VIEW_COL, PrepareParams, decode_inputs
 from .privacy import relative_path, resolve_salt, salt_check, source_root
@@ -111,7 +114,7 @@ def _write_shard(job: dict, fingerprint: str, rows: list[dict], quarantine: list
         "fingerprint": fingerprint,
     }
     if rows:
-        data = shard_format.encode_shard(rows)
+        data = shard_format.encode_shard(rows, job["params"].class_names)
         record.update(bytes=len(data), sha256=shard_format.sha256_hex(data))
         storage.write_bytes_atomic(storage.join(dst, record["path"]), data, options)
     storage.write_bytes_atomic(storage.join(dst, shard_format.sidecar_name(index)), shard_format.dumps(record), options)
@@ -129,17 +132,35 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _read_labels(labels: str | None, src: str) -> tuple[LabelsTable | None, list[str]]:
+def _class_names(table: LabelsTable | None) -> tuple[str, ...]:
+    """The ``labels`` column's ClassLabel names: a wide file's class columns, else every finding named, sorted."""
+    if table is None:
+        return ()
+    if table.classes:
+        return tuple(table.classes)
+    return tuple(sorted({name for row in table.rows for name in parse_finding_labels(row.get(LABEL_COL))}))
+
+
+def _read_labels(
+    labels: str | None, src: str, labels_format: LabelsFormat | None
+) -> tuple[LabelsTable | None, list[str]]:
     found = find_labels_file(src)
     path = labels or (str(found) if found else None)
     if not path:
         return None, []
-    table = read_labels_table(path, image_col=IMAGE_COL)
+    table = read_labels_table(path, labels_format=labels_format)
     warnings = list(table.warnings)
     for column in (LABEL_COL, PATIENT_COL, VIEW_COL):
-        if column not in table.columns:
-            warnings.append(f"labels file has no '{column}' column: that field is empty for every sample")
-    unknown = [c for c in table.columns if c not in KNOWN_COLUMNS]
+        if not any(row.get(column) for row in table.rows):
+            warnings.append(f"labels file has no '{column}' values: that field is empty for every sample")
+    fmt = labels_format or LabelsFormat()
+    used = (
+        KNOWN_COLUMNS
+        | set(VIEW_ALIASES)
+        | set(table.classes)
+        | {fmt.group_column(), fmt.image_column("wide", table.columns)}
+    )
+    unknown = [c for c in table.columns if c not in used]
     if unknown:
         warnings.append(f"labels file columns ignored (unknown): {', '.join(unknown)}")
     for warning in warnings[len(table.warnings) :]:  # the table's own were logged when it was read
@@ -160,6 +181,7 @@ def prepare(
     storage_options: dict | str | None = None,
     dst_storage_options: dict | str | None = None,
     shard_format_name: str = "parquet",
+    labels_format: LabelsFormat | None = None,
 ) -> dict:
     """Prepares shards from ``src`` into ``dst`` and returns the manifest (also written to ``dst/manifest.json``)."""
     if shard_format_name != "parquet":
@@ -172,13 +194,12 @@ def prepare(
         raise ValueError("--shard-size and --workers must be >= 1")
     salt = resolve_salt(salt)
     salt_fingerprint = salt_check(salt)
-    params = PrepareParams(size=size, bits=bits, shard_size=shard_size)
     in_options = storage.storage_options_for(src, storage_options)
     out_options = storage.storage_options_for(
         dst, dst_storage_options if dst_storage_options is not None else storage_options
     )
-    table, warnings = _read_labels(labels, src)
-    label_rows = table.by_image() if table is not None else {}
+    table, warnings = _read_labels(labels, src, labels_format)
+    params = PrepareParams(size=size, bits=bits, shard_size=shard_size, class_names=_class_names(table))
     storage.make_dirs(dst, out_options)
 
     matched: set[str] = set()
@@ -194,11 +215,10 @@ def prepare(
             inputs = []
             for source in chunk:
                 rel = relative_path(source, root)
-                name = rel.rsplit("/", 1)[-1]
-                row = label_rows.get(name) or label_rows.get(PurePosixPath(name).stem) if label_rows else None
+                row = table.match(rel) if table is not None else None
                 if row is not None:
                     matched.add(row[IMAGE_COL])
-                inputs.append((rel, source, row, bool(label_rows) and row is None))
+                inputs.append((rel, source, row, table is not None and row is None))
             yield {
                 "dst": dst,
                 "index": index,
@@ -229,6 +249,7 @@ def prepare(
         "shard_format": "parquet",
         "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": 1},
         "labels_file": table.path.name if table is not None else None,
+        "source": data_origin(src, in_options),  # e.g. synthetic phantoms; None for user data
         "salt_check": salt_fingerprint,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it
         "shards": [
             {"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
@@ -249,6 +270,7 @@ def prepare(
         "warnings": warnings,
         "quarantine_report": shard_format.QUARANTINE_NAME,
     }
+    storage.write_bytes_atomic(storage.join(dst, shard_format.CARD_NAME), dataset_card(manifest).encode(), out_options)
     report = "".join(json.dumps(line, sort_keys=True) + "\n" for line in quarantine_lines).encode()
     storage.write_bytes_atomic(storage.join(dst, shard_format.QUARANTINE_NAME), report, out_options)
     # The manifest is the commit point: readers only ever see shards it lists, all complete.

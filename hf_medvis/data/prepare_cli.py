@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .label_formats import add_labels_format_arguments, labels_format_from_args
+
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).
 
@@ -22,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dst", help="output folder or fsspec URL")
     parser.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
     parser.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored depth (default 8)")
-    parser.add_argument("--labels", default=None, help="NIH-style labels CSV (default: labels.csv next to SRC)")
+    parser.add_argument(
+        "--labels", default=None, help="labels CSV (default: labels.csv next to SRC); see --labels-format"
+    )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
     parser.add_argument("--format", dest="shard_format", default="parquet", choices=("parquet",), help="shard format")
@@ -33,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fsspec options as JSON (default: Azure credentials from the environment); never printed",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload DST as a Hugging Face dataset repository 'owner/name' (private unless --hub-public)",
+    )
+    parser.add_argument("--hub-public", action="store_true", help="make the --push-to-hub repository public")
+    add_labels_format_arguments(parser)
     parser.set_defaults(func=run)
 
     locate = subparsers.add_parser(
@@ -61,8 +73,15 @@ def run_locate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .hub_push import HubPushError, check_push_ready, push_prepared_to_hub
     from .prepare import prepare
 
+    if args.push_to_hub:
+        try:
+            check_push_ready(args.push_to_hub)
+        except HubPushError as err:
+            print(f"hf-medvis prepare: error: {err}", file=sys.stderr)
+            return 2
     manifest = prepare(
         args.src,
         args.dst,
@@ -74,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         salt=args.salt,
         storage_options=args.storage_options,
         shard_format_name=args.shard_format,
+        labels_format=labels_format_from_args(args),
     )
     t = manifest["totals"]
     print(
@@ -83,4 +103,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if t["quarantined"] or t["skipped"]:
         print(f"which files: hf-medvis quarantine {args.dst.split('?', 1)[0]} --src {args.src.split('?', 1)[0]}")
+    if args.push_to_hub:
+        try:
+            url = push_prepared_to_hub(
+                args.dst, manifest, args.push_to_hub, private=not args.hub_public, storage_options=args.storage_options
+            )
+        except HubPushError as err:
+            print(
+                f"hf-medvis prepare: error: {err}; the shards are complete in {args.dst.split('?', 1)[0]}: re-run to retry",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"pushed to the Hub ({'public' if args.hub_public else 'private'}): {url}")
     return 0

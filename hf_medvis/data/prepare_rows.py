@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,12 +14,20 @@ import torch
 from . import shards as shard_format
 from . import storage
 from .decode import ImageDecodeError, read_dicom_header, read_image
-from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, is_labelled, normalize_patient_id
+from .label_formats import VIEW_COL
+from .labels import (
+    IMAGE_COL,
+    LABEL_COL,
+    PATIENT_COL,
+    is_labelled,
+    normalize_patient_id,
+    parse_finding_labels,
+    sample_key,
+)
 from .privacy import salted_hash
 
 logger = logging.getLogger(__name__)
 
-VIEW_COL = "View Position"
 RESIZE_POLICY = "shorter side to SIZE (bilinear, antialiased), then centre crop to SIZE x SIZE"
 
 
@@ -34,6 +42,7 @@ class PrepareParams:
     resize_policy: str = RESIZE_POLICY
     format: str = "parquet"
     format_version: int = shard_format.FORMAT_VERSION
+    class_names: tuple[str, ...] = ()  # the ``labels`` ClassLabel names: every finding in the labels file
 
 
 def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -52,11 +61,11 @@ def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
     return tensor[top : top + size, left : left + size].clamp_(0.0, 1.0).numpy()
 
 
-def quantize(image: np.ndarray, bits: int) -> bytes:
-    """Float [0, 1] pixels -> little-endian uint8 or uint16 bytes."""
+def quantize(image: np.ndarray, bits: int) -> np.ndarray:
+    """Float [0, 1] pixels -> uint8 or uint16."""
     if bits == 8:
-        return np.round(image * 255.0).astype(np.uint8).tobytes()
-    return np.round(image * 65535.0).astype("<u2").tobytes()
+        return np.round(image * 255.0).astype(np.uint8)
+    return np.round(image * 65535.0).astype(np.uint16)
 
 
 def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
@@ -92,12 +101,15 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
     patient = normalize_patient_id((row or {}).get(PATIENT_COL) or dicom_patient)
     name = (row or {}).get(IMAGE_COL)
     resized = resize_to_square(image, params.size)
+    finding_labels = (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None
+    class_index = {name: i for i, name in enumerate(params.class_names)}
     return {
         # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
         # the salted source hash (a file name may carry a patient name).
-        "key": PurePosixPath(name).stem if name else source_hash,
+        "key": sample_key(name) if name else source_hash,
         "group": salted_hash(patient, salt, "patient") if patient else f"src-{source_hash}",
-        "finding_labels": (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None,
+        "finding_labels": finding_labels,
+        "labels": None if finding_labels is None else [class_index[n] for n in parse_finding_labels(finding_labels)],
         "view_position": ((row or {}).get(VIEW_COL) or dicom_view or None),
         "source_hash": source_hash,
         "orig_height": int(image.shape[0]),
@@ -105,7 +117,7 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
         "height": params.size,
         "width": params.size,
         "bits": params.bits,
-        "pixels": quantize(resized, params.bits),
+        "image": {"bytes": shard_format.encode_pgm(quantize(resized, params.bits)), "path": None},
     }
 
 

@@ -22,7 +22,7 @@ from . import shards as shard_format
 from . import storage
 from .streaming import DecodeStoredPixels, ShardReader, ShardReadError, find_manifest
 
-PIXEL_COLUMNS: tuple[str, ...] = ("pixels", "height", "width", "bits")
+PIXEL_COLUMNS: tuple[str, ...] = ("image", "pixels", "height", "width", "bits")  # "pixels": format version 1
 TABLE_METADATA_COLUMNS: tuple[str, ...] = ("key", "group", "finding_labels")
 
 
@@ -31,7 +31,7 @@ def load_shard_table(
 ) -> datasets.Dataset:
     """Every sample of the prepared-shard location ``source`` (a folder / URL or its manifest.json) as a map-style
     ``datasets.Dataset`` with the shard schema's columns (``key``, ``group``, ``finding_labels``, ``view_position``,
-    ``pixels``, ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest."""
+    ``image`` (PGM bytes, undecoded), ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest."""
     found = find_manifest(source, storage_options)
     if found is None:
         raise ValueError(
@@ -42,7 +42,11 @@ def load_shard_table(
     # The shard list (paths, sizes, checksums) is part of the generator's kwargs, so datasets' cache fingerprint changes
     # whenever the shards do; a re-prepared location is never served from a stale table.
     shards = [dict(s) for s in manifest["shards"]]
-    features = datasets.Features.from_arrow_schema(shard_format.schema())
+    if manifest.get("version", 1) < 2:
+        features = shard_format.features_v1()
+    else:
+        features = shard_format.features(manifest["preprocessing"].get("class_names", ()))
+        features["image"] = datasets.Image(decode=False)  # our decoder takes the pixels after the PGM header
     try:
         table = datasets.Dataset.from_generator(
             ShardReader(base, options, skip_bad_shards=False),
@@ -75,10 +79,11 @@ def make_shard_transform(image_transform: Callable | None) -> Callable[[dict[str
     decode = DecodeStoredPixels(image_transform)
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
-        size = len(batch["pixels"])
+        size = len(batch["key"])
+        stored = [name for name in PIXEL_COLUMNS if name in batch]
         out = {k: v for k, v in batch.items() if k not in PIXEL_COLUMNS}
         out["pixel_values"] = [
-            decode({"key": batch["key"][i], **{name: batch[name][i] for name in PIXEL_COLUMNS}})["pixel_values"]
+            decode({"key": batch["key"][i], **{name: batch[name][i] for name in stored}})["pixel_values"]
             for i in range(size)
         ]
         return out

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .folder import build_folder_records, dataset_from_records, find_labels_file, in_holdout
+from .label_formats import LabelsFormat
+from .origin import data_origin, describe_origin
 from .phantoms import ensure_phantom_dataset
 from .streaming import find_manifest, load_image_dataset, stream_control
 
@@ -28,10 +30,16 @@ class ResolvedSource:
     location: str
     labels_file: str | None
     description: str  # safe for model cards and logs: no paths, no credentials
+    synthetic: bool = False  # phantoms, not patient images (cards say so)
 
 
 def resolve_train_source(
-    train_data: str | None, labels_file: str | None, phantom_patients: int, seed: int = 0, phantom_image_size: int = 256
+    train_data: str | None,
+    labels_file: str | None,
+    phantom_patients: int,
+    seed: int = 0,
+    phantom_image_size: int = 256,
+    storage_options: dict | None = None,
 ) -> ResolvedSource:
     if train_data is None:
         root = ensure_phantom_dataset(patients=phantom_patients, seed=seed, image_size=phantom_image_size)
@@ -39,9 +47,13 @@ def resolve_train_source(
             str(root / "images"),
             labels_file or str(root / "labels.csv"),
             f"embedded synthetic chest X-ray phantoms (hf_medvis demo-data, {phantom_patients} patients, seed {seed})",
+            synthetic=True,
         )
     labels = labels_file or (str(find_labels_file(train_data)) if find_labels_file(train_data) else None)
-    return ResolvedSource(train_data, labels, "user-provided images")
+    origin = data_origin(train_data, storage_options)
+    return ResolvedSource(
+        train_data, labels, describe_origin(origin), synthetic=bool(origin and origin.get("synthetic"))
+    )
 
 
 def _select(records: dict[str, list[Any]], keep: Callable[[int], bool]) -> dict[str, list[Any]]:
@@ -69,6 +81,7 @@ def build_train_eval_datasets(
     split_records: Callable[[dict[str, list[Any]]], tuple[dict[str, list[Any]], dict[str, list[Any]]]] | None = None,
     validation_labels_file: str | None = None,
     seed: int = 0,
+    labels_format: LabelsFormat | None = None,
 ) -> tuple[Any, Any | None, dict[str, Any]]:
     """Returns (train_dataset, eval_dataset or None, info dict with counts).
 
@@ -86,13 +99,13 @@ def build_train_eval_datasets(
             max_train_samples,
             max_eval_samples,
         )
-    records = build_folder_records(train.location, train.labels_file, storage_options)
+    records = build_folder_records(train.location, train.labels_file, storage_options, labels_format)
     if filter_records is not None:
         records = filter_records(records)
     if validation_data is not None:
         val_labels = validation_labels_file or find_labels_file(validation_data)
         eval_records = build_folder_records(
-            validation_data, str(val_labels) if val_labels else train.labels_file, storage_options
+            validation_data, str(val_labels) if val_labels else train.labels_file, storage_options, labels_format
         )
         if filter_records is not None:
             eval_records = filter_records(eval_records)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .label_formats import add_labels_format_arguments, labels_format_from_args
+
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).
 
@@ -16,10 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per class and split the positives/negatives and the expected SE and 95%% CI half-width of AUROC "
         "(Hanley-McNeil) and accuracy (binomial).",
     )
-    parser.add_argument("labels_csv", help="NIH-style labels CSV (one row per image)")
+    parser.add_argument("labels_csv", help="labels CSV, one row per image (NIH layout, or --labels-format wide)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--image-col", default="Image Index", help="image column (default 'Image Index')")
-    parser.add_argument("--group-col", default="Patient ID", help="patient column (default 'Patient ID')")
+    add_labels_format_arguments(parser, label_names=False)
     parser.add_argument(
         "--label-col",
         default="Finding Labels",
@@ -30,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test", type=float, default=0.2, help="fraction of images for test (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--label-names", nargs="+", default=None, help="classes to stratify on (default: all in the data)"
+        "--label-names",
+        nargs="+",
+        default=None,
+        help="classes to stratify on (default: all in the data); wide layout: the class columns",
     )
     parser.add_argument("--problem-type", default="auto", choices=("auto", "multi_label", "single_label"))
     parser.add_argument("--assumed-auroc", type=float, default=0.85, help="AUROC assumed for the SE (default 0.85)")
@@ -54,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     result = split_labels_csv(
         args.labels_csv,
         args.out,
-        image_col=args.image_col,
-        group_col=args.group_col,
-        label_col=args.label_col,
+        labels_format=labels_format_from_args(args),
         val=args.val,
         test=args.test,
         seed=args.seed,

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .label_formats import LabelsFormat
 from .labels import (
-    IMAGE_COL,
     LABEL_COL,
     PATIENT_COL,
     LabelSpec,
@@ -54,7 +54,7 @@ def stratified_group_assignment(
     group_ids, row_group = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     n_groups = len(group_ids)
     counts = np.zeros((n_groups, matrix.shape[1]))
-    np.add.at(counts, row_group, matrix)
+    np.add.at(counts, row_group, matrix == 1)  # positives per group (-1, an unknown label, is not one)
     sizes = np.bincount(row_group, minlength=n_groups).astype(float)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_groups)  # random tie-breaking, fixed by the seed
@@ -173,8 +173,8 @@ def split_report(
         acc_se = accuracy_standard_error(assumed_accuracy, n)
         classes = {}
         for c, label in enumerate(spec.names):
-            pos = int(matrix[rows, c].sum())
-            neg = n - pos
+            pos = int((matrix[rows, c] == 1).sum())
+            neg = int((matrix[rows, c] == 0).sum())  # unknown labels (-1) count as neither
             se = auroc_standard_error(assumed_auroc, pos, neg)
             classes[label] = {
                 "positives": pos,
@@ -193,7 +193,8 @@ def split_report(
             "classes": classes,
         }
     if target_ci is not None:
-        prevalence = matrix[labelled].mean(axis=0)
+        known = matrix[labelled] >= 0
+        prevalence = (matrix[labelled] == 1).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
         per_class = {
             label: images_for_auroc_ci(assumed_auroc, float(prevalence[c]), target_ci)
             for c, label in enumerate(spec.names)
@@ -260,9 +261,7 @@ def split_labels_csv(
     labels_csv: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    image_col: str = IMAGE_COL,
-    group_col: str = PATIENT_COL,
-    label_col: str = LABEL_COL,
+    labels_format: LabelsFormat | None = None,
     val: float = 0.1,
     test: float = 0.2,
     seed: int = 0,
@@ -279,19 +278,21 @@ def split_labels_csv(
     train.csv still sees them) but count neither as positives nor as negatives in the report."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise SplitError(f"--val and --test must be in [0, 1) with val + test < 1, got {val} and {test}")
-    table = read_labels_table(labels_csv, image_col=image_col, required=(group_col, label_col), group_col=group_col)
+    fmt = labels_format or LabelsFormat()
+    group_col, label_col = PATIENT_COL, LABEL_COL  # the canonical columns of every layout
+    table = read_labels_table(labels_csv, required=(group_col, label_col), labels_format=fmt)
     columns, rows = table.columns, table.rows
     if not rows:
         raise SplitError(f"{table.path.name} has no rows")
     missing = [str(i + 2) for i, row in enumerate(rows) if not row[group_col]]
     if missing:
         raise SplitError(
-            f"{len(missing)} row(s) of {table.path.name} have no '{group_col}' (rows {', '.join(missing[:5])}"
+            f"{len(missing)} row(s) of {table.path.name} have no patient (rows {', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}): every image needs its patient"
         )
     labelled = np.array([is_labelled(row[label_col]) for row in rows])
     if not labelled.any():
-        raise SplitError(f"every '{label_col}' of {table.path.name} is empty: nothing to stratify on")
+        raise SplitError(f"every label of {table.path.name} is empty: nothing to stratify on")
     spec = infer_label_spec(
         [row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], label_names, problem_type
     )
@@ -317,8 +318,10 @@ def split_labels_csv(
     )
     report["source"] = {
         "file": table.path.name,
-        "group_col": group_col,
-        "label_col": label_col,
+        "labels_format": fmt.resolve(columns),
+        "group_col": fmt.patient_regex and f"regex {fmt.patient_regex}" or fmt.group_column(),
+        "label_col": ", ".join(table.classes) if table.classes else fmt.label_col,
+        "uncertain": fmt.uncertain if table.classes else None,
         "fractions": {"train": 1 - val - test, "val": val, "test": test},
         "seed": seed,
     }

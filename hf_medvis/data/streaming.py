@@ -163,7 +163,9 @@ class _ResumeSkip:
         c = self.control
         if not c.skip or c.epoch != c.skip_epoch:
             return True
-        return index >= c.skip.get(_worker_id(), 0)
+        # Under a sample-level node split, datasets keeps 1 sample in ``step`` of this worker's stream after this filter:
+        # the k samples the worker had delivered were the first k * step read here.
+        return index >= c.skip.get(_worker_id(), 0) * examples_step(c)
 
 
 class DecodeStoredPixels:
@@ -174,12 +176,9 @@ class DecodeStoredPixels:
 
     def __call__(self, example: dict) -> dict:
 
-        h, w, bits = example["height"], example["width"], example["bits"]
-        if bits == 8:
-            array = np.frombuffer(example["pixels"], dtype=np.uint8).reshape(1, h, w)
-        else:  # 16-bit shards keep depth on disk; batches travel as uint8
-            array = np.frombuffer(example["pixels"], dtype="<u2").reshape(1, h, w).astype(np.float32) / 257.0
-            array = np.round(array).astype(np.uint8)
+        array = shard_format.stored_pixels(example)[None]
+        if array.dtype != np.uint8:  # 16-bit shards keep depth on disk; batches travel as uint8
+            array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
         return {
             "pixel_values": apply_image_transform(self.image_transform, torch.from_numpy(array.copy()), example["key"])
         }
@@ -198,6 +197,13 @@ class _EpochFromControl:
         )
 
 
+def examples_step(control: StreamControl) -> int:
+    """1, or the world size when shards do not divide among the nodes: ``split_dataset_by_node`` then gives each node 1
+    sample in world size of every worker's stream (``datasets``' sample-level split) instead of whole shards."""
+    by_samples = control.split_by_node and control.world_size > 1 and len(control.shards) % control.world_size
+    return control.world_size if by_samples else 1
+
+
 def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -206,7 +212,7 @@ def _build_stream(control: StreamControl, reader: ShardReader) -> datasets.Itera
 
     ds = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": list(control.shards)})
     if control.split_by_node and control.world_size > 1:
-        if len(control.shards) % control.world_size:
+        if examples_step(control) > 1:
             logger.warning(
                 "%d shards do not divide among %d nodes: every node reads every shard and keeps 1 sample in %d; "
                 "prepare with a shard count that is a multiple of the world size",
@@ -251,9 +257,12 @@ def load_shard_stream(
     )
     ds = _build_stream(control, ShardReader(base, options, skip_bad_shards))
     ds = ds.filter(_ResumeSkip(control), with_indices=True)
-    ds = ds.map(DecodeStoredPixels(image_transform), remove_columns=["pixels", "height", "width", "bits"])
-    ds = ds.remove_columns(["source_hash", "orig_height", "orig_width"])
+    version_1 = manifest.get("version", 1) < 2
+    stored = ["pixels" if version_1 else "image", "height", "width", "bits"]
+    ds = ds.map(DecodeStoredPixels(image_transform), remove_columns=stored)
+    ds = ds.remove_columns(["source_hash", "orig_height", "orig_width"] + ([] if version_1 else ["labels"]))
     ds.stream_control = control
+    ds.batch_plan = True  # stream_plan.rank_batch_counts models this dataset (not a .take() or other wrapper of it)
     return ds
 
 

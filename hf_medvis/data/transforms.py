@@ -3,6 +3,7 @@ replication happen on the accelerator (``normalize_batch``), so loader workers a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -97,18 +98,42 @@ def normalize_batch(
     """uint8 [B, 1, H, W] -> normalised float [B, C, H, W]; float inputs are taken as already normalised."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    return normalize_unit_batch(pixel_values.float().div_(255.0), mean, std, num_channels)
+    scale, shift = _scale_and_shift(pixel_values, mean, std, num_channels, 255.0, torch.float32)
+    return torch.addcmul(shift, pixel_values, scale)  # one pass: to float, scale, shift, replicate channels
 
 
 def normalize_unit_batch(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_channels: int
 ) -> torch.Tensor:
     """float [B, 1 or C, H, W] in [0, 1] -> normalised float [B, C, H, W]."""
-    if x.shape[1] == 1 and num_channels > 1:
-        x = x.expand(-1, num_channels, -1, -1)
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    scale, shift = _scale_and_shift(x, mean, std, num_channels, 1.0, x.dtype)
+    return torch.addcmul(shift, x, scale)
+
+
+def _scale_and_shift(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_channels: int, divisor: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (divisor * std), -mean / std) as [1, C, 1, 1] tensors on ``x``'s device; C is ``num_channels`` for a
+    one-channel ``x`` (grey images feed a C-channel model), else ``x``'s own."""
+    channels = max(num_channels, len(mean), len(std)) if x.shape[1] == 1 else x.shape[1]
+    return _constants(tuple(map(float, mean)), tuple(map(float, std)), channels, divisor, dtype, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    channels: int,
+    divisor: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: built from Python lists each batch they would be copied host-to-device every step, and on
+    # CUDA such a copy (pageable memory) waits for the whole queue of the step before it -- a host sync per step.
+    mean_t = torch.tensor(mean, dtype=torch.float64).expand(channels)
+    std_t = torch.tensor(std, dtype=torch.float64).expand(channels)
+    scale, shift = 1.0 / (divisor * std_t), -mean_t / std_t
+    return tuple(t.to(dtype).view(1, channels, 1, 1).to(device) for t in (scale, shift))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Evaluation of fine-tuned classifiers: metrics with patient-bootstrap CIs, plots, and inference on image files."""
+"""Evaluation of fine-tuned classifiers: metrics with patient-bootstrap CIs (as offline ``evaluate`` modules), plots, and
+inference on image files."""
 
 from typing import TYPE_CHECKING
 
@@ -8,10 +9,12 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "Predictor": "predict",
     "bootstrap_confidence_intervals": "bootstrap",
-    "build_compute_metrics": "metrics",
+    "build_compute_metrics": "metric_modules",
     "classification_metrics": "metrics",
+    "evaluate_metrics": "metric_modules",
     "format_metrics_table": "metrics",
     "label_targets": "metrics",
+    "load_metric": "metric_modules",
     "metrics_with_ci": "bootstrap",
     "per_class_table": "metrics",
     "plot_image_grid": "plots",
@@ -25,8 +28,10 @@ __all__ = [
     "bootstrap_confidence_intervals",
     "build_compute_metrics",
     "classification_metrics",
+    "evaluate_metrics",
     "format_metrics_table",
     "label_targets",
+    "load_metric",
     "metrics_with_ci",
     "per_class_table",
     "plot_image_grid",
@@ -39,13 +44,7 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from .bootstrap import bootstrap_confidence_intervals, metrics_with_ci
-    from .metrics import (
-        build_compute_metrics,
-        classification_metrics,
-        format_metrics_table,
-        label_targets,
-        per_class_table,
-        probabilities,
-    )
+    from .metric_modules import build_compute_metrics, evaluate_metrics, load_metric
+    from .metrics import classification_metrics, format_metrics_table, label_targets, per_class_table, probabilities
     from .plots import plot_image_grid, save_confusion_plot, save_figure, save_roc_plot
     from .predict import Predictor

@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..data.label_formats import add_labels_format_arguments, labels_format_from_args
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--storage-options", default=None, help="JSON dict of fsspec storage options")
+    ev.add_argument(
+        "--no-card",
+        dest="update_card",
+        action="store_false",
+        help="do not write the result into the model folder's README.md (by default it is added as the test split)",
+    )
+    add_labels_format_arguments(ev)
     ev.set_defaults(func=run_evaluate)
 
     pr = subparsers.add_parser(
@@ -66,7 +75,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     labels_file = args.labels or find_labels_file(args.data)
     if labels_file is None:
         raise ValueError(f"images without labels: no labels.csv beside {args.data}; pass --labels CSV")
-    records = build_folder_records(args.data, labels_file, storage_options)
+    records = build_folder_records(args.data, labels_file, storage_options, labels_format_from_args(args))
     keep = [i for i, v in enumerate(records["finding_labels"]) if is_labelled(v)]
     if not keep:
         raise ValueError(f"none of the images in {args.data} has a label in {Path(labels_file).name}")
@@ -92,6 +101,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)
     print(format_metrics_table(metrics, spec))
     print(f"wrote metrics.json, per_class.json, roc.png{'' if spec.multi_label else ', confusion.png'} to {out}")
+    if args.update_card and Path(args.model).is_dir():
+        from ..data.origin import data_origin, describe_origin
+        from .card_results import record_test_results
+
+        card = record_test_results(
+            args.model,
+            metrics,
+            spec,
+            images=len(paths),
+            patients=len(set(groups)),
+            data_description=describe_origin(data_origin(args.data, storage_options)),
+        )
+        print(f"added the test result to the model card {card}")
     return 0
 
 

@@ -1,15 +1,16 @@
 """Classification metrics of a fine-tuned model: per-class and macro AUROC, AP, F1 (multi-label) or accuracy.
 
-From scikit-learn. ``evaluate`` (the Hugging Face library) is not used for them: its metrics (``evaluate.load("roc_auc")``)
-are scripts fetched from the Hub at first use, so they fail on an offline cluster node, and they wrap the same
-scikit-learn functions anyway.
+The scikit-learn computations behind the ``evaluate`` metric modules (``metric_modules.py``, scripts in
+``evaluate_modules/``), which the recipes' ``compute_metrics`` and ``hf-medvis evaluate`` call; ``classification_metrics``
+is the same set without the modules (a reference in tests). The modules ship inside the package, so they load offline,
+unlike the Hub's ``evaluate.load("roc_auc")``, whose script is fetched at first use.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, r
 
 from ..data.labels import LabelSpec
 
-if TYPE_CHECKING:
-    from transformers import EvalPrediction
+# Metric families in their output order; "ap" is average precision.
+KINDS = ("auroc", "ap", "accuracy", "f1")
 
 
 def probabilities(logits: np.ndarray, spec: LabelSpec) -> np.ndarray:
@@ -29,6 +30,74 @@ def probabilities(logits: np.ndarray, spec: LabelSpec) -> np.ndarray:
 def defined(y: np.ndarray) -> bool:
     """Whether a 0/1 column has both classes (AUROC and AP exist)."""
     return 0 < y.sum() < len(y)
+
+
+def kinds_for(spec: LabelSpec, include_f1: bool = True) -> tuple[str, ...]:
+    """The metric families of a problem type: multi-label AUROC, AP, F1; single-label AUROC, accuracy, F1."""
+    kinds = ("auroc", "ap") if spec.multi_label else ("auroc", "accuracy")
+    return (*kinds, "f1") if include_f1 else kinds
+
+
+def metric_values(
+    kind: str, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec, threshold: float = 0.5, per_class: bool = True
+) -> dict[str, float]:
+    """One family: ``auroc`` / ``ap`` (one-vs-rest per class where the class has positives and negatives, and their
+    macro mean), ``accuracy`` (of the argmax), ``f1`` (multi-label: per class at ``threshold`` and their macro mean;
+    single-label: macro F1 of the argmax). ``labels`` is [N, C] 0/1 (one-hot for single-label); a -1 (an unknown label:
+    ``label_formats``) leaves that image out of that class's metrics."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    known = labels >= 0
+    out: dict[str, float] = {}
+    if kind in ("auroc", "ap"):
+        score = roc_auc_score if kind == "auroc" else average_precision_score
+        values = {
+            name: float(score(labels[known[:, c], c], probs[known[:, c], c]))
+            for c, name in enumerate(spec.names)
+            if defined(labels[known[:, c], c])
+        }
+        if per_class:
+            out.update({f"{kind}_{name}": v for name, v in values.items()})
+        if values:
+            out[f"{kind}_macro"] = float(np.mean(list(values.values())))
+    elif kind == "accuracy":
+        out["accuracy"] = float(accuracy_score(labels.argmax(axis=1), probs.argmax(axis=1)))
+    elif kind == "f1" and spec.multi_label:
+        predicted = (probs >= threshold).astype(int)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # F1 of a class never predicted is 0 by definition here
+            f1 = [
+                f1_score(labels[known[:, c], c], predicted[known[:, c], c], zero_division=0)
+                for c in range(len(spec.names))
+            ]
+        out["f1_macro"] = float(np.mean(f1))
+        if per_class:
+            out.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
+    elif kind == "f1":
+        out["f1_macro"] = float(
+            f1_score(
+                labels.argmax(axis=1),
+                probs.argmax(axis=1),
+                average="macro",
+                labels=list(range(len(spec.names))),
+                zero_division=0,
+            )
+        )
+    else:
+        raise ValueError(f"unknown metric '{kind}' (one of {', '.join(KINDS)})")
+    return out
+
+
+def ordered(metrics: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Metrics in the order the recipes have always written them: per class AUROC and AP, then macro AUROC, AP,
+    accuracy, macro F1, per-class F1; then each CI (``_ci95_low`` / ``_ci95_high``) in the same order; then the rest."""
+    keys = [f"{kind}_{name}" for name in names for kind in ("auroc", "ap")]
+    keys += ["auroc_macro", "ap_macro", "accuracy", "f1_macro", *(f"f1_{name}" for name in names)]
+    point = [k for k in keys if k in metrics]
+    bounds = [f"{k}_ci95_{side}" for k in point for side in ("low", "high") if f"{k}_ci95_{side}" in metrics]
+    out = {k: metrics[k] for k in point + bounds}
+    out.update({k: v for k, v in metrics.items() if k not in out})
+    return out
 
 
 def classification_metrics(
@@ -42,55 +111,10 @@ def classification_metrics(
     """Multi-label: per-class and macro AUROC, average precision, F1 at ``threshold``. Single-label: accuracy, macro
     F1, one-vs-rest AUROC per class and macro. ``labels`` is [N, C] 0/1 (one-hot for single-label). Classes with no
     positives (or no negatives) have no AUROC/AP and are left out of the macro averages."""
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
     metrics: dict[str, float] = {}
-    aurocs, aps = [], []
-    for c, name in enumerate(spec.names):
-        if not defined(labels[:, c]):
-            continue
-        auroc = float(roc_auc_score(labels[:, c], probs[:, c]))
-        aurocs.append(auroc)
-        if per_class:
-            metrics[f"auroc_{name}"] = auroc
-        if spec.multi_label:
-            ap = float(average_precision_score(labels[:, c], probs[:, c]))
-            aps.append(ap)
-            if per_class:
-                metrics[f"ap_{name}"] = ap
-    if aurocs:
-        metrics["auroc_macro"] = float(np.mean(aurocs))
-    if spec.multi_label:
-        if aps:
-            metrics["ap_macro"] = float(np.mean(aps))
-        if include_f1:
-            predicted = (probs >= threshold).astype(int)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # F1 of a class never predicted is 0 by definition here
-                f1 = [f1_score(labels[:, c], predicted[:, c], zero_division=0) for c in range(len(spec.names))]
-            metrics["f1_macro"] = float(np.mean(f1))
-            if per_class:
-                metrics.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
-    else:
-        truth, predicted = labels.argmax(axis=1), probs.argmax(axis=1)
-        metrics["accuracy"] = float(accuracy_score(truth, predicted))
-        if include_f1:
-            metrics["f1_macro"] = float(
-                f1_score(truth, predicted, average="macro", labels=list(range(len(spec.names))), zero_division=0)
-            )
-    return metrics
-
-
-def build_compute_metrics(spec: LabelSpec, threshold: float = 0.5) -> Callable[[Any], dict[str, float]]:
-    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ..."""
-
-    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return classification_metrics(
-            label_targets(eval_pred.label_ids, spec), probabilities(logits, spec), spec, threshold
-        )
-
-    return compute_metrics
+    for kind in kinds_for(spec, include_f1):
+        metrics.update(metric_values(kind, labels, probs, spec, threshold, per_class))
+    return ordered(metrics, spec.names)
 
 
 def label_targets(label_ids: np.ndarray, spec: LabelSpec) -> np.ndarray:

@@ -43,8 +43,9 @@ def save_roc_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c, name in enumerate(spec.names):
-        if defined(labels[:, c]):
-            RocCurveDisplay.from_predictions(labels[:, c], probs[:, c], name=name, ax=ax)
+        known = labels[:, c] >= 0  # unknown labels (-1) are not drawn as negatives
+        if defined(labels[known, c]):
+            RocCurveDisplay.from_predictions(labels[known, c], probs[known, c], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title("ROC per class")
     fig.tight_layout()

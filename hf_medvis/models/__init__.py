@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .arguments import ClassifierModelArguments, MAEModelArguments, ModelArguments
 from .build import build_image_processor, build_mae_model, count_parameters, load_presets, resolve_normalization
-from .transfer import LabelSet, LoadReport, build_classifier, load_classifier
+from .transfer import LabelSet, LoadReport, build_classifier, load_classifier, load_config
 
 TASKS = ("mae", "classification")
 
@@ -72,7 +72,7 @@ def input_image_size(model_args: ModelArguments) -> int:
         return model_args.image_size
     if model_args.model_name_or_path:
         try:
-            config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+            config = load_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
             return int(config.image_size)
         except (OSError, ValueError, AttributeError):
             pass  # building the model reports the real problem with the checkpoint
@@ -91,5 +91,6 @@ __all__ = [
     "count_parameters",
     "input_image_size",
     "load_classifier",
+    "load_config",
     "resolve_normalization",
 ]

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTForImageClassification
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from .build import ModelSetupError, apply_config_overrides, first_line, load_presets
+from .modeling_hf_medvis_vit import MODEL_TYPE, MeanPoolViTConfig, MeanPoolViTForImageClassification
 from .weights import own_load_report
 
 logger = logging.getLogger(__name__)
@@ -31,32 +31,24 @@ _ENCODER_FIELDS = (
 )  # fmt: skip
 
 
-class MeanPoolViTForImageClassification(ViTForImageClassification):
-    """Global average pooling of the patch tokens (the MAE fine-tuning default) instead of the CLS token.
-
-    Saved folders record ``pooling: "mean"`` in config.json; load them with ``load_classifier``. Plain
-    ``ViTForImageClassification`` would read the CLS token instead.
-    """
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        **kwargs: Any,
-    ) -> ImageClassifierOutput:
-        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        logits = self.classifier(outputs.last_hidden_state[:, 1:, :].mean(dim=1))
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-
-
 def classifier_class(pooling: str) -> type[ViTForImageClassification]:
+    """``pooling`` "cls": transformers' ``ViTForImageClassification`` (saved as a plain ``vit`` that loads anywhere);
+    "mean": ``MeanPoolViTForImageClassification`` (saved as ``hf_medvis_vit`` with its code, see
+    ``modeling_hf_medvis_vit``)."""
     if pooling not in POOLINGS:
         raise ModelSetupError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
     return MeanPoolViTForImageClassification if pooling == "mean" else ViTForImageClassification
+
+
+def pooled_config(config: ViTConfig, pooling: str) -> ViTConfig:
+    """``config`` for ``pooling``'s classifier: a plain ``ViTConfig`` stays one for "cls"; "mean" makes it a
+    ``MeanPoolViTConfig`` (model_type ``hf_medvis_vit``) with the same fields. config.json records the pooling."""
+    if pooling == "mean" and not isinstance(config, MeanPoolViTConfig):
+        fields = config.to_dict()
+        fields.pop("model_type", None)
+        config = MeanPoolViTConfig.from_dict(fields)
+    config.pooling = pooling
+    return config
 
 
 @dataclass
@@ -121,12 +113,22 @@ class LabelSet(Protocol):
     problem_type: str  # "multi_label_classification" or "single_label_classification"
 
 
-def _label_config(config: ViTConfig, spec: LabelSet, pooling: str) -> None:
+def _label_config(config: ViTConfig, spec: LabelSet) -> None:
     config.num_labels = len(spec.names)
     config.id2label = dict(enumerate(spec.names))
     config.label2id = {name: i for i, name in enumerate(spec.names)}
     config.problem_type = spec.problem_type
-    config.pooling = pooling
+
+
+def load_config(
+    model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None
+) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained``, except that our mean-pooled classifiers (model_type ``hf_medvis_vit``) load with
+    our own config class, without running the code saved in their folder. Raises what AutoConfig raises."""
+    config_dict, _ = PretrainedConfig.get_config_dict(model_name_or_path, cache_dir=cache_dir)
+    if config_dict.get("model_type") == MODEL_TYPE:
+        return MeanPoolViTConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+    return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
 def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
@@ -134,14 +136,12 @@ def _source_config(model_name_or_path: str, trust_remote_code: bool, cache_dir: 
     if local.exists() and not (local / "config.json").is_file():
         raise ModelSetupError(f"--model_name_or_path: {model_name_or_path} has no config.json (not a model folder)")
     try:
-        config = AutoConfig.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir
-        )
+        config = load_config(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
         raise ModelSetupError(
             f"--model_name_or_path: cannot load a config from {model_name_or_path}: {first_line(err)}"
         ) from None
-    if config.model_type not in ("vit", "vit_mae"):
+    if config.model_type not in ("vit", "vit_mae", MODEL_TYPE):
         raise ModelSetupError(
             f"--model_name_or_path: {model_name_or_path} is a '{config.model_type}' model; a ViT or ViT-MAE is needed"
         )
@@ -210,16 +210,20 @@ def build_classifier(
         num_channels=num_channels,
         overrides=config_overrides,
     )
+    config = pooled_config(config, pooling)
     config.hidden_dropout_prob = hidden_dropout_prob
     config.attention_probs_dropout_prob = attention_probs_dropout_prob
-    _label_config(config, spec, pooling)
+    _label_config(config, spec)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     model = cls(config)
     if source is None:
         return model, LoadReport(source=f"preset {preset}", source_type="new")
 
-    report = LoadReport(source=model_name_or_path, source_type=source.model_type)
+    # A mean-pooled classifier of ours is a ViT checkpoint like any other.
+    report = LoadReport(
+        source=model_name_or_path, source_type="vit" if source.model_type == MODEL_TYPE else source.model_type
+    )
     # Load at the checkpoint's own image size first: from_pretrained then maps legacy parameter names (ViTMAE still uses
     # "encoder.layer.N.attention.attention.query"; transformers 5 ViT uses "layers.N.attention.q_proj"), adds the
     # "vit." prefix for bare encoders, and reports missing / unexpected / mismatched keys.
@@ -267,10 +271,12 @@ def _key(entry: Any) -> str:
 
 
 def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:
-    """A fine-tuned classifier folder (as written by the recipe), with its pooling."""
+    """A fine-tuned classifier folder (as written by the recipe, or a checkpoint-N of it), with its pooling: a plain
+    ``vit`` (CLS token), an ``hf_medvis_vit`` (mean of the patch tokens; loaded with our class, not the code saved
+    beside it), or an older ``vit`` folder that records ``pooling: "mean"``."""
     config = _source_config(model_dir, kwargs.pop("trust_remote_code", False), kwargs.get("cache_dir"))
     if (
-        config.model_type != "vit"
+        config.model_type not in ("vit", MODEL_TYPE)
         or not getattr(config, "id2label", None)
         or config.architectures is None
         or not any("ImageClassification" in a for a in config.architectures)
@@ -278,7 +284,10 @@ def load_classifier(model_dir: str, **kwargs: Any) -> ViTForImageClassification:
         raise ModelSetupError(
             f"{model_dir} is not a fine-tuned ViT classifier (config.json has no classification head)"
         )
-    cls = classifier_class(getattr(config, "pooling", "cls"))
+    pooling = "mean" if config.model_type == MODEL_TYPE else getattr(config, "pooling", "cls")
+    if pooling == "mean" and config.model_type != MODEL_TYPE:  # an older folder: "vit" with pooling "mean"
+        kwargs["config"] = pooled_config(config, pooling)
+    cls = classifier_class(pooling)
     try:
         return cls.from_pretrained(model_dir, use_safetensors=True, **kwargs)
     except OSError as err:

@@ -65,6 +65,7 @@ def mae_model_card(
     data_info: dict,
     lr_line: str,
     metrics: dict,
+    synthetic: bool = False,
 ) -> str:
     config = model.config
     architecture = {
@@ -91,16 +92,21 @@ def mae_model_card(
     results = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items() if k != "global_step"}
     return render_model_card(
         title="ViT-MAE pretrained with hf_medvis",
-        summary="A Masked Autoencoder (`ViTMAEForPreTraining`) pretrained on chest X-ray images with "
+        summary=f"A Masked Autoencoder (`ViTMAEForPreTraining`) pretrained on {data_description} with "
         "hf_medvis. Load the encoder into `ViTForImageClassification` to fine-tune; "
         "`reconstructions.png` shows masked reconstructions of held-out images.",
         metadata={
             "library_name": "transformers",
             "license": "apache-2.0",
-            "tags": ["vit-mae", "masked-autoencoder", "medical-imaging", "chest-x-ray", "hf_medvis"],
+            "tags": ["vit-mae", "masked-autoencoder", "medical-imaging", "chest-x-ray", "hf_medvis"]
+            + (["synthetic-data"] if synthetic else []),
             "base_model": hub_model_id(model_args.model_name_or_path),
         },
-        sections={"Architecture": architecture, "Training": training, "Results": results or "No evaluation was run."},
+        sections={
+            "Architecture": architecture,
+            "Training": training,
+            "Results (held-out images, not trained on)": results or "No evaluation was run.",
+        },
     )
 
 
@@ -120,8 +126,13 @@ def classifier_model_card(
     load_report: LoadReport,
     lr_line: str,
     metrics: dict,
+    checkpoint: dict | None = None,
+    synthetic: bool = False,
 ) -> str:
-    """A model card with Hub metadata (base model, datasets, metrics with CIs in model-index) and no patient data."""
+    """A model card with Hub metadata (base model, datasets, metrics with CIs in model-index) and no patient data.
+
+    ``checkpoint``: which weights were kept (``kept_checkpoint_note``). Every number names its split; the test-patient
+    results are added by ``hf-medvis evaluate --model DIR`` (``evaluation.card_results``)."""
     config = model.config
     task = "multi-label" if spec.multi_label else "multi-class"
     headline = "auroc_macro" if spec.multi_label or "accuracy" not in metrics else "accuracy"
@@ -138,7 +149,7 @@ def classifier_model_card(
                     task_type="image-classification",
                     dataset_type=dataset_id or "private",
                     dataset_name=dataset_name,
-                    dataset_split="validation (held-out patients)",
+                    dataset_split="validation",
                     metric_type=metric_type,
                     metric_value=round(float(metrics[key]), 4),
                     metric_name=f"{key}{ci}",
@@ -161,7 +172,10 @@ def classifier_model_card(
         )
     )
     architecture = {
-        "model": f"ViTForImageClassification ({config.pooling if hasattr(config, 'pooling') else 'cls'} pooling)",
+        "model": "MeanPoolViTForImageClassification (mean of the patch tokens; custom code shipped in this folder, "
+        "load with `trust_remote_code=True`)"
+        if getattr(config, "pooling", "cls") == "mean"
+        else "ViTForImageClassification (CLS token)",
         "encoder": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
         "patch size / image size / channels": f"{config.patch_size} / {config.image_size} / {config.num_channels}",
         "parameters": f"{count_parameters(model):,}",
@@ -183,7 +197,24 @@ def classifier_model_card(
         "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
         "precision": precision_name(training_args),
         "steps": metrics.get("global_step", "?"),
+        "weights kept": kept_checkpoint_note(checkpoint, metrics.get("global_step")),
     }
+    validation = (
+        "the `--validation_data` set"
+        if data_args.validation_data
+        else f"a patient-disjoint holdout of {data_args.validation_split_percentage:g}% of the training patients"
+    )
+    chose = bool(checkpoint and checkpoint.get("best_checkpoint") and checkpoint.get("load_best"))
+    results_note = (
+        f"Validation split: {validation} ({data_info.get('eval_images', 0)} images, {data_info.get('eval_patients', 0)}"
+        " patients), 95% CIs from a patient-level bootstrap."
+        + (
+            " The same split chose the checkpoint kept, so these figures are optimistic; the held-out test result"
+            " (below, once `hf-medvis evaluate --model` has run) is the one to quote."
+            if chose
+            else ""
+        )
+    )
     results = {k: _metric(v) for k, v in metrics.items() if k.startswith(("auroc", "ap_", "f1", "accuracy"))}
     usage = (
         '```python\nfrom hf_medvis.evaluation import Predictor\n\npredictor = Predictor("path/or/hub-id")\n'
@@ -194,12 +225,14 @@ def classifier_model_card(
     return render_model_card(
         title=f"ViT chest X-ray classifier ({task}) fine-tuned with hf_medvis",
         summary=f"A `ViTForImageClassification` fine-tuned for {task} classification of chest X-rays "
-        f"({', '.join(spec.names)}). Headline: {headline} on held-out patients.",
+        f"({', '.join(spec.names)}) on {data_description}. Validation {headline} below; test-patient results are "
+        "added by `hf-medvis evaluate --model`.",
         metadata={
             "library_name": "transformers",
             "license": "apache-2.0",
             "pipeline_tag": "image-classification",
-            "tags": ["vit", "image-classification", "medical-imaging", "chest-x-ray", "hf_medvis", task],
+            "tags": ["vit", "image-classification", "medical-imaging", "chest-x-ray", "hf_medvis", task]
+            + (["synthetic-data"] if synthetic else []),
             "base_model": base,
             "datasets": [dataset_id] if dataset_id else None,
             "metrics": sorted({r.metric_type for r in eval_results}) or None,
@@ -211,9 +244,20 @@ def classifier_model_card(
         sections={
             "Architecture": architecture,
             "Training": training,
-            "Results (held-out patients)": results or "No evaluation was run.",
+            "Validation results": f"{results_note}\n\n{_table(results)}" if results else "No evaluation was run.",
             "How to use": usage,
         },
+    )
+
+
+def kept_checkpoint_note(checkpoint: dict | None, global_step: Any) -> str:
+    """Which weights the folder holds, and why: the last step, or the best checkpoint by the validation metric."""
+    if not checkpoint or not checkpoint.get("best_checkpoint") or not checkpoint.get("load_best"):
+        return f"the last step ({global_step})"
+    name = Path(checkpoint["best_checkpoint"]).name
+    return (
+        f"{name} of {global_step} steps: best validation {checkpoint['metric']} ({checkpoint['best_metric']:.4f}) "
+        "among the evaluated checkpoints (load_best_model_at_end)"
     )
 
 

@@ -2,8 +2,9 @@
 
 Spot / low-priority nodes get SIGTERM shortly before eviction (torchrun and accelerate forward it to every worker and
 SIGKILL them ~30 s later). ``PreemptionCallback`` turns the signal into "save now, stop" at the next optimizer step; all
-ranks agree on it (one tiny all-reduce per step) so no rank waits in a collective the others left. The recipe then calls
-``exit_if_preempted`` and the job's next attempt runs the same command with ``--resume_from_checkpoint last``.
+ranks agree on it (one tiny all-reduce per step; on CUDA read one step later, so it never drains the device queue) so
+no rank waits in a collective the others left. The recipe then calls ``exit_if_preempted`` and the job's next attempt
+runs the same command with ``--resume_from_checkpoint last``.
 
 A checkpoint folder counts only once it holds ``checkpoint_complete.json``, written by rank 0 after every rank has
 finished writing (``CheckpointCommitCallback``, installed last by ``MedVisTrainer``). A crash or SIGKILL mid-save leaves a
@@ -93,6 +94,7 @@ class PreemptionCallback(TrainerCallback):
         self.received: int | None = None  # signal number, set by the handler
         self.stopped_at: int | None = None  # global step of the preemption checkpoint
         self._previous: dict[int, object] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None  # CUDA: last step's all-reduced flag, on its way
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: the handler runs between two Python bytecodes, possibly inside a collective.
@@ -108,12 +110,25 @@ class PreemptionCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _any_rank_received(self, args: TrainingArguments) -> bool:
+        """Whether any rank has the signal: the same answer on every rank at the same step. On CUDA the answer is the
+        previous step's all-reduce, copied to pinned memory: reading it waits for the device to finish that step only,
+        while this step's work stays queued (reading this step's value would drain the queue every step)."""
         flag = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            tensor = torch.tensor([1.0 if flag else 0.0], device=args.device)
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        tensor = torch.full((1,), 1.0 if flag else 0.0, device=args.device)  # a fill, not a host-to-device copy
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        if tensor.device.type != "cuda":
+            return bool(tensor.item())  # a CPU tensor (gloo): nothing to wait for
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        previous, self._pending = self._pending, (done, host)
+        if previous is None:
+            return False
+        previous[0].synchronize()
+        return bool(previous[1].item())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.stopped_at is None and self._any_rank_received(args):
@@ -130,6 +145,7 @@ class PreemptionCallback(TrainerCallback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        self._pending = None
 
 
 _PARENT_EXITING = None  # shared-memory flag, set when this (training) process shuts down normally

@@ -16,6 +16,7 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from ..data.labels import MULTI_LABEL
+from ..data.stream_plan import rank_batch_counts
 from ..data.streaming import StreamDataLoader, stream_control
 from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
 from ..models.param_groups import vit_param_groups
@@ -29,28 +30,71 @@ logger = logging.getLogger(__name__)
 
 
 class _RanksStopTogether(StreamDataLoader):
-    """The DataLoader of one rank's share of a shard stream, ending the epoch on every rank as soon as one rank runs out.
+    """The DataLoader of one rank's share of a shard stream, ending the epoch on every rank after the same number of
+    batches: the fewest any rank has.
 
     Ranks must take the same number of optimizer steps per epoch, or DDP's gradient all-reduce waits forever. Their
     shares can differ by a batch or more (a short last shard, shards that do not divide among ranks or workers, each
-    worker's partial last batch), so before every batch the ranks agree (all-reduce MIN of "I have one") whether all of
-    them have one; the samples left on the longer ranks are not seen in that epoch. This only truncates the end of the
-    epoch, so the batches consumed before a checkpoint are still a prefix of each rank's deterministic stream, which is
-    what StreamStateCallback replays on resume."""
+    worker's partial last batch). Every rank computes every rank's count from the manifest (``stream_plan``: shard
+    sizes, world size, workers, batch size, drop_last, the resumed position) and stops after the smallest: no
+    communication and no host sync while the epoch runs. The samples left on the longer ranks are not seen in that
+    epoch. This only truncates the end of the epoch, so the batches consumed before a checkpoint are still a prefix of
+    each rank's deterministic stream, which is what StreamStateCallback replays on resume.
 
-    def __init__(self, *args: Any, sync_device: torch.device, **kwargs: Any) -> None:
+    A count that could be wrong fails loudly instead of hanging: a rank whose loader runs out before the agreed count
+    raises (torchrun then stops the others), and so does the shortest rank when its loader has a batch left over.
+
+    Where the count cannot be known in advance, the ranks agree before every batch instead (all-reduce MIN of "I have
+    one"; on the CPU with a gloo process group, a device sync per batch with NCCL): with ``skip_bad_shards`` a shard
+    found unreadable while training shrinks one rank's share by a number no other rank can know, and a stream cut by
+    ``--max_train_samples`` (``take``) splits its samples among ranks and workers its own way."""
+
+    def __init__(self, *args: Any, agree_on: torch.device | None = None, **kwargs: Any) -> None:
+        """``agree_on``: the device of the per-batch agreement; None: stop after the computed count."""
         super().__init__(*args, **kwargs)
-        self.sync_device = sync_device
+        self.agree_on = agree_on
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
-        while True:
+        if self.agree_on is not None:
+            yield from _agree_each_batch(batches, self.agree_on)
+            return
+        control, epoch = self.stream, self.dataset.epoch
+        options = {"batch_size": self.batch_size, "num_workers": self.num_workers, "drop_last": self.drop_last}
+        counts = rank_batch_counts(control, epoch=epoch, **options)
+        stop, own = min(counts), counts[control.rank]
+        if control.rank == 0 and stop < max(counts):
+            logger.info("stream epoch %d: ranks deliver %s batches; every rank stops after %d", epoch, counts, stop)
+        for index in range(stop):
             batch = next(batches, None)
-            have = torch.tensor([0 if batch is None else 1], device=self.sync_device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if not have.item():
-                return
+            if batch is None:
+                raise RuntimeError(
+                    f"rank {control.rank}'s shard stream ended after {index} batches of the {own} computed for it "
+                    f"(every rank stops after {stop}): the manifest's sample counts or this datasets version's split "
+                    "do not match the plan (stream_plan.py); stopping rather than leaving the other ranks waiting"
+                )
             yield batch
+        if own == stop and next(batches, None) is not None:
+            raise RuntimeError(
+                f"rank {control.rank}'s shard stream has more than the {own} batches computed for it: the manifest's "
+                "sample counts or this datasets version's split do not match the plan (stream_plan.py)"
+            )
+
+
+def _agree_each_batch(batches: Iterator[Any], device: torch.device) -> Iterator[Any]:
+    while True:
+        batch = next(batches, None)
+        have = torch.full((1,), 0 if batch is None else 1, device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not have.item():
+            return
+        yield batch
+
+
+def _agreement_device(args: Any) -> torch.device:
+    """The CPU when the process group has a CPU backend (gloo): the per-batch agreement then never waits for the device."""
+    backend = str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else ""
+    return torch.device("cpu") if "gloo" in backend else args.device
 
 
 class MedVisTrainer(Trainer):
@@ -71,6 +115,7 @@ class MedVisTrainer(Trainer):
         self.train_augment = train_augment
         self.sample_augmentation = sample_augmentation
         self._deferred_rng_checkpoint: str | None = None
+        self._parameter_count: int | None = None  # floating_point_ops
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
             logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
@@ -166,7 +211,12 @@ class MedVisTrainer(Trainer):
             "drop_last": args.dataloader_drop_last,
         }
         if args.world_size > 1:
-            return _RanksStopTogether(self.train_dataset, sync_device=args.device, **options)
+            # skip_bad_shards: a shard skipped at read time changes one rank's count, so those runs keep the per-batch
+            # agreement; so does a stream cut by take() (--max_train_samples), which the plan does not model.
+            planned = getattr(self.train_dataset, "batch_plan", False) and not control.skip_bad_shards
+            return _RanksStopTogether(
+                self.train_dataset, agree_on=None if planned else _agreement_device(args), **options
+            )
         return StreamDataLoader(self.train_dataset, **options)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -210,6 +260,16 @@ class MedVisTrainer(Trainer):
                 inputs["pixel_values"] = normalize_batch(pixel_values, self.image_mean, self.image_std, num_channels)
         return inputs
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        # The Trainer's estimate (6 x input elements x parameters) walks every module and parameter of the model each
+        # step to count the parameters, which do not change: count them once.
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # push_to_hub() calls this and would overwrite README.md with a generic card.
         if self.model_card_writer is not None and self.is_world_process_zero():
@@ -228,6 +288,7 @@ class ClassificationTrainer(MedVisTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.pos_weight = pos_weight
+        self._pos_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.layer_decay = layer_decay
         self.can_return_loss = False  # the loss needs labels; Trainer's label handling applies
 
@@ -243,10 +304,20 @@ class ClassificationTrainer(MedVisTrainer):
         outputs = model(**inputs)
         logits = outputs.logits
         if self.model.config.problem_type == MULTI_LABEL:  # self.model: `model` may be wrapped (DDP, DeepSpeed)
-            pos_weight = self.pos_weight.to(logits.device, logits.dtype) if self.pos_weight is not None else None
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels.to(logits.dtype), pos_weight=pos_weight
+            pos_weight = None
+            if self.pos_weight is not None:  # copied to the device once: a copy every step would sync the host with it
+                key = (logits.device, logits.dtype)
+                if key not in self._pos_weights:
+                    self._pos_weights[key] = self.pos_weight.to(*key)
+                pos_weight = self._pos_weights[key]
+            # BCE over the known labels only: -1 marks an unknown one (CheXpert's uncertain under U-Ignore). Masked
+            # rather than branched, so no step waits on the host to look at the labels.
+            labels = labels.to(logits.dtype)
+            known = (labels >= 0).to(logits.dtype)
+            per_label = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels.clamp(min=0), pos_weight=pos_weight, reduction="none"
             )
+            loss = (per_label * known).sum() / known.sum().clamp(min=1)
         else:
             loss = torch.nn.functional.cross_entropy(
                 logits, labels.long(), label_smoothing=self.args.label_smoothing_factor

@@ -1,0 +1,85 @@
+"""``hf-medvis evaluate --model DIR`` writes its held-out result into DIR's model card: Hub metadata (``model-index``,
+split ``test``, with the patient-bootstrap CI) and a text section. Re-running replaces that result; the validation
+figures the recipe wrote stay, named as validation. Nothing identifying goes in: counts and metrics only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard
+
+from ..data.labels import LabelSpec
+from ..data.storage import write_text_atomic
+from .metrics import format_metrics_table
+
+TEST_SPLIT = "test"
+BEGIN, END = "<!-- hf-medvis evaluate: begin -->", "<!-- hf-medvis evaluate: end -->"
+LIMITATIONS = "## Intended use and limitations"
+HEADLINES = (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", "average_precision"))
+
+
+def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str) -> list[EvalResult]:
+    results = []
+    for key, metric_type in HEADLINES:
+        if metrics.get(key) is None:
+            continue
+        ci = ""
+        if metrics.get(f"{key}_ci95_low") is not None:
+            ci = f" (95% CI {metrics[f'{key}_ci95_low']:.3f}-{metrics[f'{key}_ci95_high']:.3f}, patient bootstrap)"
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=TEST_SPLIT,
+                metric_type=metric_type,
+                metric_value=round(float(metrics[key]), 4),
+                metric_name=f"{key}{ci}",
+            )
+        )
+    return results
+
+
+def record_test_results(
+    model_dir: str | Path,
+    metrics: dict[str, Any],
+    spec: LabelSpec,
+    *,
+    images: int,
+    patients: int,
+    data_description: str,
+    dataset_id: str | None = None,
+) -> Path:
+    """Adds (or replaces) the test result in ``model_dir``'s README.md; returns its path."""
+    path = Path(model_dir) / "README.md"
+    card = ModelCard.load(path) if path.is_file() else ModelCard("---\nlibrary_name: transformers\n---\n")
+    name = f"held-out test patients ({data_description})"
+    kept = [r for r in (card.data.eval_results or []) if r.dataset_split != TEST_SPLIT]
+    card.data.eval_results = kept + _eval_results(metrics, name, dataset_id or "private")
+    if card.data.eval_results and not card.data.model_name:
+        card.data.model_name = Path(model_dir).resolve().name
+    section = "\n".join(
+        [
+            BEGIN,
+            "## Test results (`hf-medvis evaluate`)",
+            "",
+            f"{images} images of {patients} held-out patients ({data_description}), never used for training or for "
+            "choosing the checkpoint; 95% CIs from a patient-level bootstrap.",
+            "",
+            "```",
+            format_metrics_table(metrics, spec),
+            "```",
+            END,
+        ]
+    )
+    text = card.text
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    elif LIMITATIONS in text:
+        text = text.replace(LIMITATIONS, f"{section}\n\n{LIMITATIONS}", 1)
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n"
+    content = f"---\n{card.data.to_yaml()}\n---\n{text}"
+    write_text_atomic(path, content)
+    return path
