@@ -44,7 +44,7 @@ from hf_medvis.training.callbacks import build_recipe_callbacks
 from hf_medvis.training.cards import classifier_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.preemption import exit_if_preempted
-from hf_medvis.training.run import log_environment, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.run import log_environment, match_model_to_data, prepare_run, recipe_errors, setup_logging
 from hf_medvis.training.trainer import ClassificationTrainer
 
 logger = logging.getLogger("finetune_vit")
@@ -80,8 +80,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         built = build_model(model_args, task="classification", labels=spec)
         model, load_report = built.model, built.load_report
         mean, std = resolve_normalization(
-            model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
+            model_args.model_name_or_path,
+            model.config.num_channels,
+            data_args.image_mean,
+            data_args.image_std,
+            data_stats=data.normalization,
         )
+        match_model_to_data(model.config, data.image_input)
         pos_weight = None
         if data_args.pos_weight and spec.multi_label:
             pos_weight = torch.from_numpy(positive_class_weights(data.train, spec))

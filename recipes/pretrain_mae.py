@@ -33,7 +33,14 @@ from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.outputs import disable_evaluation_without_data
 from hf_medvis.training.preemption import exit_if_preempted
-from hf_medvis.training.run import configure_stream_loading, log_environment, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.run import (
+    configure_stream_loading,
+    log_environment,
+    match_model_to_data,
+    prepare_run,
+    recipe_errors,
+    setup_logging,
+)
 from hf_medvis.training.trainer import MedVisTrainer
 
 logger = logging.getLogger("pretrain_mae")
@@ -55,13 +62,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # 2. Model: a checkpoint or a fresh preset architecture.
         model = build_model(model_args, task="mae").model
         image_size = model.config.image_size
-        mean, std = resolve_normalization(
-            model_args.model_name_or_path, model.config.num_channels, data_args.image_mean, data_args.image_std
-        )
 
-        # 3. Data: uint8 crops from the workers (drawn per sample); normalisation happens on the device.
+        # 3. Data: uint8 crops from the workers (drawn per sample); normalisation happens on the device, with the
+        # checkpoint's statistics, else the prepared shards' own, else X-ray defaults.
         with training_args.main_process_first(desc="preparing data"):
             data = build_datasets(data_args, task="mae", image_size=image_size, seed=training_args.seed)
+        mean, std = resolve_normalization(
+            model_args.model_name_or_path,
+            model.config.num_channels,
+            data_args.image_mean,
+            data_args.image_std,
+            data_stats=data.normalization,
+        )
+        match_model_to_data(model.config, data.image_input)
         configure_stream_loading(training_args, data.train)
         disable_evaluation_without_data(training_args, data.eval)
     logger.info(

@@ -14,6 +14,7 @@ from .folder import only_listed_images
 from .labelled import build_labelled_data
 from .labels import LabelSpec
 from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .streaming import find_manifest
 from .transforms import (
     DeviceRandomResizedCrop,
     SeededAugmentation,
@@ -38,6 +39,10 @@ class Datasets:
     split_report: dict[str, Any] | None = None  # classification split by the recipe: counts per split and class
     augmentation: SeededAugmentation | None = None  # per-sample crops in the workers; the Trainer sets its epoch
     device_augmentation: DeviceRandomResizedCrop | None = None  # MAE --augment_on_device: crops on the accelerator
+    normalization: dict[str, list[float]] | None = None  # prepared shards: per-channel mean/std of their pixels
+    # How the images were read when not plain grey: {"channels": 3, "windows": [[center, width], ...] or []};
+    # recorded in the model's config so that `hf-medvis predict` and evaluate read new images the same way.
+    image_input: dict[str, Any] | None = None
 
 
 def build_datasets(
@@ -46,11 +51,20 @@ def build_datasets(
     """``task`` "mae" (``MAEDataArguments``): uint8 crops for masked-autoencoder pretraining, labels not needed.
     "classification" (``ClassificationDataArguments``): labelled images split by patient (``labelled.py``);
     ``label_names`` fixes the classes and their order."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
     if task == "classification":
-        return _classification_datasets(data_args, image_size, seed, label_names)
-    if task == "mae":
-        return _mae_datasets(data_args, image_size, seed)
-    raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+        data = _classification_datasets(data_args, image_size, seed, label_names)
+    else:
+        data = _mae_datasets(data_args, image_size, seed)
+    found = find_manifest(data_args.train_data, data_args.parsed_storage_options()) if data_args.train_data else None
+    if found is not None:  # prepared shards say what they hold
+        preprocessing = found[1]["preprocessing"]
+        data.normalization = found[1].get("normalization")
+        windows = [list(w) for w in preprocessing.get("windows") or []]
+        if int(preprocessing.get("channels", 1)) == 3 or windows:
+            data.image_input = {"channels": int(preprocessing.get("channels", 1)), "windows": windows}
+    return data
 
 
 def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Datasets:

@@ -45,14 +45,53 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+# Named CT windows, (center, width) in Hounsfield units (common radiology presets).
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "liver": (60.0, 160.0),
+}
+
+
+def parse_windows(windows: Any) -> list[tuple[float, float]] | None:
+    """Window names (``CT_WINDOWS``), ``(center, width)`` pairs or ``"center,width"`` strings -> pairs."""
+    if windows is None:
+        return None
+    pairs = []
+    for item in windows:
+        if isinstance(item, str) and item in CT_WINDOWS:
+            pairs.append(CT_WINDOWS[item])
+        elif isinstance(item, str) and item.count(",") == 1:
+            center, width = (float(v) for v in item.split(","))
+            pairs.append((center, width))
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            pairs.append((float(item[0]), float(item[1])))
+        else:
+            raise ValueError(
+                f"window {item!r}: use a name ({', '.join(CT_WINDOWS)}) or 'center,width' in Hounsfield units"
+            )
+    if not pairs:
+        raise ValueError("windows: give at least one window")
+    return pairs
+
+
 def read_image(
     src: str | os.PathLike | bytes,
     *,
     window: str | tuple[float, float] | None = "auto",
     frame: int | None = None,
     storage_options: dict | None = None,
+    channels: int = 1,
+    windows: Any = None,
 ) -> np.ndarray:
-    """Reads one image into a 2-D float32 array in [0, 1], higher = brighter (as MONOCHROME2).
+    """Reads one image into a float32 array in [0, 1], higher = brighter (as MONOCHROME2): [H, W] with ``channels=1``,
+    [H, W, 3] with ``channels=3`` (colour kept: RGB/YBR/palette DICOM, colour PNG/JPEG/TIFF; grey images
+    replicated), [H, W, len(windows)] with ``windows`` (one channel per CT window, from the Hounsfield units of a CT
+    DICOM: names in ``CT_WINDOWS`` or ``(center, width)`` pairs).
 
     ``src`` is a local path, an fsspec URL (``az://``, ``abfs://``, ``file://``, ...; credentials from
     ``storage_options`` or the environment) or the file's bytes. The format is recognised by content, not by extension.
@@ -65,6 +104,9 @@ def read_image(
     """
     if window is not None and window != "auto" and not (isinstance(window, tuple) and len(window) == 2):
         raise ValueError(f"window must be 'auto', None or (center, width), got {window!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    pairs = parse_windows(windows)
     try:
         data = _read_bytes(src, storage_options)
     except FileNotFoundError:
@@ -74,12 +116,17 @@ def read_image(
     if not data:
         raise ImageDecodeError(src, "empty file (0 bytes)")
     name = "" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src).lower().split("?", 1)[0]
+    colour = channels == 3 and pairs is None
     if _is_dicom(data):
-        image = _decode_dicom(src, data, window=window, frame=frame)
+        image = _decode_dicom(src, data, window=window, frame=frame, colour=colour, windows=pairs)
     elif _looks_like_raster(data) or not name.endswith((".dcm", ".dicom")):
-        image = _decode_raster(src, data)
+        if pairs is not None:
+            raise ImageDecodeError(src, "CT windows need a DICOM image with Hounsfield units, not a raster image")
+        image = _decode_raster(src, data, colour=colour)
     else:  # a .dcm without the 128-byte preamble + "DICM" (old ACR-NEMA style files): parse it leniently
-        image = _decode_dicom(src, data, window=window, frame=frame, strict=False)
+        image = _decode_dicom(src, data, window=window, frame=frame, strict=False, colour=colour, windows=pairs)
+    if colour and image.ndim == 2:  # a grey image where colour was asked for: the same grey in each channel
+        image = np.repeat(image[..., None], 3, axis=2)
     if not np.isfinite(image).all():  # NaN would otherwise become black pixels, silently
         raise ImageDecodeError(src, "non-finite pixel values (NaN or Inf)")
     return image
@@ -98,12 +145,14 @@ def looks_like_image(head: bytes) -> bool:
     return _is_dicom(head) or _looks_like_raster(head)
 
 
-def _decode_raster(src: Any, data: bytes) -> np.ndarray:
+def _decode_raster(src: Any, data: bytes, colour: bool = False) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             # Camera/scanner JPEGs may store orientation in EXIF; display orientation is what we promise.
             im = ImageOps.exif_transpose(im)
+            if colour and im.mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F", "1"):
+                return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # RGBA, P, CMYK, YCbCr, LAB ...
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float32)
                 scale = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
@@ -165,11 +214,18 @@ def _check_decoder(src: Any, ds: pydicom.Dataset) -> None:
 
 
 def _decode_dicom(
-    src: Any, data: bytes, *, window: str | tuple[float, float] | None, frame: int | None, strict: bool = True
+    src: Any,
+    data: bytes,
+    *,
+    window: str | tuple[float, float] | None,
+    frame: int | None,
+    strict: bool = True,
+    colour: bool = False,
+    windows: list[tuple[float, float]] | None = None,
 ) -> np.ndarray:
     ds = read_dicom_header(data, src, strict=strict)
     try:
-        return _decode_dicom_dataset(src, ds, window=window, frame=frame)
+        return _decode_dicom_dataset(src, ds, window=window, frame=frame, colour=colour, windows=windows)
     except ImageDecodeError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
@@ -178,7 +234,13 @@ def _decode_dicom(
 
 
 def _decode_dicom_dataset(
-    src: Any, ds: pydicom.Dataset, *, window: str | tuple[float, float] | None, frame: int | None
+    src: Any,
+    ds: pydicom.Dataset,
+    *,
+    window: str | tuple[float, float] | None,
+    frame: int | None,
+    colour: bool = False,
+    windows: list[tuple[float, float]] | None = None,
 ) -> np.ndarray:
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -208,7 +270,10 @@ def _decode_dicom_dataset(
         or photometric in ("RGB", "PALETTE COLOR")
         or photometric.startswith("YBR")
     ):
-        return _colour_to_luminance(ds, pixels, photometric)
+        if windows is not None:
+            raise ImageDecodeError(src, f"CT windows need a monochrome CT image, not {photometric}")
+        rgb = _colour_to_rgb(ds, pixels, photometric)
+        return rgb if colour else _luminance(rgb)
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     if not np.isfinite(values).all():
@@ -217,6 +282,13 @@ def _decode_dicom_dataset(
             f"non-finite pixel values after the modality LUT (RescaleSlope {ds.get('RescaleSlope', 1)!s}, "
             f"RescaleIntercept {ds.get('RescaleIntercept', 0)!s})",
         )
+    if windows is not None:
+        modality = str(getattr(ds, "Modality", "")).upper()
+        if modality != "CT":
+            raise ImageDecodeError(src, f"CT windows need a CT image in Hounsfield units (Modality is '{modality}')")
+        stacked = np.stack([_linear_window(values, c, w) for c, w in windows], axis=-1)
+        stacked = np.clip(stacked, 0.0, 1.0)
+        return (1.0 - stacked if photometric == "MONOCHROME1" else stacked).astype(np.float32)
     if isinstance(window, tuple):
         center, width = window
         values = _linear_window(values, float(center), float(width))
@@ -273,14 +345,17 @@ def _normalise_stored_range(values: np.ndarray, ds: pydicom.Dataset, pixels: np.
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
-def _colour_to_luminance(ds: pydicom.Dataset, pixels: np.ndarray, photometric: str) -> np.ndarray:
-
+def _colour_to_rgb(ds: pydicom.Dataset, pixels: np.ndarray, photometric: str) -> np.ndarray:
+    """[H, W, 3] float32 in [0, 1]."""
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)
         depth = 65535.0 if rgb.dtype.itemsize > 1 else 255.0
     else:
         rgb = pixels  # pydicom >= 3 already converts YBR pixel data to RGB in pixel_array
         depth = float(2 ** int(getattr(ds, "BitsStored", 8)) - 1)
-    rgb = rgb.astype(np.float32) / depth
+    return np.clip(rgb.astype(np.float32) / depth, 0.0, 1.0)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
     luminance = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     return np.clip(luminance, 0.0, 1.0).astype(np.float32)

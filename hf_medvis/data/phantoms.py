@@ -339,10 +339,14 @@ def write_phantom_dataset(
     return out
 
 
-def write_origin_marker(root: Path, **settings: int) -> None:
+def write_origin_marker(
+    root: Path,
+    description: str = "synthetic chest X-ray phantoms (hf-medvis demo-data), not patient images",
+    generator: str = f"hf_medvis phantoms v{PHANTOM_FORMAT_VERSION}",
+    **settings: int,
+) -> None:
     """``phantoms.json``: tells ``prepare``, the recipes and their cards that the images under ``root`` are synthetic."""
-    marker = {"synthetic": True, "generator": f"hf_medvis phantoms v{PHANTOM_FORMAT_VERSION}", **settings}
-    marker["description"] = "synthetic chest X-ray phantoms (hf-medvis demo-data), not patient images"
+    marker = {"synthetic": True, "generator": generator, "description": description, **settings}
     tmp = root / f".{ORIGIN_MARKER}.{os.getpid()}.tmp"  # ranks may race to write it
     tmp.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, root / ORIGIN_MARKER)

@@ -29,14 +29,17 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from . import shards as shard_format
 from . import storage
 from .dataset_card import dataset_card
+from .decode import parse_windows
 from .folder import DataSourceError, find_labels_file, iter_image_files
 from .label_formats import VIEW_ALIASES, LabelsFormat
 from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, parse_finding_labels, read_labels_table
@@ -115,10 +118,38 @@ def _write_shard(job: dict, fingerprint: str, rows: list[dict], quarantine: list
     }
     if rows:
         data = shard_format.encode_shard(rows, job["params"].class_names)
-        record.update(bytes=len(data), sha256=shard_format.sha256_hex(data))
+        record.update(bytes=len(data), sha256=shard_format.sha256_hex(data), pixel_stats=_pixel_stats(rows))
         storage.write_bytes_atomic(storage.join(dst, record["path"]), data, options)
     storage.write_bytes_atomic(storage.join(dst, shard_format.sidecar_name(index)), shard_format.dumps(record), options)
     return {**record, "resumed": False}
+
+
+def _pixel_stats(rows: list[dict]) -> dict:
+    """Per-channel sums of the stored pixels (scaled to [0, 1]): the manifest's normalisation statistics."""
+    total, total_sq, count = None, None, 0
+    for row in rows:
+        pixels = shard_format.stored_pixels(row)
+        values = pixels.reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[2]).astype(np.float64)
+        values /= 255.0 if pixels.dtype == np.uint8 else 65535.0
+        total = values.sum(axis=0) if total is None else total + values.sum(axis=0)
+        total_sq = (values**2).sum(axis=0) if total_sq is None else total_sq + (values**2).sum(axis=0)
+        count += values.shape[0]
+    return {"count": count, "sum": total.tolist(), "sum_sq": total_sq.tolist()}
+
+
+def _normalization(records: list[dict]) -> dict | None:
+    """Per-channel mean and std of every stored pixel (what the recipes normalise with by default); None when a shard
+    record predates the statistics."""
+    stats = [r["pixel_stats"] for r in records if r["samples"] > 0 and "pixel_stats" in r]
+    if len(stats) != sum(1 for r in records if r["samples"] > 0) or not stats:
+        return None
+    count = sum(s["count"] for s in stats)
+    mean = np.sum([s["sum"] for s in stats], axis=0) / count
+    var = np.sum([s["sum_sq"] for s in stats], axis=0) / count - mean**2
+    return {
+        "mean": [round(float(v), 4) for v in mean],
+        "std": [round(float(v), 4) for v in np.sqrt(np.maximum(var, 0))],
+    }
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -182,6 +213,8 @@ def prepare(
     dst_storage_options: dict | str | None = None,
     shard_format_name: str = "parquet",
     labels_format: LabelsFormat | None = None,
+    channels: int = 1,
+    windows: Sequence[Any] | None = None,
 ) -> dict:
     """Prepares shards from ``src`` into ``dst`` and returns the manifest (also written to ``dst/manifest.json``)."""
     if shard_format_name != "parquet":
@@ -190,6 +223,12 @@ def prepare(
         raise ValueError(f"--bits must be 8 or 16, got {bits}")
     if size < 16:
         raise ValueError(f"--size must be >= 16, got {size}")
+    pairs = tuple(parse_windows(windows) or ())
+    if channels not in (1, 3) or (pairs and len(pairs) not in (1, 3)):
+        raise ValueError(f"--channels must be 1 or 3 and --windows 1 or 3 windows, got {channels} and {len(pairs)}")
+    stored_channels = len(pairs) if pairs else channels
+    if stored_channels == 3 and bits != 8:
+        raise ValueError("colour and multi-window images are stored as 8-bit: use --bits 8")
     if shard_size < 1 or workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
     salt = resolve_salt(salt)
@@ -199,7 +238,14 @@ def prepare(
         dst, dst_storage_options if dst_storage_options is not None else storage_options
     )
     table, warnings = _read_labels(labels, src, labels_format)
-    params = PrepareParams(size=size, bits=bits, shard_size=shard_size, class_names=_class_names(table))
+    params = PrepareParams(
+        size=size,
+        bits=bits,
+        shard_size=shard_size,
+        class_names=_class_names(table),
+        channels=channels if not pairs else 1,
+        windows=pairs,
+    )
     storage.make_dirs(dst, out_options)
 
     matched: set[str] = set()
@@ -247,7 +293,8 @@ def prepare(
         "format": shard_format.FORMAT_NAME,
         "version": shard_format.FORMAT_VERSION,
         "shard_format": "parquet",
-        "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": 1},
+        "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": stored_channels},
+        "normalization": _normalization(records),  # per-channel mean/std of the stored pixels in [0, 1]
         "labels_file": table.path.name if table is not None else None,
         "source": data_origin(src, in_options),  # e.g. synthetic phantoms; None for user data
         "salt_check": salt_fingerprint,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it

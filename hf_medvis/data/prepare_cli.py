@@ -25,6 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
     parser.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored depth (default 8)")
     parser.add_argument(
+        "--channels", type=int, choices=(1, 3), default=1, help="3 keeps colour (pathology, fundus, dermatology)"
+    )
+    parser.add_argument(
+        "--windows",
+        nargs="+",
+        default=None,
+        help="CT: one channel per Hounsfield window (1 or 3): names (lung, mediastinum, bone, soft_tissue, brain, "
+        "subdural, liver) or center,width",
+    )
+    parser.add_argument(
         "--labels", default=None, help="labels CSV (default: labels.csv next to SRC); see --labels-format"
     )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
@@ -94,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         storage_options=args.storage_options,
         shard_format_name=args.shard_format,
         labels_format=labels_format_from_args(args),
+        channels=args.channels,
+        windows=args.windows,
     )
     t = manifest["totals"]
     print(

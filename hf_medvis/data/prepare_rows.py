@@ -43,22 +43,26 @@ class PrepareParams:
     format: str = "parquet"
     format_version: int = shard_format.FORMAT_VERSION
     class_names: tuple[str, ...] = ()  # the ``labels`` ClassLabel names: every finding in the labels file
+    channels: int = 1  # 3: colour kept (RGB), stored as binary PPM
+    windows: tuple[tuple[float, float], ...] = ()  # CT windows (center, width): one channel each (1 or 3 of them)
 
 
 def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Float [0, 1] H x W -> float size x size, per RESIZE_POLICY: exactly torchvision's v2 ``resize`` (shorter side,
-    bilinear, antialiased) + ``center_crop``, computed with torch alone (tests/test_prepare.py compares them bit for
-    bit), so that pool workers start without importing torchvision (3 s each)."""
-    height, width = image.shape
+    """Float [0, 1] H x W (or H x W x C) -> float size x size (x C), per RESIZE_POLICY: exactly torchvision's v2
+    ``resize`` (shorter side, bilinear, antialiased) + ``center_crop``, computed with torch alone (tests/test_prepare.py
+    compares them bit for bit), so that pool workers start without importing torchvision (3 s each)."""
+    height, width = image.shape[:2]
     short, long = sorted((height, width))
     new_long = int(size * long / short)
     new_height, new_width = (size, new_long) if height <= width else (new_long, size)
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    array = np.ascontiguousarray(image, dtype=np.float32)
+    tensor = torch.from_numpy(array)[None, None] if array.ndim == 2 else torch.from_numpy(array).permute(2, 0, 1)[None]
     tensor = torch.nn.functional.interpolate(
         tensor, size=(new_height, new_width), mode="bilinear", align_corners=False, antialias=True
-    )[0, 0]
+    )[0]
     top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
-    return tensor[top : top + size, left : left + size].clamp_(0.0, 1.0).numpy()
+    out = tensor[:, top : top + size, left : left + size].clamp_(0.0, 1.0)
+    return out[0].numpy() if array.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
 
 
 def quantize(image: np.ndarray, bits: int) -> np.ndarray:
@@ -96,7 +100,9 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
         raise ImageDecodeError(source_hash, f"cannot read: {type(err).__name__} ({err.strerror or ''})") from None
     if not data:
         raise ImageDecodeError(source_hash, "empty file (0 bytes)")
-    image = read_image(data, window=params.window)
+    image = read_image(data, window=params.window, channels=params.channels, windows=params.windows or None)
+    if image.ndim == 3 and image.shape[2] == 1:  # one CT window: a grey image
+        image = image[..., 0]
     dicom_patient, dicom_view = _dicom_fields(data)
     patient = normalize_patient_id((row or {}).get(PATIENT_COL) or dicom_patient)
     name = (row or {}).get(IMAGE_COL)

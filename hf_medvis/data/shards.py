@@ -80,24 +80,30 @@ def features_v1() -> datasets.Features:
 
 
 def encode_pgm(pixels: np.ndarray) -> bytes:
-    """A 2-D uint8 or uint16 array as binary PGM bytes."""
-    height, width = pixels.shape
+    """An [H, W] uint8 / uint16 array as binary PGM bytes, or an [H, W, 3] uint8 array as binary PPM (colour, or three
+    CT windows)."""
+    height, width = pixels.shape[:2]
+    magic = "P6" if pixels.ndim == 3 else "P5"
+    if pixels.ndim == 3 and (pixels.shape[2] != 3 or pixels.dtype != np.uint8):
+        raise ValueError(f"colour images are stored as 8-bit RGB, got shape {pixels.shape} {pixels.dtype}")
     maxval = 255 if pixels.dtype == np.uint8 else 65535
-    body = pixels.astype(">u2").tobytes() if maxval == 65535 else pixels.tobytes()
-    return f"P5\n{width} {height}\n{maxval}\n".encode() + body
+    body = pixels.astype(">u2").tobytes() if maxval == 65535 else np.ascontiguousarray(pixels).tobytes()
+    return f"{magic}\n{width} {height}\n{maxval}\n".encode() + body
 
 
 def stored_pixels(row: dict[str, Any]) -> np.ndarray:
-    """The (height, width) uint8 or uint16 array of a shard row, read without decoding (a view of its bytes)."""
+    """The (height, width) uint8 or uint16 array of a shard row, (height, width, 3) for colour, read without decoding
+    (a view of its bytes)."""
     h, w, bits = row["height"], row["width"], row["bits"]
     if "pixels" in row:  # version 1
         return np.frombuffer(row["pixels"], dtype=np.uint8 if bits == 8 else "<u2").reshape(h, w)
     data = row["image"]["bytes"]
     dtype = np.dtype(np.uint8 if bits == 8 else ">u2")
-    size = h * w * dtype.itemsize
-    if len(data) < size or data[:2] != b"P5":
-        raise ValueError(f"sample {row.get('key')}: image bytes are not a {h}x{w} {bits}-bit PGM")
-    return np.frombuffer(data, dtype=dtype, offset=len(data) - size).reshape(h, w)
+    shape = (h, w, 3) if data[:2] == b"P6" else (h, w)
+    size = int(np.prod(shape)) * dtype.itemsize
+    if len(data) < size or data[:2] not in (b"P5", b"P6"):
+        raise ValueError(f"sample {row.get('key')}: image bytes are not a {h}x{w} {bits}-bit PGM/PPM")
+    return np.frombuffer(data, dtype=dtype, offset=len(data) - size).reshape(shape)
 
 
 def shard_name(index: int) -> str:

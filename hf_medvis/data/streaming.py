@@ -176,7 +176,8 @@ class DecodeStoredPixels:
 
     def __call__(self, example: dict) -> dict:
 
-        array = shard_format.stored_pixels(example)[None]
+        stored = shard_format.stored_pixels(example)
+        array = stored[None] if stored.ndim == 2 else stored.transpose(2, 0, 1)  # [C, H, W]
         if array.dtype != np.uint8:  # 16-bit shards keep depth on disk; batches travel as uint8
             array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
         return {

@@ -83,12 +83,14 @@ def build_eval_transform(image_size: int) -> v2.Compose:
 
 
 def to_uint8_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A float [0, 1] or uint8 H x W array to a uint8 [1, H, W] tensor."""
+    """A float [0, 1] or uint8 H x W (or H x W x C, as read_image gives colour) array to a uint8 [C, H, W] tensor."""
     tensor = torch.as_tensor(image)
     if tensor.dtype != torch.uint8:
         tensor = (tensor.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0)
+    elif tensor.ndim == 3 and tensor.shape[2] in (1, 3) and tensor.shape[0] not in (1, 3):
+        tensor = tensor.permute(2, 0, 1).contiguous()
     return tensor
 
 

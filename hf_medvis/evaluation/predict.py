@@ -31,10 +31,19 @@ class Predictor:
         config = self.model.config
         self.spec = LabelSpec(tuple(config.id2label[i] for i in range(config.num_labels)), config.problem_type)
         self.transform = build_eval_transform(self.image_size)
+        # Colour or multi-window models read new images as their training images were read (training/run.py).
+        image_input = getattr(config, "hf_medvis_input", None) or {}
+        self.read_options = {
+            "channels": int(image_input.get("channels", 1)),
+            "windows": image_input.get("windows") or None,
+        }
 
     def preprocess(self, source: str, storage_options: dict | None = None) -> torch.Tensor:
-        """The uint8 [1, size, size] image the model sees (before normalisation), as in training's evaluation."""
-        return self.transform(to_uint8_tensor(read_image(source, storage_options=storage_options)))
+        """The uint8 [C, size, size] image the model sees (before normalisation), as in training's evaluation."""
+        image = read_image(source, storage_options=storage_options, **self.read_options)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        return self.transform(to_uint8_tensor(image))
 
     @torch.no_grad()
     def predict(self, sources: Sequence[str], batch_size: int = 32, storage_options: dict | None = None) -> np.ndarray:

@@ -156,11 +156,18 @@ def first_line(err: BaseException) -> str:
 
 
 def resolve_normalization(
-    model_name_or_path: str | None, num_channels: int, mean: list[float] | None, std: list[float] | None
+    model_name_or_path: str | None,
+    num_channels: int,
+    mean: list[float] | None,
+    std: list[float] | None,
+    data_stats: dict[str, list[float]] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json > X-ray defaults."""
+    """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json > the training data's own
+    statistics (``data_stats``: a prepared-shard manifest's ``normalization``) > X-ray defaults."""
     if mean is None or std is None:
         found = _processor_stats(model_name_or_path)
+        if not found and data_stats:
+            found = (list(data_stats["mean"]), list(data_stats["std"]))
         if found:
             mean, std = mean or found[0], std or found[1]
     mean = list(mean) if mean else [XRAY_MEAN]

@@ -152,3 +152,16 @@ def log_environment(args: TrainingArguments) -> None:
         return
     report = collect_env_report(include_deepspeed_ops=bool(args.deepspeed))
     logger.info("environment:\n%s", format_env_report(report))
+
+
+def match_model_to_data(config: Any, image_input: dict[str, Any] | None) -> None:
+    """A model trained on colour or multi-window images records how they were read (``config.hf_medvis_input``), so
+    ``hf-medvis predict``/``evaluate`` read new images the same way; a 1-channel model cannot take 3-channel data."""
+    if image_input is None:
+        return
+    if image_input["channels"] == 3 and getattr(config, "num_channels", 3) != 3:
+        raise ValueError(
+            f"the training images have 3 channels (colour or 3 CT windows), the model {config.num_channels}: "
+            "use --num_channels 3"
+        )
+    config.hf_medvis_input = dict(image_input)

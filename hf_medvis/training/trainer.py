@@ -115,7 +115,6 @@ class MedVisTrainer(Trainer):
         self.train_augment = train_augment
         self.sample_augmentation = sample_augmentation
         self._deferred_rng_checkpoint: str | None = None
-        self._parameter_count: int | None = None  # floating_point_ops
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
             logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
@@ -259,16 +258,6 @@ class MedVisTrainer(Trainer):
             else:
                 inputs["pixel_values"] = normalize_batch(pixel_values, self.image_mean, self.image_std, num_channels)
         return inputs
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        # The Trainer's estimate (6 x input elements x parameters) walks every module and parameter of the model each
-        # step to count the parameters, which do not change: count them once.
-        main_input = getattr(self.model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
-            return 0
-        if self._parameter_count is None:
-            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._parameter_count
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # push_to_hub() calls this and would overwrite README.md with a generic card.
