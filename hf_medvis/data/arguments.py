@@ -49,6 +49,18 @@ class DataArguments:
         metadata={"help": "Wide layout, -1: ignore (masked out of loss and metrics), zeros or ones (CheXpert U-*)."},
     )
     blank: str = field(default="negative", metadata={"help": "Wide layout, an empty cell: negative or ignore."})
+    image_column_name: str | None = field(
+        default=None,
+        metadata={"help": "--train_data as a datasets folder / imagefolder / Hub id: the image column (default: the "
+                  "first Image column)."},
+    )  # fmt: skip
+    label_column_name: str | None = field(
+        default=None,
+        metadata={"help": "... its label column (ClassLabel, list of ClassLabel or text; default 'label')."},
+    )
+    group_column_name: str | None = field(
+        default=None, metadata={"help": "... its patient column (default: none, every image its own patient)."}
+    )
     storage_options: str | None = field(
         default=None, metadata={"help": "JSON dict of fsspec storage options (credentials are never logged)."}
     )

@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
-from .folder import only_listed_images
+from .folder import group_key_hash, in_holdout, only_listed_images
+from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
 from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
@@ -78,6 +80,10 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
             build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=seed
         )
         train_transform = augmentation
+    if hf_dataset_kind(data_args.train_data) is not None:
+        train, evaluation, source, info = _hf_mae_datasets(data_args, train_transform, build_eval_transform(image_size))
+        return Datasets(train, evaluation, source, info, evaluation, augmentation=augmentation,
+                        device_augmentation=device_augmentation)  # fmt: skip
     source = resolve_train_source(
         data_args.train_data,
         data_args.labels_file,
@@ -123,3 +129,23 @@ def _classification_datasets(
         split_report=data.split_report,
         augmentation=data.train_augmentation,
     )
+
+
+def _hf_mae_datasets(data_args: MAEDataArguments, train_transform: Any, eval_transform: Any) -> tuple[Any, ...]:
+    """A ``datasets`` input for pretraining: its images, a patient-level (or image-level) holdout for evaluation."""
+    if data_args.validation_data is not None:
+        raise ValueError("--validation_data with a datasets --train_data: use --validation_split_percentage")
+    columns = {"image_column": data_args.image_column_name, "group_column": data_args.group_column_name}
+    table, records, image_col = load_hf_table(data_args.train_data, need_labels=False, **columns)
+    held = [in_holdout(group_key_hash(g), data_args.validation_split_percentage) for g in records["group"]]
+    train_rows = [i for i, h in enumerate(held) if not h][: data_args.max_train_samples]
+    eval_rows = [i for i, h in enumerate(held) if h][: data_args.max_eval_samples]
+    train = table.select(train_rows).with_transform(make_image_column_transform(image_col, train_transform))
+    evaluation = table.select(eval_rows).with_transform(make_image_column_transform(image_col, eval_transform))
+    info = {
+        "train_images": len(train_rows),
+        "eval_images": len(eval_rows),
+        "train_patients": len({records["group"][i] for i in train_rows}),
+    }
+    source = ResolvedSource(data_args.train_data, None, f"Hugging Face dataset {Path(data_args.train_data).name}")
+    return train, evaluation if eval_rows else None, source, info

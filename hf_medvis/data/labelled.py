@@ -13,6 +13,7 @@ import numpy as np
 from torchvision.transforms import v2
 
 from .arguments import ClassificationDataArguments
+from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .label_formats import LabelsFormat
 from .labels import (
     IMAGE_COL,
@@ -146,6 +147,10 @@ def build_labelled_data(
         ),
         seed=seed,
     )
+    if hf_dataset_kind(data_args.train_data) is not None:
+        hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
+        source, train, evaluation, info = _build_hf_datasets(data_args, image_size, hooks, augmentation)
+        return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
     if data_args.train_data is not None and find_manifest(data_args.train_data, options) is not None:
         hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
         source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options, augmentation)
@@ -244,8 +249,9 @@ def _shard_records(
     return {k: [v[i] for i in range(total) if keep[i]] for k, v in records.items()}
 
 
-def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) -> Any:
-    """The selected rows of ``table`` with their encoded ``labels``, decoding pixels on access."""
+def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any, image_column: str | None = None) -> Any:
+    """The selected rows of ``table`` with their encoded ``labels``, decoding pixels on access (prepared shards, or a
+    ``datasets`` input's ``image_column``)."""
     labels: list[Any] = [None] * len(table)
     for index, encoded in zip(records["index"], records["labels"], strict=True):
         labels[index] = encoded
@@ -253,7 +259,49 @@ def _shard_dataset(table: Any, records: dict[str, list[Any]], transform: Any) ->
     # The shards' own ``labels`` (indices into every class of the labels file) give way to the training encoding.
     if "labels" in table.column_names:
         table = table.remove_columns("labels")
-    return table.add_column("labels", labels).select(records["index"]).with_transform(make_shard_transform(transform))
+    decode = make_image_column_transform(image_column, transform) if image_column else make_shard_transform(transform)
+    return table.add_column("labels", labels).select(records["index"]).with_transform(decode)
+
+
+def _build_hf_datasets(
+    data_args: ClassificationDataArguments,
+    image_size: int,
+    hooks: _LabelledRecords,
+    train_transform: SeededAugmentation,
+) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
+    """A ``datasets`` input -> train/validation datasets; split and labels as for folders and shards (hooks)."""
+    columns = {
+        "image_column": data_args.image_column_name,
+        "label_column": data_args.label_column_name,
+        "group_column": data_args.group_column_name,
+    }
+    table, records, image_col = load_hf_table(data_args.train_data, **columns)
+    source = ResolvedSource(data_args.train_data, None, f"Hugging Face dataset {Path(data_args.train_data).name}")
+    unlabelled = sum(1 for v in records["finding_labels"] if not is_labelled(v))
+    if unlabelled:
+        logger.info("--train_data: %d image(s) without a label left out", unlabelled)
+        records = {
+            k: [v[i] for i, t in enumerate(records["finding_labels"]) if is_labelled(t)] for k, v in records.items()
+        }
+    records = hooks(records)
+    eval_table, eval_records, eval_col = None, None, image_col
+    if data_args.validation_data is not None:
+        eval_table, eval_records, eval_col = load_hf_table(
+            data_args.validation_data,
+            split="validation" if data_args.validation_data == data_args.train_data else "train",
+            **columns,
+        )
+        eval_records = hooks(eval_records)
+    elif data_args.validation_split_percentage > 0:
+        records, eval_records = hooks.split(records)
+        eval_table = table
+    info: dict[str, Any] = {"train_images": len(records["key"]), "train_patients": len(set(records["group"]))}
+    train = _shard_dataset(table, records, train_transform, image_col)
+    evaluation = None
+    if eval_records is not None:
+        info.update(eval_images=len(eval_records["key"]), eval_patients=len(set(eval_records["group"])))
+        evaluation = _shard_dataset(eval_table, eval_records, build_eval_transform(image_size), eval_col)
+    return source, train, evaluation, info
 
 
 def _build_shard_datasets(
