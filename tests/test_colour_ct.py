@@ -136,3 +136,29 @@ def test_recipes_train_on_colour_shards_and_predict_reads_colour(tiles, tmp_path
     seen = predictor.preprocess(str(image))
     assert seen.shape == (3, 32, 32) and not np.array_equal(seen[0].numpy(), seen[2].numpy())
     assert predictor.predict([str(image)]).shape == (1, 1)
+
+
+def test_mae_pretrains_on_ct_window_shards(tmp_path):
+    """Three CT windows are three channels: the MAE recipe pretrains on them with their statistics and records them."""
+    import contextlib
+
+    from conftest import load_recipe
+
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    for index, name in enumerate(("CT_small.dcm", "693_J2KI.dcm") * 4):
+        shutil.copy(get_testdata_file(name), ct / f"{index}_{name}")
+    shards = tmp_path / "shards"
+    manifest = prepare(str(ct), str(shards), size=32, salt="s", windows=["lung", "mediastinum", "bone"])
+    out = tmp_path / "mae"
+    args = f"--train_data {shards} --output_dir {out} --model_preset tiny --image_size 32 --patch_size 8 --max_steps 3 "
+    args += "--per_device_train_batch_size 4 --eval_strategy no --dataloader_num_workers 0"
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = load_recipe("pretrain_mae").main(args.split())
+    assert np.isfinite(metrics["train_loss"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_channels"] == 3 and config["hf_medvis_input"]["windows"] == [
+        list(CT_WINDOWS[n]) for n in ("lung", "mediastinum", "bone")
+    ]
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    np.testing.assert_allclose(processor["image_mean"], manifest["normalization"]["mean"])
