@@ -38,6 +38,7 @@ from hf_medvis.models import (
     input_image_size,
     resolve_normalization,
 )
+from hf_medvis.models.linear_probe import attach_linear_probe, fold_linear_probe
 from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_classification
 from hf_medvis.training.callbacks import build_recipe_callbacks
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # 3. Model: a new preset, a ViT checkpoint, or an MAE output (encoder transferred, decoder dropped).
         built = build_model(model_args, task="classification", labels=spec)
         model, load_report = built.model, built.load_report
+        if model_args.linear_probe:  # encoder frozen: only the BatchNorm + linear head trains
+            attach_linear_probe(model)
         mean, std = resolve_normalization(
             model_args.model_name_or_path,
             model.config.num_channels,
@@ -173,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.log_metrics("all", metrics)
 
     # 6. Save (model with id2label, processor, card, split report) and push.
+    fold_linear_probe(trainer.model)  # a probe's BatchNorm folded into its linear head: a plain classifier is saved
     trainer.save_model()
     trainer.save_state()
     card_state["metrics"] = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}

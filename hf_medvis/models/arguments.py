@@ -74,6 +74,12 @@ class ClassifierModelArguments(ModelArguments):
         metadata={"help": "cls: the CLS token (plain ViTForImageClassification, loads anywhere); mean: global average "
                   "of patch tokens (the MAE fine-tuning default; load with hf_medvis)."},
     )  # fmt: skip
+    linear_probe: bool = field(
+        default=False,
+        metadata={"help": "Freeze the encoder and train only a BatchNorm(no affine) + linear head (MAE linear probing; "
+                  "recipes/configs/vit_linear_probe.yaml has the paper's optimiser and lr rule). The saved model has "
+                  "the BatchNorm folded into a plain linear classifier."},
+    )  # fmt: skip
     hidden_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout in the encoder MLPs and embeddings."})
     attention_probs_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout on attention weights."})
 

@@ -11,13 +11,17 @@ and the result is copied in with a strict load; any key that does not match is a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
+
+from .linear_probe import is_linear_probe
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,20 @@ def _names(keys: list[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _head_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The ``classifier.*`` tensors of a checkpoint's safetensors file(s), without the prefix."""
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
+    head: dict[str, torch.Tensor] = {}
+    for name in files:
+        head.update(
+            {k[len("classifier.") :]: v for k, v in load_file(folder / name).items() if k.startswith("classifier.")}
+        )
+    return head
+
+
 def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int:
     """Copies the weights saved in ``folder`` (``save_pretrained`` / a Trainer checkpoint) into ``model`` in place.
 
@@ -51,6 +69,9 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
     folder = Path(folder)
     if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise WeightLoadError(f"{folder}: no model.safetensors (not a complete checkpoint?)")
+    # A linear probe's checkpoint holds its BatchNorm + linear head (classifier.0.*, classifier.1.*): the fresh model of
+    # from_pretrained has a plain linear head, so the head's tensors are read from the files, the encoder's as usual.
+    probe = is_linear_probe(model)
     try:
         with own_load_report():  # its missing/unexpected table: we raise below instead
             saved, info = type(model).from_pretrained(
@@ -61,11 +82,16 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if probe and kind != "mismatched_keys":
+            keys = [k for k in keys if not k.startswith("classifier.")]
         if keys:
             problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({_names(keys)})")
     if problems:
         raise WeightLoadError(f"{folder}: saved weights do not match the model: {'; '.join(problems)}")
     state = saved.state_dict()
+    if probe:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        state.update({f"classifier.{k}": v for k, v in _head_tensors(folder).items()})
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightLoadError(
