@@ -31,6 +31,7 @@ from hf_medvis.training.batching import collate_pixels
 from hf_medvis.training.callbacks import build_recipe_callbacks
 from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
+from hf_medvis.training.mae_baselines import trainer_baselines
 from hf_medvis.training.outputs import disable_evaluation_without_data
 from hf_medvis.training.preemption import exit_if_preempted
 from hf_medvis.training.run import (
@@ -132,12 +133,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics["global_step"] = trainer.state.global_step
     if data.eval is not None:
         metrics.update(trainer.evaluate())
+        # What the held-out loss means: the same loss of predicting the mean patch, or the mean image, everywhere.
+        metrics.update(trainer_baselines(trainer, data.eval))
     trainer.log_metrics("all", metrics)
 
     # 6. Save (model, processor, card, reconstructions) and push.
     trainer.save_model()
     trainer.save_state()
-    card_state["metrics"] = {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "global_step")}
+    card_state["metrics"] = {
+        k: v
+        for k, v in metrics.items()
+        if k in ("train_loss", "eval_loss", "eval_loss_mean_patch", "eval_loss_position_mean", "global_step")
+    }
     if trainer.is_world_process_zero():
         write_card(training_args.output_dir)
         if data.eval is not None and data_args.num_reconstruction_images > 0:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, load_recipe, subprocess_env
 
@@ -69,6 +70,30 @@ def test_run_writes_a_loadable_hub_ready_folder(trained):
     results = json.loads((out / "all_results.json").read_text())
     assert results["global_step"] == 4 and "eval_loss" in results
     assert "learning rate" in log and "base_learning_rate" in log
+    # The trivial baselines next to the held-out loss, and the card says which side the model is on (4 steps: not yet).
+    assert results["eval_loss_position_mean"] < results["eval_loss_mean_patch"]
+    assert results["eval_loss"] > results["eval_loss_position_mean"] and "**does not beat**" in card.text
+
+
+def test_trivial_baselines_are_the_losses_of_the_mean_image_and_mean_patch():
+    """On images = a fixed mean image + noise, predicting the training mean image scores the noise variance; the
+    function agrees with a direct computation of both baselines."""
+    from hf_medvis.models.build import build_mae_model
+    from hf_medvis.training.mae_baselines import mae_trivial_baselines
+
+    model = build_mae_model(None, preset="tiny", image_size=32)
+    model.config.norm_pix_loss = False  # targets are the pixels themselves (the demo config's loss)
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 3, 32, 32, generator=generator)
+    train = [{"pixel_values": base + 0.1 * torch.randn(16, 3, 32, 32, generator=generator)} for _ in range(8)]
+    held = [{"pixel_values": base + 0.1 * torch.randn(16, 3, 32, 32, generator=generator)} for _ in range(2)]
+    result = mae_trivial_baselines(model, train, held, prepare_train=dict, prepare_eval=dict, max_images=10_000)
+    targets = torch.cat([model.patchify(b["pixel_values"]) for b in train]).double()
+    position_mean, held_targets = targets.mean(0), torch.cat([model.patchify(b["pixel_values"]) for b in held]).double()
+    mean_patch = position_mean.mean(0)
+    assert result["eval_loss_position_mean"] == pytest.approx(float(((held_targets - position_mean) ** 2).mean()))
+    assert result["eval_loss_mean_patch"] == pytest.approx(float(((held_targets - mean_patch) ** 2).mean()))
+    assert result["eval_loss_position_mean"] == pytest.approx(0.01, rel=0.05)  # the noise variance
 
 
 def test_reconstruction_figure_unnormalises_norm_pix_targets(phantom_dir):

@@ -90,6 +90,13 @@ def mae_model_card(
         "steps": metrics.get("global_step", "?"),
     }
     results = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items() if k != "global_step"}
+    if "eval_loss" in metrics and "eval_loss_position_mean" in metrics:
+        best_trivial = min(metrics["eval_loss_position_mean"], metrics["eval_loss_mean_patch"])
+        results["against trivial baselines"] = (
+            "beats predicting the mean image and the mean patch"
+            if metrics["eval_loss"] < best_trivial
+            else "**does not beat** predicting the mean image / mean patch: it has not learned more than the average"
+        )
     return render_model_card(
         title="ViT-MAE pretrained with hf_medvis",
         summary=f"A Masked Autoencoder (`ViTMAEForPreTraining`) pretrained on {data_description} with "
