@@ -1,0 +1,185 @@
+"""Label efficiency: does MAE pretraining on the unlabelled training images pay off when few labels exist?
+
+On the embedded phantoms, split by patient (train / val / test), the same fine-tuning recipe (same steps, seed,
+augmentation, evaluation) starts from (a) the MAE encoder pretrained on every training image (no labels used) and
+(b) random initialisation, with the labels of 1 %, 10 % and 100 % of the training patients (nested subsets of one
+seeded patient order; a subset is extended until every class has a positive, and the JSON says how many patients it
+holds). A third arm, (c) linear probing of the MAE encoder (`--linear_probe`), runs at the same fractions. Each arm is
+scored on the test patients: macro AUROC with a patient-bootstrap 95 % CI.
+
+Writes results.json and label_efficiency.png into --out; the last line is
+``auroc_gain_at_10pct=<MAE - scratch> mae_auroc_at_10pct=<x> scratch_auroc_at_10pct=<y>``. ``--quick`` (CI): fewer
+patients and steps, fractions 10 % and 100 %, a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FULL = {"patients": 600, "mae_steps": 900, "ft_steps": 1200, "fractions": (0.01, 0.1, 1.0), "bootstrap": 500}
+QUICK = {"patients": 120, "mae_steps": 150, "ft_steps": 60, "fractions": (0.1, 1.0), "bootstrap": 100}
+ARMS = ("mae", "scratch", "linear_probe")
+
+
+def _log(message: str) -> None:
+    print(f"[bench_label_efficiency {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _quiet(main, argv: list[str]) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+def nested_subsets(rows: list[dict], fractions: tuple[float, ...], seed: int = 0) -> dict[float, list[dict]]:
+    """Rows of the first ``fraction`` of the training patients in one seeded order (nested), each subset extended until
+    every class has a positive."""
+    import numpy as np
+
+    from hf_medvis.data.labels import parse_finding_labels
+
+    patients = sorted({r["Patient ID"] for r in rows})
+    order = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    classes = {n for r in rows for n in parse_finding_labels(r["Finding Labels"])}
+    by_patient: dict[str, list[dict]] = {}
+    for row in rows:
+        by_patient.setdefault(row["Patient ID"], []).append(row)
+    subsets = {}
+    for fraction in fractions:
+        count = max(1, round(fraction * len(order)))
+        while count < len(order):
+            seen = {n for p in order[:count] for r in by_patient[p] for n in parse_finding_labels(r["Finding Labels"])}
+            if seen >= classes:
+                break
+            count += 1
+        subsets[fraction] = [r for p in order[:count] for r in by_patient[p]]
+    return subsets
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_auroc(model_dir: Path, images: Path, labels: Path, bootstrap: int) -> dict:
+    """Macro AUROC on the test patients with its patient-bootstrap CI (as `hf-medvis evaluate`)."""
+    from hf_medvis.data.folder import build_folder_records
+    from hf_medvis.data.labels import encode_labels, is_labelled, label_matrix
+    from hf_medvis.evaluation import Predictor, metrics_with_ci
+
+    predictor = Predictor(model_dir)
+    records = build_folder_records(images, labels)
+    keep = [i for i, v in enumerate(records["finding_labels"]) if is_labelled(v)]
+    truth = label_matrix(encode_labels([records["finding_labels"][i] for i in keep], predictor.spec), predictor.spec)
+    probs = predictor.predict([records["path"][i] for i in keep])
+    groups = [records["group"][i] for i in keep]
+    metrics = metrics_with_ci(truth, probs, groups, predictor.spec, n_resamples=bootstrap, seed=0)
+    return {key: metrics.get(key) for key in ("auroc_macro", "auroc_macro_ci95_low", "auroc_macro_ci95_high")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: a few minutes on 2 cores")
+    parser.add_argument("--out", default=None, help="folder for results.json and label_efficiency.png")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_label_efficiency-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    import datasets
+
+    from hf_medvis.data.phantoms import write_phantom_dataset
+    from hf_medvis.data.splits import split_labels_csv
+
+    datasets.disable_progress_bars()
+    started = time.perf_counter()
+    data = write_phantom_dataset(out / "data", patients=cfg["patients"], image_size=64, dicom=False, overwrite=True)
+    split = split_labels_csv(data / "labels.csv", out / "split", val=0.15, test=0.3, seed=0)
+    with open(split.paths["train"]) as f:
+        train_rows = list(csv.DictReader(f))
+    _log(f"{cfg['patients']} patients; MAE pretraining on {len(train_rows)} unlabelled training images")
+    mae_dir = out / "mae"
+    pretrain, finetune = _recipe("pretrain_mae").main, _recipe("finetune_vit").main
+    mae_metrics = _quiet(pretrain, f"--train_data {data / 'images'} --labels_file {split.paths['train']} "
+                         f"--output_dir {mae_dir} --max_steps {cfg['mae_steps']} --overwrite_output_dir true --disable_tqdm true".split())  # fmt: skip
+
+    results: dict = {"config": {**cfg, "fractions": list(cfg["fractions"])}, "mae": mae_metrics, "runs": []}
+    for fraction, rows in nested_subsets(train_rows, cfg["fractions"]).items():
+        labels = out / f"train_{fraction:g}.csv"
+        _write_rows(labels, rows)
+        for arm in ARMS:
+            run_dir = out / f"{arm}_{fraction:g}"
+            argv = f"--train_data {data / 'images'} --labels_file {labels} --validation_data {data / 'images'} "
+            argv += f"--validation_labels_file {split.paths['val']} --output_dir {run_dir} --overwrite_output_dir true "
+            argv += f"--max_steps {cfg['ft_steps']} --eval_steps {cfg['ft_steps']} --save_steps {cfg['ft_steps']} "
+            argv += "--ci_bootstrap_samples 0 --label_names Cardiomegaly Effusion Nodule"
+            if arm != "scratch":
+                argv += f" --model_name_or_path {mae_dir}"
+            if arm == "linear_probe":
+                argv += " --config recipes/configs/vit_linear_probe.yaml"
+            _quiet(finetune, argv.split())
+            score = test_auroc(run_dir, data / "images", split.paths["test"], cfg["bootstrap"])
+            patients = len({r["Patient ID"] for r in rows})
+            results["runs"].append(
+                {"arm": arm, "fraction": fraction, "patients": patients, "images": len(rows), **score}
+            )
+            _log(f"{arm:12s} {fraction:>5.0%} of the training patients ({patients}): test macro AUROC "
+                 f"{score['auroc_macro']:.3f} [{score['auroc_macro_ci95_low']:.3f}, {score['auroc_macro_ci95_high']:.3f}]")  # fmt: skip
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _plot(results, out / "label_efficiency.png")
+    at = {r["arm"]: r["auroc_macro"] for r in results["runs"] if r["fraction"] == 0.1}
+    print(f"results: {out / 'results.json'}, plot: {out / 'label_efficiency.png'} ({results['seconds']} s)")
+    print(
+        f"auroc_gain_at_10pct={at['mae'] - at['scratch']:.3f} mae_auroc_at_10pct={at['mae']:.3f} "
+        f"scratch_auroc_at_10pct={at['scratch']:.3f}"
+    )
+    return 0
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for arm in ARMS:
+        runs = sorted((r for r in results["runs"] if r["arm"] == arm), key=lambda r: r["fraction"])
+        x = [r["fraction"] * 100 for r in runs]
+        y = [r["auroc_macro"] for r in runs]
+        low = [r["auroc_macro"] - r["auroc_macro_ci95_low"] for r in runs]
+        high = [r["auroc_macro_ci95_high"] - r["auroc_macro"] for r in runs]
+        ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=arm.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set_xlabel("% of training patients labelled")
+    ax.set_ylabel("test macro AUROC (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
