@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             threshold=data_args.threshold,
             n_resamples=data_args.ci_bootstrap_samples,
             seed=training_args.seed,
+            via_evaluate=False,  # the modules' computation; `evaluate` stays out of the ranks (metric_modules.py)
         )
         metrics.update({f"eval_{k}": v for k, v in final.items()})
         metrics["eval_loss"] = prediction.metrics.get("eval_loss")

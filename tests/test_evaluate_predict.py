@@ -393,3 +393,6 @@ def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
         intervals = bootstrap_confidence_intervals(labels, probs, groups, spec, n_resamples=50, seed=1)
         assert [final[f"{k}_ci95_low"] for k in ci_keys] == [intervals[k][0] for k in ci_keys]
         assert final["images"] == 40 and final["patients"] == 12
+        # The training processes run the modules' computation without importing evaluate: the same numbers.
+        direct = metrics_with_ci(labels, probs, groups, spec, n_resamples=50, seed=1, via_evaluate=False)
+        assert list(direct) == list(final) and direct == pytest.approx(final, abs=1e-12)

@@ -186,11 +186,21 @@ def metrics_with_ci(
     threshold: float = 0.5,
     n_resamples: int = 1000,
     seed: int = 0,
+    via_evaluate: bool = True,
 ) -> dict[str, Any]:
     """Point estimates plus ``<metric>_ci95_low`` / ``_ci95_high`` (AUROC, accuracy) from the patient bootstrap,
-    computed by the ``evaluate`` metric modules; then the numbers of images and patients."""
+    computed by the ``evaluate`` metric modules (``via_evaluate=False``: their computation without importing
+    ``evaluate``, for training processes); then the numbers of images and patients."""
     metrics: dict[str, Any] = evaluate_metrics(
-        labels, probs, spec, threshold=threshold, groups=groups, n_resamples=n_resamples, seed=seed, ci_kinds=CI_KINDS
+        labels,
+        probs,
+        spec,
+        threshold=threshold,
+        groups=groups,
+        n_resamples=n_resamples,
+        seed=seed,
+        ci_kinds=CI_KINDS,
+        via_evaluate=via_evaluate,
     )
     metrics["images"] = len(labels)
     metrics["patients"] = len({str(g) for g in groups})

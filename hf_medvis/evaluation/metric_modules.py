@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
-import evaluate
 import numpy as np
 
 from ..data.labels import LabelSpec
 from .metrics import kinds_for, label_targets, ordered, probabilities
 
 if TYPE_CHECKING:
+    import evaluate
     from transformers import EvalPrediction
 
 MODULES_DIR = Path(__file__).parent / "evaluate_modules"
@@ -63,6 +63,8 @@ def module_path(name: str) -> str:
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
     """``evaluate.load`` of one of our metric modules (see ``module_path``), offline, data kept in memory."""
+    import evaluate  # on use only: see evaluate_metrics
+
     return evaluate.load(module_path(name), keep_in_memory=True)
 
 
@@ -72,6 +74,8 @@ def _loaded(kind: str) -> evaluate.EvaluationModule:
 
 
 def metric_info(kind: str) -> evaluate.MetricInfo:
+    import evaluate  # the module scripts that call this have imported it already
+
     """The ``_info`` of the module of ``kind``: predictions and references are [N, C] rows."""
     return evaluate.MetricInfo(
         description=_DESCRIPTIONS[kind],
@@ -98,16 +102,26 @@ def evaluate_metrics(
     seed: int = 0,
     ci_kinds: Sequence[str] = (),
     per_class: bool = True,
+    via_evaluate: bool = True,
 ) -> dict[str, float]:
     """``metrics.classification_metrics`` computed by the metric modules, with patient-bootstrap CIs for the families
-    in ``ci_kinds`` when ``groups`` are given and ``n_resamples`` > 0."""
+    in ``ci_kinds`` when ``groups`` are given and ``n_resamples`` > 0.
+
+    ``via_evaluate=False`` runs each module's computation (``bootstrap.compute_for_module``, the same function its
+    ``_compute`` calls: identical numbers) without importing ``evaluate``. The training processes use that: importing
+    ``evaluate`` loads transformers' pipelines (triton, tokenizers, sympy, ...) into every rank, and 2-rank ZeRO-3 runs
+    on CPU then aborted at exit ("terminate called without an active exception") in about 1 run in 4; without the
+    import, 0 in 12 (tests/test_multiprocess.py)."""
     labels = np.asarray(labels).astype(np.int32)
     probs = np.asarray(probs, dtype=np.float64)
     ids = None if groups is None else [str(g) for g in groups]
     metrics: dict[str, float] = {}
+    from .bootstrap import compute_for_module
+
     for kind in kinds_for(spec):
+        compute = _loaded(kind).compute if via_evaluate else functools.partial(compute_for_module, kind)
         metrics.update(
-            _loaded(kind).compute(
+            compute(
                 predictions=probs,
                 references=labels,
                 label_names=list(spec.names),
@@ -123,12 +137,17 @@ def evaluate_metrics(
 
 
 def build_compute_metrics(spec: LabelSpec, threshold: float = 0.5) -> Callable[[Any], dict[str, float]]:
-    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ..."""
+    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ... (the modules'
+    computation, without importing ``evaluate`` into the training processes: see ``evaluate_metrics``)."""
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return evaluate_metrics(
-            label_targets(eval_pred.label_ids, spec), probabilities(logits, spec), spec, threshold=threshold
+            label_targets(eval_pred.label_ids, spec),
+            probabilities(logits, spec),
+            spec,
+            threshold=threshold,
+            via_evaluate=False,
         )
 
     return compute_metrics
