@@ -213,15 +213,6 @@ class LabelsTable:
                 return None if row is _AMBIGUOUS else row
         return None
 
-    def by_image(self) -> dict[str, dict[str, str]]:
-        """Rows keyed by image file name and by its stem (so ``x.dcm`` matches a row for ``x.png``)."""
-        index: dict[str, dict[str, str]] = {}
-        for row in self.rows:
-            name = row[self.image_col]
-            index[name] = row
-            index.setdefault(Path(name).stem, row)
-        return index
-
 
 def sample_key(image: str) -> str:
     """The public sample id of a labels row: its image value without the extension (NIH: ``00000001_000``)."""

@@ -15,12 +15,14 @@ NIH ChestX-ray14 layout. The same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,12 +290,7 @@ def write_phantom_dataset(
 
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"demo-data output folder is not empty: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out_dir, overwrite) as tmp:
         plan = plan_phantoms(patients, seed)
         if png:
             (tmp / "images").mkdir()
@@ -330,13 +327,27 @@ def write_phantom_dataset(
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(NIH_COLUMNS)
             writer.writerows(rows)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to write a demo set into, renamed into place when the block ends (removed if
+    it raises): ``out_dir`` is either complete or absent. An existing non-empty ``out_dir`` is an error unless
+    ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"demo-data output folder is not empty: {out} (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(tmp, out)  # atomic; fails if another writer already put a complete set there
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def write_origin_marker(

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .phantoms import write_origin_marker
+from .phantoms import staged_folder, write_origin_marker
 
 STROMA = (0.93, 0.70, 0.80)
 NUCLEUS = (0.36, 0.20, 0.55)
@@ -43,15 +41,11 @@ def render_tile(rng: np.random.Generator, size: int, tumor: bool) -> np.ndarray:
 def write_pathology_phantoms(
     out_dir: str | os.PathLike, patients: int = 60, seed: int = 0, image_size: int = 96, overwrite: bool = False
 ) -> Path:
-    """Writes ``images/*.png`` (RGB), ``labels.csv`` and ``phantoms.json`` under ``out_dir`` (complete or absent)."""
+    """Writes ``images/*.png`` (RGB), ``labels.csv`` and ``phantoms.json`` under ``out_dir`` (complete or absent:
+    ``phantoms.staged_folder``)."""
     from PIL import Image
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"demo-data output folder is not empty: {out} (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out_dir, overwrite) as tmp:
         (tmp / "images").mkdir()
         rows = []
         for patient in range(1, patients + 1):
@@ -75,10 +69,4 @@ def write_pathology_phantoms(
             seed=seed,
             image_size=image_size,
         )
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
