@@ -45,6 +45,7 @@ from hf_medvis.training.callbacks import build_recipe_callbacks
 from hf_medvis.training.cards import classifier_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.preemption import exit_if_preempted
+from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
 from hf_medvis.training.run import log_environment, match_model_to_data, prepare_run, recipe_errors, setup_logging
 from hf_medvis.training.trainer import ClassificationTrainer
 
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log_environment(training_args)
     with recipe_errors():
         run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
+        resolve_reporters(training_args)  # --report_to: azure_ml means MLflow; a missing package fails here
         set_seed(training_args.seed)
 
         # 2. Data: labelled images, split by patient; uint8 crops, normalised on the device (MedVisTrainer).
@@ -152,53 +154,57 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     # 5. Train, then evaluate on every validation image with patient-bootstrap 95% CIs.
-    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
-    exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
-    metrics = dict(train_result.metrics)
-    metrics["global_step"] = trainer.state.global_step
-    if data.eval is not None:
-        prediction = trainer.predict(data.eval, metric_key_prefix="eval")
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        labels = label_targets(prediction.label_ids, spec)
-        final = metrics_with_ci(
-            labels,
-            probabilities(logits, spec),
-            data.eval.with_format(None)["group"],
-            spec,
-            threshold=data_args.threshold,
-            n_resamples=data_args.ci_bootstrap_samples,
-            seed=training_args.seed,
-            via_evaluate=False,  # the modules' computation; `evaluate` stays out of the ranks (metric_modules.py)
-        )
-        metrics.update({f"eval_{k}": v for k, v in final.items()})
-        metrics["eval_loss"] = prediction.metrics.get("eval_loss")
-        if trainer.is_world_process_zero():
-            logger.info("held-out patients:\n%s", format_metrics_table(final, spec))
-    trainer.log_metrics("all", metrics)
+    with reporting_run(training_args):  # one MLflow run per job where MLflow reports (reporting.py)
+        train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+        exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
+        metrics = dict(train_result.metrics)
+        metrics["global_step"] = trainer.state.global_step
+        if data.eval is not None:
+            prediction = trainer.predict(data.eval, metric_key_prefix="eval")
+            logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+            labels = label_targets(prediction.label_ids, spec)
+            final = metrics_with_ci(
+                labels,
+                probabilities(logits, spec),
+                data.eval.with_format(None)["group"],
+                spec,
+                threshold=data_args.threshold,
+                n_resamples=data_args.ci_bootstrap_samples,
+                seed=training_args.seed,
+                via_evaluate=False,  # the modules' computation; `evaluate` stays out of the ranks (metric_modules.py)
+            )
+            metrics.update({f"eval_{k}": v for k, v in final.items()})
+            metrics["eval_loss"] = prediction.metrics.get("eval_loss")
+            if trainer.is_world_process_zero():
+                logger.info("held-out patients:\n%s", format_metrics_table(final, spec))
+        trainer.log_metrics("all", metrics)
 
-    # 6. Save (model with id2label, processor, card, split report) and push.
-    fold_linear_probe(trainer.model)  # a probe's BatchNorm folded into its linear head: a plain classifier is saved
-    trainer.save_model()
-    trainer.save_state()
-    card_state["metrics"] = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
-    card_state["metrics"]["global_step"] = trainer.state.global_step
-    card_state["checkpoint"] = {
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_metric": trainer.state.best_metric,
-        "metric": training_args.metric_for_best_model,
-        "load_best": training_args.load_best_model_at_end,
-    }
-    if trainer.is_world_process_zero():
-        write_card(training_args.output_dir)
-        if data.split_report is not None:  # counts only: no image names or patient ids
-            write_json_atomic(Path(training_args.output_dir) / "split_report.json", data.split_report)
-        logger.info(
-            "outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
-            Path(training_args.output_dir).resolve(),
-        )
-    trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"ViT fine-tuning, step {trainer.state.global_step}")
+        # 6. Save (model with id2label, processor, card, split report) and push.
+        fold_linear_probe(trainer.model)  # a probe's BatchNorm folded into its linear head: a plain classifier is saved
+        trainer.save_model()
+        trainer.save_state()
+        # The held-out numbers with their CIs and counts to the reporters, at the final step. After save_state:
+        # trainer_state.json keeps the training's own log (its evaluations); all_results.json has these.
+        report_final_metrics(trainer, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        card_state["metrics"] = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
+        card_state["metrics"]["global_step"] = trainer.state.global_step
+        card_state["checkpoint"] = {
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_metric": trainer.state.best_metric,
+            "metric": training_args.metric_for_best_model,
+            "load_best": training_args.load_best_model_at_end,
+        }
+        if trainer.is_world_process_zero():
+            write_card(training_args.output_dir)
+            if data.split_report is not None:  # counts only: no image names or patient ids
+                write_json_atomic(Path(training_args.output_dir) / "split_report.json", data.split_report)
+            logger.info(
+                "outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
+                Path(training_args.output_dir).resolve(),
+            )
+        trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
+        if training_args.push_to_hub:
+            trainer.push_to_hub(commit_message=f"ViT fine-tuning, step {trainer.state.global_step}")
     return metrics
 
 

@@ -34,6 +34,7 @@ from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.mae_baselines import trainer_baselines
 from hf_medvis.training.outputs import disable_evaluation_without_data
 from hf_medvis.training.preemption import exit_if_preempted
+from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
 from hf_medvis.training.run import (
     configure_stream_loading,
     log_environment,
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log_environment(training_args)
     with recipe_errors():
         run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
+        resolve_reporters(training_args)  # --report_to: azure_ml means MLflow; a missing package fails here
         set_seed(training_args.seed)
 
         # 2. Model: a checkpoint or a fresh preset architecture.
@@ -126,42 +128,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sample_augmentation=data.augmentation,
     )
 
-    # 5. Train and evaluate.
-    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
-    exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
-    metrics = dict(train_result.metrics)
-    metrics["global_step"] = trainer.state.global_step
-    if data.eval is not None:
-        metrics.update(trainer.evaluate())
-        # What the held-out loss means: the same loss of predicting the mean patch, or the mean image, everywhere.
-        metrics.update(trainer_baselines(trainer, data.eval))
-    trainer.log_metrics("all", metrics)
+    # 5. Train and evaluate, all of it in one MLflow run per job where MLflow reports (reporting.py).
+    with reporting_run(training_args):
+        train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+        exit_if_preempted(trainer)  # SIGTERM: the checkpoint is saved; exit 0 and let the restart resume
+        metrics = dict(train_result.metrics)
+        metrics["global_step"] = trainer.state.global_step
+        if data.eval is not None:
+            metrics.update(trainer.evaluate())  # the Trainer logs it to the reporters
+            # What the held-out loss means: the same loss of predicting the mean patch, or the mean image, everywhere.
+            baselines = trainer_baselines(trainer, data.eval)
+            report_final_metrics(trainer, baselines)
+            metrics.update(baselines)
+        trainer.log_metrics("all", metrics)
 
-    # 6. Save (model, processor, card, reconstructions) and push.
-    trainer.save_model()
-    trainer.save_state()
-    card_state["metrics"] = {
-        k: v
-        for k, v in metrics.items()
-        if k in ("train_loss", "eval_loss", "eval_loss_mean_patch", "eval_loss_position_mean", "global_step")
-    }
-    if trainer.is_world_process_zero():
-        write_card(training_args.output_dir)
-        if data.eval is not None and data_args.num_reconstruction_images > 0:
-            batch = collate_pixels(first_examples(data.eval, data_args.num_reconstruction_images))["pixel_values"]
-            original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)
-            save_reconstruction_grid(
-                Path(training_args.output_dir) / "reconstructions.png",
-                original,
-                masked,
-                recon,
-                title=f"held-out images, step {trainer.state.global_step}",
-            )
-        written = sorted(p.name for p in Path(training_args.output_dir).iterdir() if not p.name.startswith("."))
-        logger.info("outputs in %s: %s", Path(training_args.output_dir).resolve(), ", ".join(written))
-    trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"MAE pretraining, step {trainer.state.global_step}")
+        # 6. Save (model, processor, card, reconstructions) and push.
+        trainer.save_model()
+        trainer.save_state()
+        card_state["metrics"] = {
+            k: v
+            for k, v in metrics.items()
+            if k in ("train_loss", "eval_loss", "eval_loss_mean_patch", "eval_loss_position_mean", "global_step")
+        }
+        if trainer.is_world_process_zero():
+            write_card(training_args.output_dir)
+            if data.eval is not None and data_args.num_reconstruction_images > 0:
+                batch = collate_pixels(first_examples(data.eval, data_args.num_reconstruction_images))["pixel_values"]
+                original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)
+                save_reconstruction_grid(
+                    Path(training_args.output_dir) / "reconstructions.png",
+                    original,
+                    masked,
+                    recon,
+                    title=f"held-out images, step {trainer.state.global_step}",
+                )
+            written = sorted(p.name for p in Path(training_args.output_dir).iterdir() if not p.name.startswith("."))
+            logger.info("outputs in %s: %s", Path(training_args.output_dir).resolve(), ", ".join(written))
+        trainer.save_metrics("all", metrics)  # last: a folder with all_results.json holds a finished run
+        if training_args.push_to_hub:
+            trainer.push_to_hub(commit_message=f"MAE pretraining, step {trainer.state.global_step}")
     return metrics
 
 

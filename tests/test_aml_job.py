@@ -1,10 +1,14 @@
-"""`hf-medvis aml-job` writes an Azure ML CLI v2 command job; validated offline by azure-ai-ml when installed."""
+"""`hf-medvis aml-job` writes an Azure ML CLI v2 command job and its environment's build context; validated offline by
+azure-ai-ml. The job itself runs in tests/test_aml_rehearsal.py."""
+
+import re
 
 import pytest
 import yaml
 from conftest import REPO
 
 from hf_medvis.cli import main as cli_main
+from hf_medvis.infra.aml import AmlJobError, check_data_input
 
 ARGS = [
     "aml-job",
@@ -67,7 +71,7 @@ def test_job_yaml_has_the_documented_structure(job_file):
     assert job["queue_settings"] == {"job_tier": "Spot"}
     command = job["command"]
     for part in (
-        "accelerate launch",
+        'export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" && accelerate launch',  # hf_medvis from the snapshot
         "--num_machines 2",
         "--num_processes 16",
         "--machine_rank $NODE_RANK",
@@ -78,59 +82,115 @@ def test_job_yaml_has_the_documented_structure(job_file):
         "--train_data ${{inputs.data}}",
         "--output_dir ${{outputs.output_dir}}",
         "--resume_from_checkpoint last",
+        "--report_to mlflow",  # what Azure ML charts
         "--bf16 true",
     ):
         assert part in command, part
+    assert "--multi_gpu" not in command
     # Local paths are relative to the YAML's folder, as Azure ML resolves them.
     assert (job_file.parent / job["code"] / "recipes" / "pretrain_mae.py").is_file()
     assert (job_file.parent / job["inputs"]["config"]["path"]).is_file()
     assert (job_file.parent / job["inputs"]["deepspeed"]["path"]).is_file()
 
 
-def test_azure_ml_sdk_loads_the_job_offline(job_file, monkeypatch):
+def test_environment_is_an_acpt_image_that_env_passes_plus_this_package(job_file, capsys):
+    job = yaml.safe_load(job_file.read_text())
+    context = job_file.parent / job["environment"]["build"]["path"]
+    assert job["environment"]["build"]["dockerfile_path"] == "Dockerfile"
+    base = re.search(r"^FROM (\S+)$", (context / "Dockerfile").read_text(), re.M).group(1)
+    assert base == "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.8-cuda12.6:latest"
+    capsys.readouterr()
+    assert cli_main(["env", "--image", base]) == 0  # the image the job names passes its own check
+    report = capsys.readouterr().out
+    assert "compatibility: OK" in report and "torch 2.8.0" in report and "read 2026-12-02" in report
+    assert "transformers" not in report.split("build 1")[1].split("\n")[0]  # only what the image documents
+    # What the install step installs: this package's declared ranges, the job extras, Azure ML's MLflow plugin.
+    requirements = (context / "requirements.txt").read_text().splitlines()
+    for line in ("torch>=2.4", "transformers>=5.3", "deepspeed>=0.16", "pylibjpeg>=2.0", "azureml-mlflow"):
+        assert line in requirements, line
+    assert any(r.startswith("mlflow-skinny") for r in requirements) and any(
+        r.startswith("tensorboard") for r in requirements
+    )
+    assert "RUN PIP_NO_CACHE_DIR=1 bash /opt/hf_medvis_env/install.sh" in (context / "Dockerfile").read_text()
+    assert not list(context.glob(".*.tmp"))
+
+
+def test_azure_ml_sdk_loads_the_job_and_environment_offline(job_file, monkeypatch):
     azure_ml = pytest.importorskip("azure.ai.ml", reason="azure-ai-ml not installed (pip install hf_medvis[aml])")
     for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID"):
         monkeypatch.delenv(name, raising=False)
     job = azure_ml.load_job(str(job_file))
     assert type(job).__name__ == "Command"
     assert job.distribution.process_count_per_instance == 1 and job.resources.instance_count == 2
-    assert job.inputs["data"].mode == "ro_mount" and "acpt-pytorch-2.2-cuda12.1" in str(job.environment)
+    assert job.inputs["data"].mode == "ro_mount"
+    assert job.environment.build.path.endswith("env-acpt-pytorch-2.8-cuda12.6")
+    context = job_file.parent / "env-acpt-pytorch-2.8-cuda12.6"
+    environment = azure_ml.load_environment(str(context / "environment.yml"))  # to register it once
+    assert (
+        environment.name == "hf-medvis-acpt-pytorch-2.8-cuda12.6" and environment.build.dockerfile_path == "Dockerfile"
+    )
 
 
-def test_ddp_job_with_a_docker_image_and_download_mode(tmp_path):
-    pytest.importorskip("azure.ai.ml", reason="azure-ai-ml not installed (pip install hf_medvis[aml])")
+def test_ddp_job_on_a_pinned_acpt_build_and_a_registered_environment(tmp_path):
     from azure.ai.ml import load_job
 
     out = tmp_path / "ddp.yml"
-    assert (
-        cli_main(
-            [
-                *ARGS,
-                "--environment",
-                "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest",
-                "--data-mode",
-                "download",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    pinned = "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.8-cuda12.6:12"
+    assert cli_main([*ARGS, "--environment", pinned, "--data-mode", "download", "--out", str(out)]) == 0
     job = yaml.safe_load(out.read_text())
     assert "--multi_gpu" in job["command"] and "deepspeed" not in job["command"]
-    assert job["environment"] == {"image": "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest"}
+    dockerfile = (out.parent / job["environment"]["build"]["path"] / "Dockerfile").read_text()
+    assert f"FROM {pinned}\n" in dockerfile
     assert load_job(str(out)).inputs["data"].mode == "download"
+    # An environment registered from an earlier job's environment.yml: used as it is, nothing written beside the job.
+    out = tmp_path / "registered" / "job.yml"
+    registered = "azureml:hf-medvis-acpt-pytorch-2.8-cuda12.6:3"
+    user_report = ["--", "--report_to", "tensorboard"]
+    assert cli_main([*ARGS, "--environment", registered, "--out", str(out), *user_report]) == 0
+    job = yaml.safe_load(out.read_text())
+    assert job["environment"] == registered and [p.name for p in out.parent.iterdir()] == ["job.yml"]
+    assert "--report_to tensorboard" in job["command"] and "mlflow" not in job["command"]
+
+
+def test_data_inputs_take_the_forms_azure_ml_accepts():
+    for uri in (
+        "azureml://datastores/xrays/paths/nih/",
+        "azureml://subscriptions/s/resourcegroups/g/workspaces/w/datastores/xrays/paths/nih",
+        "abfss://xrays@account.dfs.core.windows.net/nih",
+        "wasbs://xrays@account.blob.core.windows.net/nih",
+        "https://account.blob.core.windows.net/xrays/nih",
+        "azureml:nih-shards:3",
+        "azureml:nih-shards@latest",
+    ):
+        assert check_data_input(uri) == uri
+    assert check_data_input("azureml:nih-shards@3") == "azureml:nih-shards:3"  # a version, in Azure ML's spelling
+    with pytest.raises(AmlJobError) as refused:
+        check_data_input("az://xrays/nih/shards")
+    message = str(refused.value)
+    assert "abfss://xrays@<account>.dfs.core.windows.net/nih/shards" in message and "\n" not in message
+    for bad, why in (
+        ("/data/xrays", "register a local folder"),
+        ("http://account.blob.core.windows.net/x", "must be azureml://"),
+        ("abfss://xrays/nih", "has no '@'"),
+        ("azureml:bad name", "azureml:NAME:VERSION"),
+    ):
+        with pytest.raises(AmlJobError, match=re.escape(why)):
+            check_data_input(bad)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
         (["--nodes", "0"], "--nodes and --gpus-per-node must be >= 1"),
-        (["--data", "/local/folder"], "--data must be a URL"),
+        (["--data", "/local/folder"], "register a local folder first"),
+        (["--data", "az://xrays/nih"], "write abfss://xrays@<account>.dfs.core.windows.net/nih"),
         (["--deepspeed", "/nonexistent.json"], "--deepspeed: file not found"),
+        (["--environment", "acpt-pytorch-2.2-cuda12.1"], "torch 2.2.2 (needs torch>=2.4) (2024 build); use acpt-"),
+        (["--environment", "myimage:1"], "must be an ACPT environment"),
     ],
 )
 def test_bad_job_arguments_are_one_line(tmp_path, capsys, change, message):
     assert cli_main([*ARGS, *change, "--out", str(tmp_path / "j.yml")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "j.yml").exists()
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())

@@ -63,7 +63,17 @@ def test_cli_json_and_acpt_image_check(capsys):
     assert images["acpt-pytorch-2.2-cuda12.1"]["usable"] is False  # torch 2.2.2 < 2.4
     assert main(["env", "--image", "acpt-pytorch-2.2-cuda12.1", "--no-deepspeed-ops"]) == 1
     out = capsys.readouterr().out
-    assert "ERROR [torch-too-old]" in out and "ERROR [deepspeed-too-old]" in out
+    # Only the image's documented contents, each build with its source and date; torch is binding (the job keeps the
+    # image's CUDA build), DeepSpeed 0.13.1 is not (the job's install step upgrades it).
+    assert "ERROR [torch-too-old]: build 1 (2024): torch 2.2.2 (needs torch>=2.4)" in out
+    assert "deepspeed 0.13.1" in out and "ERROR [deepspeed" not in out and "transformers 5" not in out
+    assert "build 2 on mcr.microsoft.com/aifx/acpt/stable-ubuntu2204-cu118-py310-torch271" in out
+    assert out.rstrip().endswith("Fix: use the ACPT environment acpt-pytorch-2.8-cuda12.6")
+    assert main(["env", "--image", "AzureML-acpt-pytorch-2.8-cuda12.6@latest", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert check["usable"] and [b["torch"] for b in check["builds"]] == ["2.8.0"]
+    assert main(["env", "--image", "ubuntu:22.04"]) == 2
+    assert "is not an ACPT environment" in capsys.readouterr().err
     assert main(["env", "--assume", "torch"]) == 2
     assert "NAME=VERSION" in capsys.readouterr().err
 

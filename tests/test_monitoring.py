@@ -141,7 +141,11 @@ def test_profiled_run_with_planted_slowdown(tmp_path, capsys):
     assert kinds["data_wait"]["step"] >= 8 and kinds["throughput_drop"]["step"] >= 8
 
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all({"images_per_second", "data_wait_pct", "tflops_per_gpu"} <= set(h) for h in train_logs)
+    assert all({"images_per_second", "data_wait_pct", "tflops_per_gpu", "alerts_total"} <= set(h) for h in train_logs)
+    # Each alert is a number in the log of its step, for the reporters to chart.
+    for kind in ("data_wait", "throughput_drop"):
+        assert [h["step"] for h in train_logs if f"alert_{kind}" in h] == [kinds[kind]["step"]], kind
+    assert train_logs[-1]["alerts_total"] == len(_alerts(out))
     assert train_logs[-1]["data_wait_pct"] > 90 > 50 > train_logs[5]["data_wait_pct"]
     summary = json.loads((out / "throughput.json").read_text())
     assert (
@@ -205,10 +209,16 @@ def test_loss_spike_and_memory_rules_fire_once_per_episode(tmp_path):
     callback = AlertCallback(MonitoringArguments(), training_args, memory_probe=lambda: next(memory))
     control = TrainerControl()
     losses = [1.0, 0.9, 0.95, 0.85, 0.9, 0.88, 4.0, 4.1, 0.8, 0.82]
+    logged = []
     for step, loss in enumerate(losses, 1):
-        callback.on_log(training_args, _state(step), control, logs={"loss": loss, "grad_norm": 1.0})
+        logged.append({"loss": loss, "grad_norm": 1.0})
+        callback.on_log(training_args, _state(step), control, logs=logged[-1])
     fired = [(a["kind"], a["step"]) for a in _alerts(tmp_path)]
     assert fired == [("loss_spike", 7), ("memory", 7), ("memory", 10)]  # the memory episode cleared at step 9
+    # The same as numbers in the logs: a running count, and a flag at the step an alert fires.
+    assert [logs["alerts_total"] for logs in logged] == [0] * 6 + [2, 2, 2, 3]
+    flags = [sorted(k for k in logs if k.startswith("alert_")) for logs in logged]
+    assert flags == [[]] * 6 + [["alert_loss_spike", "alert_memory"], [], [], ["alert_memory"]]
     assert not control.should_training_stop  # --stop_on_alert is off
 
 

@@ -1,12 +1,15 @@
-"""nccl-check: bandwidth definitions, sweep parsing, watchdog, and a real 2-process gloo run under torchrun."""
+"""nccl-check: bandwidth definitions, sweep parsing, watchdog, a real 2-process gloo run under torchrun, and ranks that
+never join or die (plain processes: one line naming the rank and the collective, exit 3)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
 import time
+from subprocess import PIPE
 
 import pytest
 
@@ -19,6 +22,7 @@ from hf_medvis.infra.nccl import (
     size_sweep,
 )
 from hf_medvis.infra.nccl_cli import _expected_figure
+from hf_medvis.infra.nccl_failures import DIE_AT_ENV, _cause, is_communication_error
 from hf_medvis.infra.nccl_report import evaluate_expectation
 
 
@@ -138,3 +142,85 @@ def test_a_missing_rank_times_out_with_a_clear_error():
     proc = _torchrun("--max-bytes", "1K", "--iters", "1", "--warmup", "0", "--timeout", "3", "--debug-absent-rank", "1")
     assert proc.returncode != 0
     assert "did not complete within 3 s" in proc.stderr
+    assert "rank 1 is alive but last entered init" in proc.stderr  # the stalled rank is told apart from a dead one
+
+
+def test_failure_causes_are_a_few_words():
+    assert _cause(RuntimeError("[pair.cc:534] Read error [127.0.0.1]:1234: Connection reset by peer")) == (
+        "connection reset"
+    )
+    assert _cause(RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed.")) == "connection closed"
+    assert is_communication_error(RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer"))
+    assert not is_communication_error(RuntimeError("expected a tensor of dtype float"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ranks(ranks: list[int], *args: str, world_size: int = 2, die_at: str | None = None) -> dict[int, tuple]:
+    """Starts the given ranks of a ``world_size`` gloo job as plain processes (no launcher that would kill the
+    survivors); returns {rank: (exit code, stdout, stderr, seconds)}."""
+    port = _free_port()
+    procs = {}
+    for rank in ranks:
+        env = _env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+        env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+        if die_at:
+            env[DIE_AT_ENV] = die_at
+        command = [sys.executable, "-m", "hf_medvis.cli", "nccl-check", "--max-bytes", "4K", "--iters", "2", *args]
+        procs[rank] = (time.monotonic(), subprocess.Popen(command, env=env, stdout=PIPE, stderr=PIPE, text=True))
+    results = {}
+    for rank, (start, proc) in procs.items():
+        out, err = proc.communicate(timeout=90)
+        results[rank] = (proc.returncode, out, err, time.monotonic() - start)
+    return results
+
+
+def _one_error_line(err: str, rank: int) -> str:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"hf-medvis nccl-check: error: rank {rank}: "), lines[0]
+    return lines[0]
+
+
+SLACK_S = 20  # process start and torch import on a loaded 2-core CI machine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("absent", [1, 0])
+def test_a_rank_that_never_joins_is_named_within_the_timeout(absent):
+    present = 1 - absent
+    code, _, err, seconds = _ranks([present], "--timeout", "5")[present]
+    line = _one_error_line(err, present)
+    assert code == 3 and seconds < 5 + SLACK_S
+    if absent == 1:
+        assert "rank 1 never joined (2 expected, 1 joined within 5 s) during rendezvous" in line
+    else:  # rank 0 hosts the store: the others cannot even reach it
+        assert "rank 0 (which hosts the rendezvous store at 127.0.0.1:" in line and "during rendezvous" in line
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_run_is_named_by_the_survivor():
+    results = _ranks([0, 1], "--timeout", "10", die_at="1:all_gather")
+    assert results[1][0] == 9  # the test hook's os._exit(9), as a killed rank
+    code, out, err, seconds = results[0]
+    line = _one_error_line(err, 0)
+    assert code == 3 and seconds < 10 + SLACK_S
+    assert "rank 1 died during all_gather of 1 KiB (" in line and line.endswith("surviving ranks: 0")
+    assert "# nccl-check" not in out  # no table from an incomplete run
+
+
+@pytest.mark.slow
+def test_when_rank_0_dies_its_store_goes_with_it_and_rank_1_still_says_so():
+    results = _ranks([0, 1], "--timeout", "10", die_at="0:all_gather")
+    assert results[0][0] == 9
+    code, _, err, seconds = results[1]
+    line = _one_error_line(err, 1)
+    assert code == 3 and seconds < 10 + SLACK_S
+    assert "rank 0 (which hosts the rendezvous store at 127.0.0.1:" in line
+    assert "is unreachable during all_gather of 1 KiB" in line

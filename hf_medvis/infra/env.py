@@ -4,18 +4,21 @@ versions come from package metadata and DeepSpeed ops are probed with ``is_compa
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import importlib.metadata as metadata
 import os
 import platform
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .acpt import acpt_names, check_acpt
 from .catalog import load_data
 
 # Distributions reported, in this order. Requirements between them are checked too (a "pip check" of the stack).
@@ -30,6 +33,13 @@ def _installed_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _source_version() -> str | None:
+    # Not installed: run from a source tree, as an Azure ML job's code snapshot on PYTHONPATH is.
+    from .. import __version__
+
+    return f"{__version__} (source tree)"
 
 
 def _base_version(text: str) -> Version | None:
@@ -116,7 +126,7 @@ def collect_env_report(
     """
     overrides = dict(versions or {})
     packages = {name: _installed_version(name) for name in STACK}
-    packages["hf_medvis"] = _installed_version("hf_medvis")
+    packages["hf_medvis"] = _installed_version("hf_medvis") or _source_version()
     packages.update({k: v for k, v in overrides.items() if k != "python"})
     report: dict[str, Any] = {
         "python": overrides.get("python") or platform.python_version(),
@@ -132,7 +142,12 @@ def collect_env_report(
     else:
         report["deepspeed_ops"], report["deepspeed_build"] = None, {}
     report["problems"] = check_env(report)
-    report["acpt_images"] = [_check_image(image) for image in load_data("compat")["acpt_images"]]
+    requirements = package_requirements()
+    report["acpt_images"] = []
+    for name in acpt_names():
+        check = check_acpt(name, requirements)
+        reasons = [f"{r} ({b['checked']} build)" for b in check["builds"] for r in b["reasons"]]
+        report["acpt_images"].append({"name": name, "usable": check["usable"], "reasons": reasons})
     return report
 
 
@@ -144,14 +159,48 @@ def _version_of(report: Mapping[str, Any], name: str) -> str | None:
     return report["python"] if name == "python" else report["packages"].get(name)
 
 
+def declared_requirements(extras: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """This package's ``python_requires`` and requirement lines (install_requires plus the named extras).
+
+    From the installed metadata; when hf_medvis runs from a source tree that is not installed (an Azure ML job's code
+    snapshot on PYTHONPATH), from the setup.cfg beside the package.
+    """
+    try:
+        python = str(metadata.metadata("hf_medvis").get("Requires-Python", ""))
+        lines = []
+        for line in metadata.requires("hf_medvis") or []:
+            requirement = Requirement(line)
+            if requirement.marker is None:
+                lines.append(line)
+            elif any(requirement.marker.evaluate({"extra": extra}) for extra in extras):
+                requirement.marker = None
+                lines.append(str(requirement))
+        return python, lines
+    except metadata.PackageNotFoundError:
+        setup_cfg = Path(__file__).resolve().parents[2] / "setup.cfg"
+        if not setup_cfg.is_file():
+            raise ValueError("hf_medvis is neither installed nor run from its source tree (no setup.cfg)") from None
+        config = configparser.ConfigParser()
+        config.read(setup_cfg)
+        options = config["options"]
+        lines = _cfg_lines(options.get("install_requires", ""))
+        for extra in extras:
+            lines += _cfg_lines(config["options.extras_require"].get(extra, ""))
+        return options.get("python_requires", ""), lines
+
+
+def _cfg_lines(value: str) -> list[str]:
+    return [line.strip() for line in value.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 def package_requirements() -> dict[str, str]:
-    """This package's declared minimum versions (installed metadata of setup.cfg) for the packages compat.yaml lists."""
-    dist = metadata.metadata("hf_medvis")
-    declared = {"python": str(dist.get("Requires-Python", ""))}
-    for line in metadata.requires("hf_medvis") or []:
+    """This package's declared minimum versions (setup.cfg's python_requires and install_requires) for the packages
+    compat.yaml lists."""
+    python, lines = declared_requirements()
+    declared = {"python": python}
+    for line in lines:
         requirement = Requirement(line)
-        if requirement.marker is None:  # extras ("; extra == ...") are optional
-            declared[requirement.name.lower().replace("-", "_")] = str(requirement.specifier)
+        declared[requirement.name.lower().replace("-", "_")] = str(requirement.specifier)
     return {name: declared[name] for name in load_data("compat")["requirements"] if declared.get(name)}
 
 
@@ -303,16 +352,6 @@ def check_env(report: Mapping[str, Any]) -> list[dict[str, str]]:
     )
 
 
-def _check_image(image: Mapping[str, Any]) -> dict[str, Any]:
-    """Whether an ACPT image's documented versions meet this package's requirements."""
-    versions = {k: str(v) for k, v in image.items() if k not in ("name", "ubuntu", "cuda")}
-    reasons = []
-    for name, spec in package_requirements().items():
-        if name in versions and not _satisfies(versions[name], spec):
-            reasons.append(f"{name} {versions[name]} (needs {spec})")
-    return {**dict(image), "usable": not reasons, "reasons": reasons}
-
-
 def env_exit_code(report: Mapping[str, Any]) -> int:
     """1 when the report holds a known-bad combination (an error), else 0."""
     return 1 if any(p["severity"] == "error" for p in report["problems"]) else 0
@@ -350,7 +389,7 @@ def format_env_report(report: Mapping[str, Any]) -> str:
         lines.append(
             "  ACPT images (documented contents): "
             + "; ".join(
-                f"{i['name']} {'usable' if i['usable'] else 'too old: ' + ', '.join(i['reasons'])}" for i in images
+                f"{i['name']} {'usable' if i['usable'] else 'not usable: ' + ', '.join(i['reasons'])}" for i in images
             )
         )
     problems = report["problems"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from .catalog import load_data
-
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).
 
@@ -28,21 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check a planned environment: replace a detected version (repeatable; NAME is python or a package)",
     )
     parser.add_argument(
-        "--image", default=None, help="check an ACPT image's documented versions (e.g. acpt-pytorch-2.2-cuda12.1)"
+        "--image",
+        default=None,
+        help="check an Azure ML ACPT environment instead of this machine, from what its definition documents "
+        "(e.g. acpt-pytorch-2.8-cuda12.6); every documented build of the name must pass",
     )
     parser.add_argument("--no-deepspeed-ops", action="store_true", help="skip probing DeepSpeed op compatibility")
     parser.set_defaults(func=run)
 
 
-def parse_assumptions(items: list[str], image: str | None = None) -> dict[str, str]:
-
+def parse_assumptions(items: list[str]) -> dict[str, str]:
     versions: dict[str, str] = {}
-    if image:
-        images = {i["name"]: i for i in load_data("compat")["acpt_images"]}
-        name = image.removeprefix("azureml:").removeprefix("AzureML-").split("@")[0].split(":")[0]
-        if name not in images:
-            raise ValueError(f"unknown ACPT image '{image}' (known: {', '.join(images)})")
-        versions.update({k: str(v) for k, v in images[name].items() if k in ("python", "torch", "deepspeed")})
     for item in items:
         name, sep, version = item.partition("=")
         if not sep or not name.strip() or not version.strip():
@@ -52,10 +46,21 @@ def parse_assumptions(items: list[str], image: str | None = None) -> dict[str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    from .env import collect_env_report, env_exit_code, format_env_report
+    from .env import collect_env_report, env_exit_code, format_env_report, package_requirements
 
+    if args.image:
+        if args.assume:
+            raise ValueError("--image checks an image's documented contents; --assume changes this machine's: use one")
+        from .acpt import check_acpt, format_acpt_check, parse_acpt_reference
+
+        reference = parse_acpt_reference(args.image)
+        if reference is None:
+            raise ValueError(f"--image: '{args.image}' is not an ACPT environment (e.g. acpt-pytorch-2.8-cuda12.6)")
+        check = check_acpt(reference.name, package_requirements())
+        print(json.dumps(check, indent=2) if args.json else format_acpt_check(check))
+        return 0 if check["usable"] else 1
     report = collect_env_report(
-        versions=parse_assumptions(args.assume, args.image) or None, include_deepspeed_ops=not args.no_deepspeed_ops
+        versions=parse_assumptions(args.assume) or None, include_deepspeed_ops=not args.no_deepspeed_ops
     )
     print(json.dumps(report, indent=2) if args.json else format_env_report(report))
     return env_exit_code(report)

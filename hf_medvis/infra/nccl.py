@@ -82,10 +82,9 @@ class DistributedContext:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def init_distributed(
-    backend: str = "auto", timeout_s: float = 300.0, environ: dict[str, str] | None = None
-) -> DistributedContext:
-    """Joins the process group described by the launcher's environment (torchrun, accelerate launch, Azure ML)."""
+def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The launcher's environment with MPI / Azure ML variables turned into torch's (as the recipes do); raises
+    NotDistributedError when RANK, WORLD_SIZE, MASTER_ADDR or MASTER_PORT is missing."""
     env = os.environ if environ is None else environ
     normalize_distributed_env(env)  # MPI / Azure ML launches -> torch's variables, as the recipes do
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env]
@@ -94,6 +93,15 @@ def init_distributed(
             f"not launched distributed ({', '.join(missing)} not set): run it under a launcher, e.g. "
             "torchrun --nproc_per_node 2 $(which hf-medvis) nccl-check"
         )
+    return env
+
+
+def init_distributed(
+    backend: str = "auto", timeout_s: float = 300.0, environ: dict[str, str] | None = None, store: Any = None
+) -> DistributedContext:
+    """Joins the process group described by the launcher's environment (torchrun, accelerate launch, Azure ML), over
+    ``store`` when given (a c10d Store every rank already reached), else over the env:// rendezvous."""
+    env = launch_env(environ)
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -105,6 +113,8 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    if store is not None:
+        kwargs.update(store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
     if backend == "nccl":
         kwargs["device_id"] = device  # binds the communicator eagerly, so a broken fabric fails here, not mid-sweep
     dist.init_process_group(**kwargs)
@@ -143,6 +153,7 @@ class Watchdog:
 
     @staticmethod
     def _exit(message: str) -> None:
+        sys.stdout.flush()
         print(message, file=sys.stderr, flush=True)
         os._exit(3)
 

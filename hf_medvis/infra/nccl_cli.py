@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,19 +82,24 @@ def _expected_figure(value: str, nodes: int) -> tuple[float, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # c10d's C++ warnings (a store connection closing, with its C++ stack) would bury the one-line verdict of a missing
+    # or dead rank; TORCH_CPP_LOG_LEVEL=INFO (or WARNING) brings them back. Read once, as torch is imported.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     import torch.distributed as dist
 
     from .nccl import (
         COLLECTIVES,
         NotDistributedError,
-        Watchdog,
         init_distributed,
+        launch_env,
         nccl_environment,
         nccl_version,
         parse_bytes,
         run_collectives,
         size_sweep,
     )
+    from .nccl_failures import MonitoredWatchdog, RankMonitor
     from .nccl_report import CheckReport, evaluate_expectation, format_table
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -103,43 +109,63 @@ def run(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.warmup < 0 or args.timeout <= 0:
         raise ValueError("--iters must be >= 1, --warmup >= 0 and --timeout > 0")
     try:
-        # The backend's own timeout stays well behind --timeout so that the watchdog's clear message always wins the race
-        # (gloo raises its own timeout as a bare traceback).
-        ctx = init_distributed(args.backend, timeout_s=args.timeout * 2 + 10)
+        env = launch_env()
     except NotDistributedError as err:
         raise ValueError(str(err)) from None
-    if args.debug_absent_rank == ctx.rank:
-        time.sleep(args.timeout * 3)
-        return 1
-    watchdog = Watchdog(args.timeout, ctx.rank)
+    # Every rank joins a store first: a rank that never comes is named after --timeout (exit 3), not a DistStoreError.
+    monitor = RankMonitor(
+        int(env["RANK"]),
+        int(env["WORLD_SIZE"]),
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        args.timeout,
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+    )
+    monitor.join()
+    watchdog = MonitoredWatchdog(monitor, args.timeout)
     try:
-        max_bytes = parse_bytes(args.max_bytes or (GPU_DEFAULT_MAX if ctx.device.type == "cuda" else CPU_DEFAULT_MAX))
-        sizes = size_sweep(parse_bytes(args.min_bytes), max_bytes, args.step_factor)
-        expected = _expected_figure(args.expect_busbw, ctx.nodes) if args.expect_busbw else None
-        report = CheckReport(
-            world_size=ctx.world_size,
-            nodes=ctx.nodes,
-            backend=ctx.backend,
-            device=_device_name(ctx.device),
-            dtype=args.dtype,
-            nccl_version=nccl_version() if ctx.backend == "nccl" else None,
-            nccl_env=nccl_environment(),
-        )
-        for result in run_collectives(ctx, ops, sizes, args.dtype, args.iters, args.warmup, watchdog):
-            report.results.append(result)
-        if expected:
-            report.expectation = evaluate_expectation(report.results, expected[0], args.tolerance, expected[1])
-        if ctx.rank == 0:
-            print(format_table(report), flush=True)
-            if args.json_path:
-                path = Path(args.json_path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        watchdog.arm("final barrier")
-        dist.barrier()
-        watchdog.disarm()
+        with monitor.guard():
+            watchdog.arm("init")
+            # The backend's own timeout stays well behind --timeout so that the watchdog's clear message always wins the
+            # race (gloo raises its own timeout as a bare traceback).
+            ctx = init_distributed(args.backend, timeout_s=args.timeout * 2 + 10, store=monitor.store)
+            watchdog.disarm()
+            if args.debug_absent_rank == ctx.rank:
+                time.sleep(args.timeout * 3)
+                return 1
+            max_bytes = parse_bytes(
+                args.max_bytes or (GPU_DEFAULT_MAX if ctx.device.type == "cuda" else CPU_DEFAULT_MAX)
+            )
+            sizes = size_sweep(parse_bytes(args.min_bytes), max_bytes, args.step_factor)
+            expected = _expected_figure(args.expect_busbw, ctx.nodes) if args.expect_busbw else None
+            report = CheckReport(
+                world_size=ctx.world_size,
+                nodes=ctx.nodes,
+                backend=ctx.backend,
+                device=_device_name(ctx.device),
+                dtype=args.dtype,
+                nccl_version=nccl_version() if ctx.backend == "nccl" else None,
+                nccl_env=nccl_environment(),
+            )
+            for result in run_collectives(ctx, ops, sizes, args.dtype, args.iters, args.warmup, watchdog):
+                report.results.append(result)
+            if expected:
+                report.expectation = evaluate_expectation(report.results, expected[0], args.tolerance, expected[1])
+            if ctx.rank == 0:
+                print(format_table(report), flush=True)
+                if args.json_path:
+                    path = Path(args.json_path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            watchdog.arm("final barrier")
+            dist.barrier()
+            # The heartbeats stop before rank 0 (which may host the store) can leave: nobody beats into a closed store.
+            monitor.close()
+            dist.barrier()
+            watchdog.disarm()
     finally:
         watchdog.close()
+        monitor.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     if not report.all_correct:

@@ -149,8 +149,26 @@ class RecipeTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: images are decoded on access by the dataset transform."}
     )
+    # The Trainer's default for a PreTrainedModel is to search for unused parameters at every DDP step (an extra
+    # autograd traversal, and a warning from every rank): ViT-MAE and the ViT classifiers use all of theirs, and frozen
+    # ones (linear probe) are not handed to DDP.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: look for parameters without gradients at every step (default off)."}
+    )
+    # TrainingArguments types it str-or-list, which its parser reads as one word: several reporters need a list.
+    report_to: list[str] | None = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Where metrics go: mlflow, tensorboard (both: --report_to mlflow tensorboard), azure_ml (= mlflow, "
+            "which Azure ML shows for the job), any other transformers integration, 'all' or 'none'."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # set in code, or 'mlflow,tensorboard'
+            self.report_to = [self.report_to]
+        if self.report_to is not None:
+            self.report_to = [name.strip() for item in self.report_to for name in item.split(",") if name.strip()]
         if self.base_learning_rate is not None and self.base_learning_rate <= 0:
             raise ValueError(f"--base_learning_rate must be > 0, got {self.base_learning_rate}")
         if self.base_learning_rate is None and not self.learning_rate > 0:

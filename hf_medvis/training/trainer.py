@@ -23,6 +23,7 @@ from ..models.param_groups import vit_param_groups
 from ..models.weights import load_saved_weights
 from .deepspeed_config import prefer_torch_adam_without_cuda
 from .preemption import CheckpointCommitCallback, mark_incomplete, workers_ignore_sigterm
+from .reporting import arrange_reporters
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
 
@@ -121,6 +122,9 @@ class MedVisTrainer(Trainer):
         # Checkpoints count for resume only once marked complete (preemption.py); tracing is opt-in (sample_trace.py).
         if not any(isinstance(cb, CheckpointCommitCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(CheckpointCommitCallback())
+        # The Trainer puts its reporters (--report_to) before our callbacks: the keys ours add to the logs (throughput,
+        # alerts) must be there before MLflow or TensorBoard read them.
+        arrange_reporters(self.callback_handler)
         self.sample_trace = SampleTrace.from_env(self.args.process_index)
         if self.sample_trace is not None:
             self.data_collator = self.sample_trace.wrap_collator(self.data_collator)

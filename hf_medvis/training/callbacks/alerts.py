@@ -26,7 +26,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..args import MonitoringArguments
-from .common import is_training_log
+from .common import add_to_log, is_training_log
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,11 @@ def cuda_memory_fraction() -> float | None:
 class AlertCallback(TrainerCallback):
     """Checks each training log for NaN/inf, loss spikes, throughput drops, data-wait and memory; each alert goes to
     the log (WARNING), output_dir/alerts.jsonl (main process), an optional webhook, and optionally stops training.
-    An alert of one kind fires once, and again only after the condition has cleared."""
+    An alert of one kind fires once, and again only after the condition has cleared. Each training log carries
+    ``alerts_total`` (alerts fired so far on this process) and ``alert_<kind>: 1.0`` for each alert fired at its step,
+    as numbers the reporters chart (they run after this callback: ``reporting.arrange_reporters``)."""
+
+    adds_to_logs = True  # run before the reporters, after ThroughputCallback whose keys the rules read
 
     def __init__(
         self,
@@ -162,6 +166,9 @@ class AlertCallback(TrainerCallback):
         self.active = kinds
         for finding in new:
             self.raise_alert(finding, state)
+        scalars: dict[str, float] = {"alerts_total": float(len(self.fired))}
+        scalars.update({f"alert_{finding['kind']}": 1.0 for finding in new})
+        add_to_log(state, logs, scalars)
         if self.m.stop_on_alert and self._any_rank_alerted(bool(new)):
             logger.warning("stopping training after an alert (--stop_on_alert)", extra={"step": state.global_step})
             control.should_training_stop = True

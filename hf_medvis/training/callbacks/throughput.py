@@ -27,7 +27,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ...infra.catalog import gpu_peak_tflops
 from ..args import MonitoringArguments, precision_name
-from .common import is_training_log, significant
+from .common import add_to_log, is_training_log, significant
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ def default_peak_tflops(precision: str) -> float | None:
 
 class ThroughputCallback(TrainerCallback):
     """Adds images_per_second, tflops_per_gpu, mfu and data_wait_pct to each training log (they reach the console,
-    trainer_state.json and the structured logs; reporters that run before user callbacks, such as TensorBoard, see
-    them in ``state.log_history``) and writes a summary at the end."""
+    trainer_state.json, the structured logs and, through ``reporting.arrange_reporters``, every ``--report_to``
+    reporter) and writes a summary at the end."""
+
+    adds_to_logs = True  # run before the reporters (reporting.arrange_reporters)
 
     def __init__(
         self,
@@ -136,10 +138,7 @@ class ThroughputCallback(TrainerCallback):
         elapsed = self._compute + self._wait
         stats = {"steps": self._steps, "seconds": elapsed, "wait_seconds": self._wait}
         self.intervals.append(stats)
-        metrics = self.metrics_for(self._steps, elapsed, self._wait)
-        logs.update(metrics)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        add_to_log(state, logs, self.metrics_for(self._steps, elapsed, self._wait))
         self._reset_interval()
         self._ref = now
 
