@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -115,18 +116,54 @@ def _build_job_python(context: Path) -> Path:
     return venv / "bin"
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("aml")
+def _write_job(root: Path, *extra: str) -> tuple[Path, dict]:
     config = root / "configs" / "mae_rehearsal.yaml"
-    config.parent.mkdir()
+    config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(CONFIG))
     out = root / "job" / "job.yml"
     args = ["aml-job", "--recipe", "pretrain_mae", "--config", str(config), "--compute", "cpu-cluster"]
     args += ["--instance-type", "Standard_D4s_v5", "--nodes", "2", "--gpus-per-node", "1"]
-    args += ["--data", "azureml://datastores/xrays/paths/phantoms/", "--code", str(REPO), "--out", str(out)]
+    args += ["--data", "azureml://datastores/xrays/paths/phantoms/", "--code", str(REPO), "--out", str(out), *extra]
     assert cli_main(args) == 0
     return out, yaml.safe_load(out.read_text())
+
+
+def _azure_ml_setting(job_python: Path, root: Path) -> tuple[dict[str, str], Any, str, str]:
+    """The environment Azure ML gives a job (the distribution's variables come per node, from start_nodes): this
+    Python first on PATH, the Hub unreachable, and an MLflow run created beforehand, as Azure ML creates the job's."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = f"file:{root / 'mlruns'}"
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.create_experiment("hf-medvis")
+    run_id = client.create_run(experiment).info.run_id
+    env = {
+        "PATH": f"{job_python}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", str(root)),
+        "LANG": "C.UTF-8",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_EXPERIMENT_ID": experiment,
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+    }
+    return env, client, experiment, run_id
+
+
+def _mounted(phantom_dir: Path, root: Path) -> Path:
+    """The data as a read-only mounted folder (``mode: ro_mount``)."""
+    mount = root / "mnt" / "data"
+    shutil.copytree(phantom_dir / "images", mount)
+    for path in [mount, *mount.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return mount
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> tuple[Path, dict]:
+    return _write_job(tmp_path_factory.mktemp("aml"))
 
 
 @pytest.fixture(scope="module")
@@ -145,39 +182,17 @@ def _complete_checkpoints(output_dir: Path) -> list[int]:
 def test_generated_job_trains_is_preempted_and_resumes_as_azure_ml_runs_it(
     job, job_python, tmp_path, phantom_dir, monkeypatch
 ):
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for local use behind this
 
     out, spec = job
     # Azure ML: the code snapshot is the working directory, the data a read-only mount, the output a folder.
     workdir = copy_code_snapshot(spec, out.parent, tmp_path / "snapshot")
     assert (workdir / "recipes" / "pretrain_mae.py").is_file() and not (workdir / ".venv").exists()
-    mount = tmp_path / "mnt" / "data"
-    shutil.copytree(phantom_dir / "images", mount)
-    for path in [mount, *mount.rglob("*")]:
-        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    mount = _mounted(phantom_dir, tmp_path)
     output_dir = tmp_path / "outputs" / "output_dir"
     paths = {**local_file_inputs(spec, out.parent), "inputs.data": str(mount), "outputs.output_dir": str(output_dir)}
     command = render_command(spec["command"], paths)
-
-    # Azure ML creates the job's MLflow run before the job starts and hands it over in the environment.
-    tracking = f"file:{tmp_path / 'mlruns'}"
-    client = MlflowClient(tracking_uri=tracking)
-    experiment = client.create_experiment("hf-medvis")
-    run_id = client.create_run(experiment).info.run_id
-    base_env = {
-        "PATH": f"{job_python}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-        "LANG": "C.UTF-8",
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_TRACKING_URI": tracking,
-        "MLFLOW_EXPERIMENT_ID": experiment,
-        "MLFLOW_RUN_ID": run_id,
-        "MLFLOW_ALLOW_FILE_STORE": "true",
-    }
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for local use behind this
+    base_env, client, experiment, run_id = _azure_ml_setting(job_python, tmp_path)
 
     # Attempt 1: preempted once a checkpoint is complete (Azure ML sends SIGTERM to every node).
     nodes = start_nodes(spec, command, workdir, base_env, free_port(), tmp_path / "logs1")
@@ -217,3 +232,33 @@ def test_generated_job_trains_is_preempted_and_resumes_as_azure_ml_runs_it(
         assert key in metrics, sorted(metrics)
     steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert {1, STEPS} <= steps
+
+
+def test_the_deepspeed_job_runs_as_written_too(job_python, tmp_path, phantom_dir, monkeypatch):
+    """The DeepSpeed ZeRO-2 variant of the command (accelerate's DeepSpeed launcher, `standard` multi-node launcher,
+    the JSON as a downloaded input): 2 nodes train to the end and save weights that load."""
+    from transformers import ViTMAEForPreTraining
+
+    out, spec = _write_job(
+        tmp_path / "aml", "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--", "--max_steps", "4"
+    )
+    assert "--use_deepspeed" in spec["command"]
+    workdir = copy_code_snapshot(spec, out.parent, tmp_path / "snapshot")
+    output_dir = tmp_path / "outputs" / "output_dir"
+    paths = {
+        **local_file_inputs(spec, out.parent),
+        "inputs.data": str(_mounted(phantom_dir, tmp_path)),
+        "outputs.output_dir": str(output_dir),
+    }
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    base_env, client, experiment, run_id = _azure_ml_setting(job_python, tmp_path)
+    nodes = start_nodes(spec, render_command(spec["command"], paths), workdir, base_env, free_port(), tmp_path / "logs")
+    codes = wait_nodes(nodes, timeout=300)
+    logs = [n.output() for n in nodes]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    for log in logs:
+        assert not output_defects(log), log[-3000:]
+    assert "world size 2" in logs[0] and "DeepSpeed" in logs[0]
+    assert json.loads((output_dir / "all_results.json").read_text())["global_step"] == 4
+    assert ViTMAEForPreTraining.from_pretrained(output_dir).config.image_size == CONFIG["image_size"]
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
