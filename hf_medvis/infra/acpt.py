@@ -7,14 +7,13 @@ to this package's declared ranges, so an old or undocumented version of it in th
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
-
 from .catalog import load_data
+from .versions import satisfies
 
 CURATED_REGISTRY = "mcr.microsoft.com/azureml/curated"
 BINDING = ("python", "torch", "torchvision")  # kept as the image has them (see the module docstring)
@@ -36,8 +35,10 @@ class AcptReference:
         """The curated image a Dockerfile can build FROM."""
         return f"{CURATED_REGISTRY}/{self.name}:{self.version or 'latest'}"
 
-    def __str__(self) -> str:
-        return self.name + (f":{self.version}" if self.version else "")
+    @property
+    def slug(self) -> str:
+        """``name`` or ``name-version``, for folder and environment names."""
+        return self.name + (f"-{self.version}" if self.version else "")
 
 
 def parse_acpt_reference(value: str) -> AcptReference | None:
@@ -60,18 +61,6 @@ def acpt_names() -> list[str]:
     return list(dict.fromkeys(build["name"] for build in load_data("compat")["acpt_images"]))
 
 
-def _version(text: str) -> Version | None:
-    try:
-        return Version(Version(str(text)).base_version)
-    except InvalidVersion:
-        return None
-
-
-def _satisfies(found: str, spec: str) -> bool:
-    version = _version(found)
-    return version is not None and SpecifierSet(spec).contains(version, prereleases=True)
-
-
 def _binding_requirements(requirements: dict[str, str]) -> dict[str, str]:
     return {name: spec for name, spec in requirements.items() if name in BINDING}
 
@@ -84,7 +73,7 @@ def check_build(build: dict[str, Any], requirements: dict[str, str]) -> dict[str
             if name != "torchvision":  # the install step adds a torchvision built for the image's torch
                 undocumented.append(name)
                 reasons.append(f"{name} is not documented for this build (needs {name}{spec})")
-        elif not _satisfies(str(build[name]), spec):
+        elif not satisfies(str(build[name]), spec):
             reasons.append(f"{name} {build[name]} (needs {name}{spec})")
     return {**build, "usable": not reasons, "reasons": reasons, "undocumented": undocumented}
 
@@ -109,6 +98,11 @@ def check_acpt(name: str, requirements: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def failure_reasons(check: dict[str, Any]) -> list[str]:
+    """Every reason of every build of a ``check_acpt`` result, each with the date of the build it concerns."""
+    return [f"{reason} ({build['checked']} build)" for build in check["builds"] for reason in build["reasons"]]
+
+
 def default_acpt_name(requirements: dict[str, str]) -> str:
     """The newest documented ACPT environment whose every build can carry hf_medvis."""
     for name in acpt_names():
@@ -126,7 +120,6 @@ def _describe(build: dict[str, Any]) -> str:
 def format_acpt_check(check: dict[str, Any]) -> str:
     """Human-readable ``hf-medvis env --image`` report: only what the image's definition documents."""
     lines = [f"ACPT environment {check['name']} ({check['image']}): documented contents, not this machine"]
-    usable_names = [n for n in acpt_names() if n != check["name"]]
     for index, build in enumerate(check["builds"], 1):
         where = f" on {build['base_image']}" if build.get("base_image") else ""
         lines.append(f"  build {index}{where}: {_describe(build)}")
@@ -147,7 +140,6 @@ def format_acpt_check(check: dict[str, Any]) -> str:
         lines.append(
             "  (the builds of one name differ, and a workspace's @latest or version number does not say which)"
         )
-    better = next((n for n in usable_names if check_acpt(n, check["requirements"])["usable"]), None)
-    if better:
-        lines.append(f"Fix: use the ACPT environment {better}")
+    with contextlib.suppress(ValueError):  # no documented name passes: nothing to suggest
+        lines.append(f"Fix: use the ACPT environment {default_acpt_name(check['requirements'])}")
     return "\n".join(lines)

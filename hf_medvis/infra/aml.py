@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .acpt import AcptReference, check_acpt, default_acpt_name, parse_acpt_reference
+from .acpt import AcptReference, check_acpt, default_acpt_name, failure_reasons, parse_acpt_reference
 from .aml_environment import context_folder_name, write_environment_context
 from .env import package_requirements
 
@@ -125,9 +125,8 @@ def resolve_environment(value: str | None) -> AcptReference | str:
     if reference is not None:
         check = check_acpt(reference.name, requirements)
         if not check["usable"]:
-            reasons = "; ".join(f"{r} ({b['checked']} build)" for b in check["builds"] for r in b["reasons"])
             raise AmlJobError(
-                f"--environment {value}: {reasons}; use {default_acpt_name(requirements)} "
+                f"--environment {value}: {'; '.join(failure_reasons(check))}; use {default_acpt_name(requirements)} "
                 f"(hf-medvis env --image {reference.name} shows the documented builds)"
             )
         return reference
@@ -196,12 +195,18 @@ def _relative(path: str | Path, base_dir: Path) -> str:
     return os.path.relpath(Path(path).resolve(), base_dir.resolve())
 
 
-def build_job(spec: AmlJobSpec, code_root: str | Path = ".", base_dir: str | Path = ".") -> dict:
+def build_job(
+    spec: AmlJobSpec,
+    code_root: str | Path = ".",
+    base_dir: str | Path = ".",
+    environment: AcptReference | str | None = None,
+) -> dict:
     """The job as a dict in Azure ML CLI v2 command-job YAML form, local paths relative to ``base_dir`` (the folder the
-    YAML is written to)."""
+    YAML is written to). ``environment``: ``spec.environment`` already resolved (``resolve_environment``)."""
     spec.check()
     base_dir = Path(base_dir)
-    environment = resolve_environment(spec.environment)
+    if environment is None:
+        environment = resolve_environment(spec.environment)
     inputs: dict = {
         "data": {"type": "uri_folder", "path": spec.data, "mode": spec.data_mode},
         "config": {"type": "uri_file", "path": _relative(spec.config, base_dir), "mode": "download"},
@@ -241,15 +246,17 @@ def _output(path: str | None) -> dict:
     return {"type": "uri_folder", "mode": "rw_mount", **({"path": path} if path else {})}
 
 
-def write_job(spec: AmlJobSpec, out: str | Path, code_root: str | Path = ".") -> Path:
-    """Writes the job YAML and, for an ACPT environment, its build context beside it (a temp name, then renamed)."""
+def write_job(spec: AmlJobSpec, out: str | Path, code_root: str | Path = ".") -> tuple[Path, Path | None]:
+    """Writes the job YAML (a temp name, then renamed) and, for an ACPT environment, its build context beside it;
+    returns both paths (the context: None for a registered environment, used as it is)."""
     out = Path(out)
-    job = build_job(spec, code_root, base_dir=out.parent)
+    environment = resolve_environment(spec.environment)  # once: the job names it, the context is built on it
+    job = build_job(spec, code_root, base_dir=out.parent, environment=environment)
     out.parent.mkdir(parents=True, exist_ok=True)
-    environment = job["environment"]
-    if isinstance(environment, dict):
-        write_environment_context(resolve_environment(spec.environment), out.parent / environment["build"]["path"])
+    context = None
+    if isinstance(environment, AcptReference):
+        context = write_environment_context(environment, out.parent / context_folder_name(environment))
     temporary = out.with_name(f".{out.name}.tmp")
     temporary.write_text(yaml.safe_dump(job, sort_keys=False, width=200))
     temporary.replace(out)
-    return out
+    return out, context

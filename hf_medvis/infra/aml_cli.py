@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from .aml import DATA_MODES, RECIPES, AmlJobSpec, write_job
 
 
@@ -72,13 +70,10 @@ def run(args: argparse.Namespace) -> int:
         job_tier=args.job_tier,
         extra_args=extra,
     )
-    out = write_job(spec, args.out, code_root=args.code)
-    job = yaml.safe_load(out.read_text())
-    environment = job["environment"]
-    if isinstance(environment, dict):
-        context = out.parent / environment["build"]["path"]
+    out, context = write_job(spec, args.out, code_root=args.code)
+    if context is not None:
         print(f"wrote {out} and its environment's build context {context}/ (Dockerfile, install.sh, requirements.txt)")
     else:
-        print(f"wrote {out} (environment {environment}, used as it is)")
+        print(f"wrote {out} (environment {args.environment}, used as it is)")
     print(f"submit with: az ml job create -f {out}")
     return 0

@@ -61,11 +61,11 @@ def job_requirements() -> list[str]:
 
 
 def context_folder_name(reference: AcptReference) -> str:
-    return f"env-{reference.name}" + (f"-{reference.version}" if reference.version else "")
+    return f"env-{reference.slug}"
 
 
 def environment_name(reference: AcptReference) -> str:
-    return f"hf-medvis-{reference.name}" + (f"-{reference.version}" if reference.version else "")
+    return f"hf-medvis-{reference.slug}"
 
 
 def write_environment_context(reference: AcptReference, folder: str | Path) -> Path:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
 
-from .acpt import acpt_names, check_acpt
+from .acpt import acpt_names, check_acpt, failure_reasons
 from .catalog import load_data
+from .versions import base_version, satisfies
 
 # Distributions reported, in this order. Requirements between them are checked too (a "pip check" of the stack).
 STACK: tuple[str, ...] = (
@@ -40,18 +39,6 @@ def _source_version() -> str | None:
     from .. import __version__
 
     return f"{__version__} (source tree)"
-
-
-def _base_version(text: str) -> Version | None:
-    try:
-        return Version(Version(text).base_version)  # "2.14.1+cu130" → 2.14.1: local tags do not change compatibility
-    except InvalidVersion:
-        return None
-
-
-def _satisfies(version: str | None, spec: str) -> bool:
-    parsed = _base_version(version) if version else None
-    return parsed is not None and SpecifierSet(spec).contains(parsed, prereleases=True)
 
 
 def _torch_facts() -> dict[str, Any]:
@@ -146,8 +133,7 @@ def collect_env_report(
     report["acpt_images"] = []
     for name in acpt_names():
         check = check_acpt(name, requirements)
-        reasons = [f"{r} ({b['checked']} build)" for b in check["builds"] for r in b["reasons"]]
-        report["acpt_images"].append({"name": name, "usable": check["usable"], "reasons": reasons})
+        report["acpt_images"].append({"name": name, "usable": check["usable"], "reasons": failure_reasons(check)})
     return report
 
 
@@ -217,7 +203,7 @@ def _requirement_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
                     f'pip install "{name}{spec}"',
                 )
             )
-        elif not _satisfies(found, spec):
+        elif not satisfies(found, spec):
             problems.append(
                 _problem(
                     "error",
@@ -251,7 +237,7 @@ def _stack_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
             if key not in STACK or not str(req.specifier):
                 continue
             found = report["packages"].get(key)
-            if found is not None and not _satisfies(found, str(req.specifier)):
+            if found is not None and not satisfies(found, str(req.specifier)):
                 problems.append(
                     _problem(
                         "error",
@@ -266,7 +252,7 @@ def _stack_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
 def _known_bad_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
     problems = []
     for rule in load_data("compat")["known_bad"]:
-        if all(_satisfies(_version_of(report, name), spec) for name, spec in rule["when"].items()):
+        if all(satisfies(_version_of(report, name), spec) for name, spec in rule["when"].items()):
             problems.append(_problem(rule["severity"], rule["id"], rule["reason"], rule["fix"]))
     return problems
 
@@ -329,7 +315,7 @@ def _hardware_problems(report: Mapping[str, Any]) -> list[dict[str, str]]:
     torch_version = report["packages"].get("torch")
     built_with = build.get("built_with_torch")
     if build.get("prebuilt_ops") and built_with and torch_version:
-        built, running = _base_version(built_with), _base_version(torch_version)
+        built, running = base_version(built_with), base_version(torch_version)
         if built and running and built.release[:2] != running.release[:2]:
             problems.append(
                 _problem(

@@ -203,28 +203,27 @@ class RankMonitor:
         self._failing.acquire()  # a second caller (main thread vs watchdog) waits here for the first one's exit
         what = self._progress
         store = self._beat_store or self.store
+        detail = _cause(err) if err is not None else f"no progress for {self.timeout_s:g} s"
         try:
             store.set(f"failed/{self.rank}", "1")
             verdict = self._failure(store)
             if verdict is None:
-                verdict = self._diagnose(store, what, err, stalled)
+                verdict = self._diagnose(store, what, detail, stalled)
                 store.compare_set("failure", "", verdict)
                 verdict = store.get("failure").decode()
         except dist.DistError as store_err:
-            detail = _cause(err) if err is not None else f"no progress for {self.timeout_s:g} s"
             if self.hosts_store:
                 verdict = f"{what} failed ({detail}) and the rendezvous store stopped answering ({_cause(store_err)})"
             else:
                 verdict = f"{self._store_name()} is unreachable during {what} ({detail}): it died or its host went down"
         self._report_and_exit(verdict, store)
 
-    def _diagnose(self, store: dist.Store, what: str, err: BaseException | None, stalled: bool) -> str:
+    def _diagnose(self, store: dist.Store, what: str, detail: str, stalled: bool) -> str:
         before = {r: store.add(f"beat/{r}", 0) for r in range(self.world_size)}
         time.sleep(WINDOW_S)
         after = {r: store.add(f"beat/{r}", 0) for r in range(self.world_size)}
         exited = {r for r in range(self.world_size) if store.check([f"failed/{r}"])}
         dead = [r for r in range(self.world_size) if r != self.rank and after[r] == before[r] and r not in exited]
-        detail = _cause(err) if err is not None else f"no progress for {self.timeout_s:g} s"
         if dead:
             self._dead = dead
             alive = [r for r in range(self.world_size) if r not in dead]
