@@ -5,6 +5,7 @@ trains exactly as the uninterrupted run (losses, final weights)."""
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +64,49 @@ ARGS = [
     "--resume_from_checkpoint",
     "last",
 ]
+
+
+# A training process whose handler only records SIGTERM, iterating a 2-batch loader epoch after epoch (new workers
+# each epoch) while a thread sends SIGTERM to its DataLoader workers every 0.2 ms, as torchrun's agent forwards a
+# preemption to the whole process group while a new epoch's workers are starting.
+SIGTERM_STORM = """
+import os, signal, sys, threading, time
+import psutil, torch
+from torch.utils.data import DataLoader, TensorDataset
+from hf_medvis.training.preemption import workers_ignore_sigterm
+
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+loader = workers_ignore_sigterm(DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2, num_workers=1))
+stop, me = threading.Event(), psutil.Process()
+
+def storm():
+    while not stop.is_set():
+        for worker in me.children():
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.0002)
+
+threading.Thread(target=storm, daemon=True).start()
+epochs, start = 0, time.time()
+while time.time() - start < float(sys.argv[1]):
+    assert sorted(float(x) for batch in loader for x in batch[0]) == [0.0, 1.0, 2.0, 3.0]
+    epochs += 1
+stop.set()
+print("epochs", epochs)
+"""
+
+
+def test_dataloader_workers_survive_sigterm_while_they_start():
+    """Workers are forked with SIGTERM blocked until their handler is in place: without that, a signal in the few
+    milliseconds between torch's worker start-up and worker_init_fn killed the worker (a 2-node rehearsal failed so,
+    preempted at an epoch boundary), and this loop failed within its first epochs."""
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_STORM, "3"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 10, result.stdout  # many epochs, each starting a new worker
 
 
 @pytest.fixture(scope="module")

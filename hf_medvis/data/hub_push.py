@@ -19,7 +19,8 @@ class HubPushError(RuntimeError):
     """No token, an unreachable Hub, or a refused upload; the message never contains the token."""
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
+    """The Hub's address as the environment says now (huggingface_hub's constant is read once, at import)."""
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT)
 
 
@@ -30,10 +31,10 @@ def check_push_ready(repo_id: str) -> None:
     if not get_token():
         raise HubPushError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
     try:
-        HfApi(endpoint=_endpoint()).whoami()
+        HfApi(endpoint=hub_endpoint()).whoami()
     except Exception as err:  # httpx or huggingface_hub errors: one line, no token
         raise HubPushError(
-            f"--push-to-hub: the Hugging Face Hub at {_endpoint()} is not usable ({_reason(err)})"
+            f"--push-to-hub: the Hugging Face Hub at {hub_endpoint()} is not usable ({_reason(err)})"
         ) from None
 
 
@@ -51,7 +52,7 @@ def push_prepared_to_hub(
     location: str, manifest: dict, repo_id: str, private: bool = True, storage_options: dict | str | None = None
 ) -> str:
     """Uploads the prepared location as dataset ``repo_id`` in one commit; returns the commit URL."""
-    api = HfApi(endpoint=_endpoint())
+    api = HfApi(endpoint=hub_endpoint())
     options = storage.storage_options_for(location, storage_options)
     handles: list[Any] = []
     try:

@@ -7,18 +7,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import TrainingArguments
+
+from ..data.hub_push import hub_endpoint
 
 
 class HubNotReadyError(RuntimeError):
     """No token, a rejected token, or an unreachable Hub; the message never contains the token."""
-
-
-def _endpoint() -> str:
-
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT)
 
 
 def check_hub_ready(args: TrainingArguments, timeout: float = 10.0) -> str:
@@ -28,7 +25,7 @@ def check_hub_ready(args: TrainingArguments, timeout: float = 10.0) -> str:
         raise HubNotReadyError(
             "--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --hub_token"
         )
-    endpoint = _endpoint()
+    endpoint = hub_endpoint()
     try:
         # A reachability probe with a hard timeout first: a black-holed network must not hang the launch.
         urllib.request.urlopen(f"{endpoint}/api/health", timeout=timeout).close()
