@@ -168,6 +168,36 @@ def test_one_mlflow_run_per_job_through_the_final_evaluation_and_a_resume(mlflow
     assert run.data.params["max_steps"] == "4"  # a run's parameters keep their first values
 
 
+def test_one_tensorboard_run_per_job_with_each_step_once_after_a_resume(mlflow_store, phantom_dir, tmp_path):
+    """A job resumed from an earlier checkpoint than its last log writes into the first attempt's folder, and
+    TensorBoard drops what the first attempt logged after that checkpoint (purge_step): one line, each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "mae"
+    argv = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *MONITORING, *MAE_ARGS]
+    argv += ["--report_to", "tensorboard"]
+    log, records = run_recipe("pretrain_mae", [*argv, "--max_steps", "4"])
+    assert_clean(log, records)
+    (folder,) = (out / "runs").iterdir()
+    first = EventAccumulator(str(folder))
+    first.Reload()
+    first_losses = {e.step: e.value for e in first.Scalars("train/loss")}
+
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-2")]
+    log, records = run_recipe("pretrain_mae", [*argv, *resume])
+    assert_clean(log, records)
+    assert f"TensorBoard: resumed job continues {folder}" in log
+    assert list((out / "runs").iterdir()) == [folder]
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first attempt purged
+    assert dict(losses)[2] == first_losses[2]
+    # the resumed attempt replays steps 3-4 on the same samples: same losses (what the purge hides is a duplicate here)
+    assert dict(losses)[3] == pytest.approx(first_losses[3], rel=1e-5)
+    assert [e.step for e in events.Scalars("eval/loss_mean_patch")] == [6]  # the first final evaluation (4) purged too
+
+
 def test_mlflow_run_id_from_the_environment_takes_everything(mlflow_store, phantom_dir, tmp_path, monkeypatch):
     """Azure ML creates the job's run and sets MLFLOW_RUN_ID; ``--report_to azure_ml`` reports through MLflow."""
     experiment = mlflow_store.create_experiment("azureml-job")
@@ -193,20 +223,26 @@ def test_callbacks_that_add_to_the_logs_run_before_the_reporters(tmp_path):
 
     from hf_medvis.training.args import MonitoringArguments
     from hf_medvis.training.callbacks import AlertCallback, LossHistoryCallback, ThroughputCallback
-    from hf_medvis.training.reporting import JobRunMLflowCallback, arrange_reporters, numeric_metrics
+    from hf_medvis.training.reporting import (
+        JobRunMLflowCallback,
+        JobTensorBoardCallback,
+        arrange_reporters,
+        numeric_metrics,
+    )
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     history_cb = LossHistoryCallback(tmp_path)
     throughput, alerts = ThroughputCallback(MonitoringArguments(), args), AlertCallback(MonitoringArguments(), args)
-    tensorboard, printer = TensorBoardCallback(), PrinterCallback()
+    printer = PrinterCallback()
     handler = CallbackHandler(
-        [DefaultFlowCallback(), MLflowCallback(), tensorboard, history_cb, throughput, alerts, printer],
+        [DefaultFlowCallback(), MLflowCallback(), TensorBoardCallback(), history_cb, throughput, alerts, printer],
         None, None, None, None,
     )  # fmt: skip
     arrange_reporters(handler)
     order = handler.callbacks
     assert [type(cb) for cb in order[:3]] == [DefaultFlowCallback, ThroughputCallback, AlertCallback]
-    assert isinstance(order[3], JobRunMLflowCallback) and order[4:] == [tensorboard, history_cb, printer]
+    assert isinstance(order[3], JobRunMLflowCallback) and isinstance(order[4], JobTensorBoardCallback)
+    assert order[5:] == [history_cb, printer]
 
     metrics = {"a": np.float32(0.5), "b": np.int64(3), "c": None, "d": "text", "e": True, "f": 2}
     assert numeric_metrics(metrics) == {"a": 0.5, "b": 3, "f": 2}

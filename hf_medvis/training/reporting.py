@@ -8,6 +8,10 @@ per job.
   MLflowCallback then logs into it and neither ends it at the end of training nor opens a second one for the final
   numbers. The run is ``MLFLOW_RUN_ID``'s when set (Azure ML sets it for a job's run), else the one recorded in
   ``output_dir/mlflow_run.json`` when the job resumes, else a new one (recorded there).
+- TensorBoard: one folder per job too. ``JobTensorBoardCallback`` writes every attempt of a job into the folder the
+  first attempt chose (``output_dir/runs/<time>_<host>``, recorded in ``output_dir/tensorboard_run.json``), and a
+  resumed attempt purges what the interrupted one logged after its checkpoint, so the charts show one line per job
+  with each step once.
 - ``--report_to azure_ml`` means "Azure ML reads the job's MLflow metrics": it becomes ``mlflow`` (transformers' own
   azure_ml reporter needs the retired azureml-core v1 SDK).
 
@@ -27,7 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, MLflowCallback
+from transformers.integrations.integration_utils import (
+    INTEGRATION_TO_CALLBACK,
+    MLflowCallback,
+    TensorBoardCallback,
+    default_logdir,
+)
 from transformers.trainer_callback import CallbackHandler
 
 from ..data.storage import write_json_atomic
@@ -36,6 +45,7 @@ from .outputs import resume_requested
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "mlflow_run.json"
+TENSORBOARD_RECORD = "tensorboard_run.json"
 _MODULES = {"mlflow": ("mlflow",), "tensorboard": ("tensorboard", "tensorboardX")}  # reporter -> modules, any one
 
 
@@ -85,11 +95,14 @@ def reports_to_mlflow(args: TrainingArguments) -> bool:
 
 def arrange_reporters(handler: CallbackHandler) -> None:
     """Callbacks that add metrics to the logs run before the reporters, in their own order; transformers' MLflowCallback
-    becomes ``JobRunMLflowCallback``."""
+    becomes ``JobRunMLflowCallback`` and its TensorBoardCallback ``JobTensorBoardCallback``."""
     callbacks = handler.callbacks
     for index, callback in enumerate(callbacks):
-        if type(callback) is MLflowCallback:  # exactly: subclasses (DagsHub) keep their own behaviour
+        # exactly these types: subclasses (DagsHub's) and callbacks given a writer keep their own behaviour
+        if type(callback) is MLflowCallback:
             callbacks[index] = JobRunMLflowCallback()
+        elif type(callback) is TensorBoardCallback and callback.tb_writer is None:
+            callbacks[index] = JobTensorBoardCallback()
     reporters = tuple(INTEGRATION_TO_CALLBACK.values())
     producers = [cb for cb in callbacks if getattr(cb, "adds_to_logs", False)]
     rest = [cb for cb in callbacks if not getattr(cb, "adds_to_logs", False)]
@@ -123,6 +136,45 @@ class JobRunMLflowCallback(MLflowCallback):
                 len(keeper.changed),
                 _shorten(keeper.changed),
             )
+
+
+class JobTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoardCallback, writing all attempts of a job into one folder.
+
+    transformers opens ``output_dir/runs/<time>_<host>`` per attempt: a preempted and resumed job shows as two runs
+    whose lines overlap over the steps the first attempt logged after its last checkpoint. Here the first attempt's
+    folder is recorded (``tensorboard_run.json``) and reused when the job resumes, with the writer's ``purge_step`` at
+    the first step after the checkpoint: TensorBoard hides what the interrupted attempt logged from there on.
+    ``TENSORBOARD_LOGGING_DIR``, when set, names the folder instead (still purged on resume)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._purge_step: int | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.logging_dir is None and not state.is_hyper_param_search:
+            self.logging_dir = str(_job_logging_dir(args, resumed=state.global_step > 0))
+        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
+            self._purge_step = state.global_step + 1  # step global_step was logged before its checkpoint was saved
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args: TrainingArguments) -> None:
+        purge_step, self._purge_step = self._purge_step, None  # once: later writers (final evaluation) append
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=purge_step)
+
+
+def _job_logging_dir(args: TrainingArguments, resumed: bool) -> Path:
+    output_dir = Path(args.output_dir or ".")
+    record = output_dir / TENSORBOARD_RECORD
+    if resumed:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            folder = output_dir / str(json.loads(record.read_text())["logging_dir"])
+            if folder.is_dir():
+                logger.info("TensorBoard: resumed job continues %s", folder)
+                return folder
+    name = default_logdir()
+    write_json_atomic(record, {"logging_dir": name})
+    return output_dir / name
 
 
 class _KeepLoggedParams:
