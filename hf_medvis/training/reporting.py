@@ -166,12 +166,10 @@ class JobTensorBoardCallback(TensorBoardCallback):
 def _job_logging_dir(args: TrainingArguments, resumed: bool) -> Path:
     output_dir = Path(args.output_dir or ".")
     record = output_dir / TENSORBOARD_RECORD
-    if resumed:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            folder = output_dir / str(json.loads(record.read_text())["logging_dir"])
-            if folder.is_dir():
-                logger.info("TensorBoard: resumed job continues %s", folder)
-                return folder
+    recorded = _recorded(record, "logging_dir") if resumed else None
+    if recorded and (output_dir / recorded).is_dir():
+        logger.info("TensorBoard: resumed job continues %s", output_dir / recorded)
+        return output_dir / recorded
     name = default_logdir()
     write_json_atomic(record, {"logging_dir": name})
     return output_dir / name
@@ -235,7 +233,7 @@ def _start_run(mlflow: Any, args: TrainingArguments) -> str:
     # MLflowCallback.setup would otherwise start that run a second time on top of this one and fail.
     from_env = os.environ.pop("MLFLOW_RUN_ID", None)
     record = Path(args.output_dir or ".") / RUN_RECORD
-    recorded = _recorded_run_id(record) if resume_requested(args) else None
+    recorded = _recorded(record, "run_id") if resume_requested(args) else None
     run = None
     if from_env:
         run = mlflow.start_run(run_id=from_env)
@@ -254,9 +252,10 @@ def _start_run(mlflow: Any, args: TrainingArguments) -> str:
     return run_id
 
 
-def _recorded_run_id(record: Path) -> str | None:
+def _recorded(record: Path, key: str) -> str | None:
+    """``key`` of a job's record (mlflow_run.json, tensorboard_run.json); None when missing or unreadable."""
     try:
-        return str(json.loads(record.read_text())["run_id"])
+        return str(json.loads(record.read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
