@@ -198,6 +198,28 @@ def test_one_tensorboard_run_per_job_with_each_step_once_after_a_resume(mlflow_s
     assert [e.step for e in events.Scalars("eval/loss_mean_patch")] == [6]  # the first final evaluation (4) purged too
 
 
+def test_a_job_stopped_before_its_first_checkpoint_keeps_one_tensorboard_run(mlflow_store, phantom_dir, tmp_path):
+    """Azure ML restarts a job with the same command (--resume_from_checkpoint last) also when the first attempt was
+    stopped before any checkpoint: the restart starts from step 0 in the same folder and the first attempt's steps
+    are purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "mae"
+    argv = ["--train_data", str(phantom_dir / "images"), "--output_dir", str(out), *MONITORING, *MAE_ARGS]
+    argv += ["--report_to", "tensorboard", "--resume_from_checkpoint", "last"]
+    log, records = run_recipe("pretrain_mae", [*argv, "--max_steps", "2", "--save_strategy", "no"])
+    assert_clean(log, records)
+    (folder,) = (out / "runs").iterdir()
+    (out / "all_results.json").unlink()  # written last: without it the job did not finish, as when preempted
+
+    log, records = run_recipe("pretrain_mae", [*argv, "--max_steps", "3", "--save_strategy", "no"])
+    assert_clean(log, records)
+    assert list((out / "runs").iterdir()) == [folder]
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # the first attempt's 1 and 2 purged
+
+
 def test_mlflow_run_id_from_the_environment_takes_everything(mlflow_store, phantom_dir, tmp_path, monkeypatch):
     """Azure ML creates the job's run and sets MLFLOW_RUN_ID; ``--report_to azure_ml`` reports through MLflow."""
     experiment = mlflow_store.create_experiment("azureml-job")

@@ -152,9 +152,12 @@ class JobTensorBoardCallback(TensorBoardCallback):
         self._purge_step: int | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # A resumed job is one restarted with --resume_from_checkpoint, as for MLflow: also when its first attempt
+        # ended before any checkpoint (global_step 0), whose steps are then all purged.
+        resumed = resume_requested(args)
         if state.is_world_process_zero and self.logging_dir is None and not state.is_hyper_param_search:
-            self.logging_dir = str(_job_logging_dir(args, resumed=state.global_step > 0))
-        if state.is_world_process_zero and self.tb_writer is None and state.global_step > 0:
+            self.logging_dir = str(_job_logging_dir(args, resumed))
+        if state.is_world_process_zero and self.tb_writer is None and resumed:
             self._purge_step = state.global_step + 1  # step global_step was logged before its checkpoint was saved
         super().on_train_begin(args, state, control, **kwargs)
 
