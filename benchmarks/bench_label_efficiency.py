@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for fraction, rows in nested_subsets(train_rows, cfg["fractions"]).items():
         labels = out / f"train_{fraction:g}.csv"
         _write_rows(labels, rows)
+        patients = len({r["Patient ID"] for r in rows})
         for seed in args.seeds:
             for arm in ARMS:
                 run_dir = out / f"{arm}_{fraction:g}_seed{seed}"
@@ -174,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
                     argv += " --config recipes/configs/vit_linear_probe.yaml"
                 _quiet(finetune, argv.split())
                 score = test_auroc(run_dir, data / "images", split.paths["test"], cfg["bootstrap"])
-                patients = len({r["Patient ID"] for r in rows})
                 run = {"arm": arm, "fraction": fraction, "seed": seed, "patients": patients, "images": len(rows)}
                 results["runs"].append({**run, **score})
                 _log(f"{arm:12s} {fraction:>5.0%} of the training patients ({patients}), seed {seed}: test macro AUROC "
