@@ -21,6 +21,7 @@ import torch
 from transformers import set_seed
 
 from hf_medvis.data import ClassificationDataArguments, build_datasets
+from hf_medvis.data.folder import write_skipped_images
 from hf_medvis.data.labelled import positive_class_weights
 from hf_medvis.data.storage import describe, write_json_atomic
 from hf_medvis.evaluation import (
@@ -84,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, load_report = built.model, built.load_report
         if model_args.linear_probe:  # encoder frozen: only the BatchNorm + linear head trains
             attach_linear_probe(model)
+        match_model_to_data(model.config, data.image_input)  # before the mean/std: names the channel mismatch
         mean, std = resolve_normalization(
             model_args.model_name_or_path,
             model.config.num_channels,
@@ -91,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_args.image_std,
             data_stats=data.normalization,
         )
-        match_model_to_data(model.config, data.image_input)
         pos_weight = None
         if data_args.pos_weight and spec.multi_label:
             pos_weight = torch.from_numpy(positive_class_weights(data.train, spec))
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             write_card(training_args.output_dir)
             if data.split_report is not None:  # counts only: no image names or patient ids
                 write_json_atomic(Path(training_args.output_dir) / "split_report.json", data.split_report)
+            write_skipped_images(training_args.output_dir, data.skipped_images)  # the files left out, and why
             logger.info(
                 "outputs in %s (model, preprocessor, README.md, all_results.json, loss_history.jsonl)",
                 Path(training_args.output_dir).resolve(),

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import set_seed
 
 from hf_medvis.data import MAEDataArguments, build_datasets
+from hf_medvis.data.folder import write_skipped_images
 from hf_medvis.data.sources import first_examples
 from hf_medvis.data.storage import describe
 from hf_medvis.evaluation.reconstructions import reconstruct, save_reconstruction_grid
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # checkpoint's statistics, else the prepared shards' own, else X-ray defaults.
         with training_args.main_process_first(desc="preparing data"):
             data = build_datasets(data_args, task="mae", image_size=image_size, seed=training_args.seed)
+        match_model_to_data(model.config, data.image_input)  # before the mean/std: names the channel mismatch
         mean, std = resolve_normalization(
             model_args.model_name_or_path,
             model.config.num_channels,
@@ -77,7 +79,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_args.image_std,
             data_stats=data.normalization,
         )
-        match_model_to_data(model.config, data.image_input)
         configure_stream_loading(training_args, data.train)
         disable_evaluation_without_data(training_args, data.eval)
     logger.info(
@@ -152,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         if trainer.is_world_process_zero():
             write_card(training_args.output_dir)
+            write_skipped_images(training_args.output_dir, data.skipped_images)  # the files left out, and why
             if data.eval is not None and data_args.num_reconstruction_images > 0:
                 batch = collate_pixels(first_examples(data.eval, data_args.num_reconstruction_images))["pixel_values"]
                 original, masked, recon = reconstruct(trainer.model, batch, mean, std, seed=training_args.seed)

@@ -396,3 +396,63 @@ def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
         # The training processes run the modules' computation without importing evaluate: the same numbers.
         direct = metrics_with_ci(labels, probs, groups, spec, n_resamples=50, seed=1, via_evaluate=False)
         assert list(direct) == list(final) and direct == pytest.approx(final, abs=1e-12)
+
+
+def _labels_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_evaluate_refuses_labels_whose_classes_are_not_the_models(tmp_path, phantom_dir, capsys):
+    """A labels file with other classes than the model's is refused before anything is scored: exit 2, one line
+    listing both sets, no output folder, the model card byte for byte as it was (evaluate exited 0, wrote metrics and
+    changed the card). ``--label-names`` scores the model's classes of a file that has more, and then the card is
+    updated."""
+    model = _save_classifier(tmp_path / "model", MULTI)
+    card = model / "README.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n# tiny classifier\n")
+    before = card.read_bytes()
+    rows = list(csv.DictReader((phantom_dir / "labels.csv").read_text().splitlines()))
+    nih = [
+        [r["Image Index"], r["Patient ID"], r["Finding Labels"].replace("Effusion", "Pleural Effusion")] for r in rows
+    ]
+    renamed = _labels_csv(tmp_path / "renamed.csv", ["Image Index", "Patient ID", "Finding Labels"], nih)
+    wide_rows = [
+        [r["Image Index"], r["Patient ID"], *("1" if c in r["Finding Labels"] else "0" for c in MULTI.names), "0"]
+        for r in rows
+    ]
+    extra = _labels_csv(tmp_path / "extra.csv", ["Image Index", "Patient ID", *MULTI.names, "Pneumonia"], wide_rows)
+    fewer = _labels_csv(
+        tmp_path / "fewer.csv", ["Image Index", "Patient ID", *MULTI.names[:2]], [r[:4] for r in wide_rows]
+    )
+    more = [  # the model's classes, plus a finding it was not trained on in every third image
+        [r["Image Index"], r["Patient ID"], r["Finding Labels"] + ("|Pneumonia" if i % 3 == 0 else "")]
+        for i, r in enumerate(rows)
+    ]
+    nih_extra = _labels_csv(tmp_path / "more.csv", ["Image Index", "Patient ID", "Finding Labels"], more)
+    model_line = "model Cardiomegaly, Effusion, Nodule; file "
+    cases = [
+        (renamed, [], "(missing: Effusion; extra: Pleural Effusion): the class names must match the model's exactly"),
+        (extra, ["--labels-format", "wide"], "(extra: Pneumonia): the class names must match the model's exactly "
+         "(spelling and case), or pass --label-names Cardiomegaly Effusion Nodule to score the model's classes only"),
+        (fewer, ["--labels-format", "wide"], "file Cardiomegaly, Effusion (missing: Nodule)"),
+        (nih_extra, [], "(extra: Pneumonia): the class names must match the model's exactly (spelling and case), or "
+         "pass --label-names Cardiomegaly Effusion Nodule"),
+    ]  # fmt: skip
+    evaluate = ["evaluate", "--model", str(model), "--data", str(phantom_dir / "images"), "--bootstrap", "20"]
+    for labels, extra_args, expected in cases:
+        code = cli_main([*evaluate, "--labels", str(labels), "--out", str(tmp_path / "eval"), *extra_args])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        assert model_line in errors[0] and expected in errors[0], errors[0]
+        assert not (tmp_path / "eval").exists()
+        assert card.read_bytes() == before
+
+    chosen = ["--label-names", *MULTI.names]  # nih: the classes to score (wide: the columns, as before)
+    assert cli_main([*evaluate, "--labels", str(nih_extra), "--out", str(tmp_path / "eval"), *chosen]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == len(rows)
+    assert card.read_bytes() != before

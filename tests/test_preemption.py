@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, launch_command, multiprocess_env
 
 from hf_medvis.data.prepare import prepare
@@ -20,10 +21,14 @@ from hf_medvis.training.sample_trace import read_trace
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path, caplog):
     from types import SimpleNamespace
 
+    from safetensors.torch import save_file
+
     from hf_medvis.training.outputs import resolve_resume_checkpoint
 
-    for step in (2, 4, 6):
+    for step in (2, 4, 6):  # what a resume reads: the Trainer's state and the weights
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        save_file({"w": torch.zeros(2)}, tmp_path / f"checkpoint-{step}" / "model.safetensors")
     mark_complete(tmp_path / "checkpoint-2", 2)
     mark_complete(tmp_path / "checkpoint-4", 4)  # checkpoint-6: the crash happened while saving it
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")

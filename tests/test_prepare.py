@@ -15,7 +15,8 @@ from pydicom.data import get_testdata_file
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.decode import read_image
-from hf_medvis.data.prepare import prepare
+from hf_medvis.data.location_lock import location_lock
+from hf_medvis.data.prepare import DUPLICATE_ROW, prepare
 from hf_medvis.data.prepare_rows import resize_to_square
 from hf_medvis.data.quarantine import locate_quarantined, read_quarantine
 from hf_medvis.data.shards import iter_shard_rows, stored_pixels
@@ -41,7 +42,11 @@ def test_manifest_counts_checksums_and_pixels(prepared, phantom_dir):
     manifest = json.loads((prepared / "manifest.json").read_text())
     n_inputs = len(list((phantom_dir / "images").glob("*.png"))) + len(list((phantom_dir / "dicom").glob("*.dcm")))
     t = manifest["totals"]
-    assert t["inputs_seen"] == n_inputs == t["written"] + t["quarantined"] and t["quarantined"] == 0
+    # Each phantom is there twice (dicom/X.dcm, images/X.png) for one labels row: one sample, written once, from the
+    # file listed first; the other copy is quarantined with its reason.
+    assert t["inputs_seen"] == n_inputs == t["written"] + t["quarantined"] and t["written"] == n_inputs // 2
+    assert {q["reason"] for q in read_quarantine(str(prepared))} == {DUPLICATE_ROW}
+    assert len({row["key"] for row in all_rows(prepared)}) == t["written"]  # keys unique
     assert sum(s["samples"] for s in manifest["shards"]) == t["written"]
     for shard in manifest["shards"]:
         assert hashlib.sha256((prepared / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
@@ -60,7 +65,7 @@ def test_groups_are_salted_patient_hashes(prepared, phantom_dir, tmp_path):
     by_patient: dict[str, set[str]] = {}
     for r in rows:
         by_patient.setdefault(r["key"].split("_")[0], set()).add(r["group"])
-    assert all(len(groups) == 1 for groups in by_patient.values())  # one patient -> one group (PNG and DICOM)
+    assert all(len(groups) == 1 for groups in by_patient.values())  # one patient -> one group
     assert len({g for gs in by_patient.values() for g in gs}) == len(by_patient)
     other = tmp_path / "other"
     prepare(str(phantom_dir / "images"), str(other), size=32, shard_size=100, salt="another-salt")
@@ -274,8 +279,21 @@ def test_workers_die_with_the_prepare_that_started_them(tmp_path):
     job.send_signal(signal.SIGKILL)
     job.wait(timeout=10)
     gone, alive = psutil.wait_procs(workers, timeout=10)
+    # A zombie has exited: it only waits for init to reap it (slow under load where PID 1 is not a real init).
+    alive = [p for p in alive if _running(p)]
     assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
     assert not (tmp_path / "out" / "manifest.json").exists()  # an interrupted prepare never looks finished
+    with location_lock(str(tmp_path / "out")):  # the kernel released the killed run's writer lock: nothing waits on it
+        pass
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_bad_labels_file_and_missing_salt_are_clear_errors(tmp_path, phantom_dir, monkeypatch, capsys):
@@ -291,3 +309,71 @@ def test_bad_labels_file_and_missing_salt_are_clear_errors(tmp_path, phantom_dir
     assert "HF_MEDVIS_SALT" in capsys.readouterr().err
     monkeypatch.setenv("HF_MEDVIS_SALT", "from-env")
     assert cli_main(["prepare", str(phantom_dir / "images"), str(tmp_path / "o3"), "--size", "32"]) == 0
+
+
+def test_windows_on_non_ct_images_is_refused_before_any_work(phantom_dir, tmp_path, capsys):
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    shutil.copy(get_testdata_file("MR_small.dcm"), mr / "a.dcm")
+    for src, found in ((phantom_dir / "images", "PNG"), (mr, "1 DICOM MR")):
+        out = tmp_path / f"out-{src.name}"
+        assert cli_main(["prepare", str(src), str(out), "--windows", "lung", "--salt", SALT]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--windows needs CT DICOM images" in err and found in err, err
+        assert not out.exists()
+
+
+def test_nothing_prepared_from_a_non_empty_source_exits_non_zero_with_the_reasons(tmp_path, capsys):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)  # a PNG signature, then nothing of a PNG
+    (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"y" * 80)
+    (src / "c.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli_main(["prepare", str(src), str(out), "--salt", SALT]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of the 3 images" in err
+    assert "2 x truncated or corrupt image; 1 x empty file (0 bytes)" in err, err
+    assert f"hf-medvis quarantine {out} --src {src}" in err
+    # The report is there for that command, naming each file by its hash and reason.
+    assert cli_main(["quarantine", str(out), "--src", str(src), "--salt", SALT]) == 0
+    assert sorted(line.rsplit("/", 1)[-1] for line in capsys.readouterr().out.splitlines()) == [
+        "a.png",
+        "b.png",
+        "c.png",
+    ]
+
+
+def test_decoder_libraries_stay_quiet_about_files_that_are_quarantined(tmp_path, caplog, capsys):
+    """pydicom logs each failed decoder plugin at ERROR with a traceback, and each lenient fix at WARNING (plus a
+    UserWarning); prepare quarantines the file with the reason, which says it once."""
+    import logging
+    import warnings
+
+    from hf_medvis.data.quarantine import locate_quarantined
+
+    bad = [
+        "JPEG-lossy.dcm",  # libjpeg and Pillow both fail: two ERROR records with tracebacks
+        "JPEG2000-embedded-sequence-delimiter.dcm",  # openjpeg fails, Pillow refuses a decompression bomb
+        "MR_truncated.dcm",
+        "badVR.dcm",
+        "meta_missing_tsyntax.dcm",
+        "rtplan.dcm",
+    ]
+    decoded = ["MR_small_padded.dcm", "SC_rgb_jpeg.dcm", "CT_small.dcm"]  # lenient fixes: warnings, not failures
+    src = tmp_path / "dicom"
+    src.mkdir()
+    for name in bad + decoded:
+        shutil.copy(get_testdata_file(name), src / name)
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert cli_main(["prepare", str(src), str(tmp_path / "out"), "--size", "32", "--salt", SALT]) == 0
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, [(r.name, r.getMessage()[:80]) for r in noisy]
+    assert not [w for w in warned if "pydicom" in w.filename], [str(w.message)[:80] for w in warned]
+    assert "Traceback" not in capsys.readouterr().err
+    located = {
+        Path(path).name: reason for path, reason in locate_quarantined(str(src), str(tmp_path / "out"), salt=SALT)
+    }
+    assert sorted(located) == sorted(bad) and all(located.values())
+    assert "JPEG" in located["JPEG-lossy.dcm"] and "pixel data" in located["MR_truncated.dcm"]

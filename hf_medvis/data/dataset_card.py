@@ -97,7 +97,7 @@ def load_prepared_dataset(
     folder's name and the card alone: after re-preparing into the same folder it can return the old data unless the
     sizes changed (pass ``download_mode="force_redownload"``); and it takes an ``az://`` path for a local one."""
     options = storage.storage_options_for(location, storage_options)
-    card = DatasetCard(storage.read_bytes(storage.join(location, shard_format.CARD_NAME), options).decode())
+    card = DatasetCard(storage.read_metadata(storage.join(location, shard_format.CARD_NAME), options).decode())
     files = {
         entry["split"]: [storage.join(location, entry["path"])]
         for config in card.data.configs or []

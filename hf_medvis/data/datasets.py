@@ -45,6 +45,9 @@ class Datasets:
     # How the images were read when not plain grey: {"channels": 3, "windows": [[center, width], ...] or []};
     # recorded in the model's config so that `hf-medvis predict` and evaluate read new images the same way.
     image_input: dict[str, Any] | None = None
+    # Raw-folder image files left out because they cannot be decoded: {"path" (under the data location), "reason"};
+    # the recipes write them to OUTPUT_DIR/_skipped_images.jsonl (folder.write_skipped_images).
+    skipped_images: list[dict[str, str]] = field(default_factory=list)
 
 
 def build_datasets(
@@ -90,6 +93,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         data_args.phantom_patients,
         storage_options=data_args.parsed_storage_options(),
     )
+    skipped: list[dict[str, str]] = []
     train, evaluation, info = build_train_eval_datasets(
         source,
         data_args.validation_data,
@@ -103,6 +107,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         labels_format=data_args.parsed_labels_format(),
         # An explicit labels file lists the images of one split (e.g. train.csv from `hf-medvis split`).
         filter_records=only_listed_images if data_args.labels_file else None,
+        skipped=skipped,
     )
     return Datasets(
         train,
@@ -112,6 +117,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         eval_during_training=evaluation,
         augmentation=augmentation,
         device_augmentation=device_augmentation,
+        skipped_images=skipped,
     )
 
 
@@ -128,6 +134,7 @@ def _classification_datasets(
         labels=data.spec,
         split_report=data.split_report,
         augmentation=data.train_augmentation,
+        skipped_images=data.skipped_images,
     )
 
 

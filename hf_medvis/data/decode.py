@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ class ImageDecodeError(ValueError):
 
     def __init__(self, source: Any, reason: str) -> None:
         self.source = _describe(source)
-        self.reason = reason
+        self.reason = " ".join(reason.split())  # one line: decoder messages span several (quarantine is line-based)
         super().__init__(f"{self.source}: {reason}")
 
 
@@ -177,11 +181,40 @@ def _decode_raster(src: Any, data: bytes, colour: bool = False) -> np.ndarray:
         raise ImageDecodeError(src, f"truncated or corrupt image: {err}") from None
 
 
+_DECODER_LIBRARIES = ("pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "PIL")
+_decoding = threading.local()
+_loggers_seen = [0]
+
+
+def _not_while_decoding(record: logging.LogRecord) -> bool:
+    return not getattr(_decoding, "depth", 0)
+
+
+@contextlib.contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    """Silences the decoder libraries' logs and warnings for the decode call in this thread: pydicom logs each failed
+    plugin attempt at ERROR with a traceback and each lenient fix at WARNING (and warns it again), while the
+    ``ImageDecodeError`` raised here names what matters once, and the caller handles it (prepare quarantines the file
+    with that reason). A filter on the libraries' loggers, attached once per new logger: no global level changes."""
+    loggers = logging.Logger.manager.loggerDict
+    if len(loggers) != _loggers_seen[0]:  # a plugin imported since: its logger gets the filter too
+        for name, found in list(loggers.items()):
+            if name.split(".")[0] in _DECODER_LIBRARIES and isinstance(found, logging.Logger):
+                found.addFilter(_not_while_decoding)  # once: addFilter skips a filter already there
+        _loggers_seen[0] = len(loggers)
+    _decoding.depth = getattr(_decoding, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _decoding.depth -= 1
+
+
 def read_dicom_header(data: bytes, src: Any = "<bytes>", strict: bool = True) -> pydicom.Dataset:
     """The DICOM dataset of ``data`` (pixels included, not decoded); ``ImageDecodeError`` when unreadable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns about every lenient fix; the error path says what matters
+        with _quiet_decoders():  # pydicom warns about every lenient fix; the error path says what matters
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise ImageDecodeError(src, f"not a readable DICOM file: {type(err).__name__}") from None
@@ -225,7 +258,8 @@ def _decode_dicom(
 ) -> np.ndarray:
     ds = read_dicom_header(data, src, strict=strict)
     try:
-        return _decode_dicom_dataset(src, ds, window=window, frame=frame, colour=colour, windows=windows)
+        with _quiet_decoders():
+            return _decode_dicom_dataset(src, ds, window=window, frame=frame, colour=colour, windows=windows)
     except ImageDecodeError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:

@@ -165,7 +165,8 @@ def add_labels_format_arguments(parser: Any, label_names: bool = True) -> None:
                        help="wide: what an empty cell means (default negative)")  # fmt: skip
     if label_names:
         group.add_argument("--label-names", nargs="+", default=None, help="wide: the class columns (default: every "
-                           "column of 1/0/-1/blank values)")  # fmt: skip
+                           "column of 1/0/-1/blank values); evaluate, nih: the classes to score (default: every "
+                           "finding in the file)")  # fmt: skip
 
 
 def labels_format_from_args(args: Any) -> LabelsFormat:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class LabelledData:
     info: dict[str, Any]
     split_report: dict[str, Any] | None = None
     train_augmentation: SeededAugmentation | None = None  # the Trainer sets its epoch
+    skipped_images: list[dict[str, str]] = field(default_factory=list)  # raw-folder files that cannot be decoded
 
 
 class _LabelledRecords:
@@ -163,9 +164,11 @@ def build_labelled_data(
         storage_options=options,
     )
     if source.labels_file is None:
+        remote = "://" in (data_args.train_data or "")
+        where = "(looked for beside local folders only)" if remote else "beside --train_data"
         raise LabelError(
-            "images without labels: no labels.csv beside --train_data; pass --labels_file (NIH layout: Image Index, "
-            "Patient ID, Finding Labels)"
+            f"images without labels: no labels.csv {where}; pass --labels_file (NIH layout: Image Index, Patient ID, "
+            "Finding Labels)"
         )
     for labels_file in (source.labels_file, data_args.validation_labels_file):
         if labels_file:  # without a patient column every image would be its own "patient": a silent leak
@@ -175,6 +178,7 @@ def build_labelled_data(
     explicit = data_args.labels_file is not None or data_args.validation_labels_file is not None
     hooks = _LabelledRecords(data_args, explicit_labels=explicit, seed=seed, label_names=label_names)
     split = data_args.validation_data is None and data_args.validation_split_percentage > 0
+    skipped: list[dict[str, str]] = []
     train, evaluation, info = build_train_eval_datasets(
         source,
         data_args.validation_data,
@@ -188,8 +192,11 @@ def build_labelled_data(
         split_records=hooks.split if split else None,
         holdout_percentage=0.0,
         labels_format=data_args.parsed_labels_format(),
+        skipped=skipped,
     )
-    return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
+    data = _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
+    data.skipped_images = skipped
+    return data
 
 
 def _finish_classification_data(

@@ -23,6 +23,10 @@ from .label_formats import IMAGE_COL, LABEL_COL, NO_FINDING, PATIENT_COL, UNKNOW
 logger = logging.getLogger(__name__)
 
 SEPARATOR = "|"
+# The file name endings of the image formats we read (case aside): the one list of them. ``folder.py`` lists files by
+# them; a sample key drops them, and only them: a DICOM file named by its SOP Instance UID (``1.2.840.10008.41``, with
+# or without ``.dcm``) keeps every component of the UID.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 
@@ -122,6 +126,9 @@ def encode_labels(finding_labels: Iterable[str | None], spec: LabelSpec) -> list
     error."""
     index = spec.label2id
     encoded: list = []
+    finding_labels = list(finding_labels)
+    if not spec.multi_label:
+        _check_single_label_known(finding_labels)
     for text in finding_labels:
         names = parse_finding_labels(text)
         if spec.multi_label:
@@ -134,12 +141,54 @@ def encode_labels(finding_labels: Iterable[str | None], spec: LabelSpec) -> list
                     row[index[name]] = -1.0
             encoded.append(row)
         else:
-            if parse_unknown_labels(text):
-                raise LabelError(f"label '{text}' has unknown classes: single-label classification needs one class")
             if len(names) != 1 or names[0] not in index:
                 raise LabelError(f"label '{text}' is not one of the classes {', '.join(spec.names)}")
             encoded.append(index[names[0]])
     return encoded
+
+
+def _check_single_label_known(finding_labels: list[str | None]) -> None:
+    """Unknown cells (``?Name``: a wide file's -1, or a blank under ``--blank ignore``) cannot be masked in a
+    single-label problem, where each image has exactly one class: one line saying which cells and what to pass."""
+    unknown = [text for text in finding_labels if parse_unknown_labels(text)]
+    if not unknown:
+        return
+    classes = Counter(name for text in unknown for name in parse_unknown_labels(text))
+    cells = ", ".join(f"{name} ({count})" for name, count in classes.most_common())
+    raise LabelError(
+        f"{len(unknown)} image(s) have uncertain (-1) or unknown cells, in {cells}, e.g. '{unknown[0]}'; single-label "
+        "classification needs exactly one known class per image: pass --uncertain zeros or --uncertain ones (and "
+        "--blank negative) to read those cells as 0 or 1, or train with --problem_type multi_label, which leaves them "
+        "out of the loss and the metrics"
+    )
+
+
+def check_file_classes(
+    spec: LabelSpec, file_classes: Iterable[str], file_name: str, *, every_class_listed: bool
+) -> list[str]:
+    """Refuses (``LabelError``, one line listing both sets) a labels file whose classes are not the model's ``spec``:
+    a class the model does not have, no class in common, or, where the file lists its classes whether present or not
+    (``every_class_listed``: a wide file's columns, ``--label-names``), a model class it lacks. A file that names a
+    class only where it is present (nih) may lack a rare one in a small test set: returned as notes (no positives:
+    its AUROC and AP are undefined)."""
+    found = set(file_classes)
+    extra = sorted(found - set(spec.names))
+    missing = [name for name in spec.names if name not in found]
+    if extra or not found & set(spec.names) or (missing and every_class_listed):
+        differences = "; ".join(
+            f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("extra", extra)) if names
+        )
+        hint = (
+            f", or pass --label-names {' '.join(spec.names)} to score the model's classes only"
+            if extra and not missing
+            else ""
+        )
+        raise LabelError(
+            f"{file_name} holds other classes than the model: model {', '.join(spec.names)}; file "
+            f"{', '.join(sorted(found)) or 'none'} ({differences}): the class names must match the model's exactly "
+            f"(spelling and case){hint}"
+        )
+    return [f"{file_name} has no positives of {name}: its AUROC and AP are undefined" for name in missing]
 
 
 def label_matrix(encoded: Sequence, spec: LabelSpec) -> np.ndarray:
@@ -201,12 +250,12 @@ class LabelsTable:
         if self._index is None:
             index: dict[str, dict[str, str]] = {}
             for row in self.rows:
-                parts = PurePosixPath(row[self.image_col].replace("\\", "/")).with_suffix("").parts
+                parts = _key_parts(row[self.image_col])
                 for start in range(len(parts)):
                     key = "/".join(parts[start:])
                     index[key] = _AMBIGUOUS if key in index and index[key] is not row else row
             self._index = index
-        parts = PurePosixPath(path.replace("\\", "/")).with_suffix("").parts
+        parts = _key_parts(path)
         for start in range(len(parts)):
             row = self._index.get("/".join(parts[start:]))
             if row is not None:
@@ -214,9 +263,26 @@ class LabelsTable:
         return None
 
 
+def strip_image_extension(name: str) -> str:
+    """``"00000001_000.png"`` -> ``"00000001_000"``; any other ending stays: ``"1.2.840.10008.41"`` is a whole UID,
+    ``"scan.v2"`` a whole name."""
+    lower = name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if lower.endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def _key_parts(image: str) -> tuple[str, ...]:
+    parts = PurePosixPath(image.replace("\\", "/")).parts
+    return (*parts[:-1], strip_image_extension(parts[-1])) if parts else parts
+
+
 def sample_key(image: str) -> str:
-    """The public sample id of a labels row: its image value without the extension (NIH: ``00000001_000``)."""
-    return str(PurePosixPath(image.replace("\\", "/")).with_suffix(""))
+    """The public sample id of a labels row: its image value without an image extension (``IMAGE_EXTENSIONS``; NIH:
+    ``00000001_000``; a UID-named DICOM keeps its whole UID)."""
+    path = PurePosixPath(image.replace("\\", "/"))
+    return str(path.with_name(strip_image_extension(path.name))) if path.name else str(path)
 
 
 def read_labels_table(
@@ -283,6 +349,15 @@ def _read_labels_table(
     if duplicates:
         shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)" if len(duplicates) > 3 else "")
         raise LabelError(f"{name}: the same '{image_col}' is listed more than once: {shown}")
+    # ``a.png`` and ``a.dcm`` would be one sample (key ``a``, and either file matches either row): refused, not guessed.
+    by_key: dict[str, str] = {}
+    for image in first_line:
+        other = by_key.setdefault(sample_key(image), image)
+        if other != image:
+            raise LabelError(
+                f"{name}: '{other}' (line {first_line[other]}) and '{image}' (line {first_line[image]}) differ only in "
+                "the image extension, so they name one sample: keep one row per image"
+            )
     try:
         classes = canonicalize(columns, rows, fmt, name)
     except ValueError as err:

@@ -30,7 +30,11 @@ def data_origin(location: str | None, storage_options: dict | str | None = None)
             continue
         for name, read in ((ORIGIN_MARKER, lambda d: d), (shard_format.MANIFEST_NAME, lambda d: d.get("source"))):
             try:
-                found = read(json.loads(storage.read_bytes(storage.join(folder, name), options)))
+                found = read(json.loads(storage.read_metadata(storage.join(folder, name), options)))
+            except storage.StorageAccessError:
+                if folder == base:  # storage that does not answer or refuses us: the data cannot be read either
+                    raise
+                continue  # the parent may be out of the credentials' reach; the data itself is not
             except Exception:  # noqa: BLE001 -- best effort: an unreadable record means "origin not recorded"
                 continue
             if found:

@@ -15,6 +15,11 @@ record appear under their final names only when complete (temp + rename, or one 
 every chunk whose record matches (same inputs, same parameters, same salt) and redoes the rest; the manifest lists only
 shards whose record exists. Files seen = written + quarantined + skipped.
 
+One dataset per location (``prepare_location``): a run holds the location's writer lock (a second one is refused), refuses
+a location holding another source's dataset unless ``overwrite``, withdraws the manifest before it changes any shard and
+removes every shard file it did not write before writing the manifest again, so the Parquet files there are always the
+manifest's. A write failure (disk full, read-only) is one line; what is left are complete shards a re-run resumes from.
+
 Privacy: shards hold a salted hash of the patient id, never the id; DICOM headers contribute only PatientID (hashed)
 and ViewPosition; a source path is written only as a salted hash (``hf-medvis quarantine DST --src SRC`` maps the
 quarantined hashes back to file names on the operator's terminal). No file name, date, institution or accession number
@@ -23,18 +28,17 @@ is written to DST or logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
 from typing import Any
-
-import numpy as np
 
 from . import shards as shard_format
 from . import storage
@@ -43,12 +47,16 @@ from .decode import parse_windows
 from .folder import DataSourceError, find_labels_file, iter_image_files
 from .label_formats import VIEW_ALIASES, LabelsFormat
 from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, parse_finding_labels, read_labels_table
+from .location_lock import location_lock
 from .origin import data_origin
 from .pool import init_pool_worker
-from .prepare_rows import VIEW_COL, PrepareParams, decode_inputs
+from .prepare_location import PreparedLocation, source_id
+from .prepare_rows import VIEW_COL, PrepareParams, check_ct_input, decode_inputs
 from .privacy import relative_path, resolve_salt, salt_check, source_root
 
 logger = logging.getLogger(__name__)
+# Quarantine reasons of an input without labels (names that differ only in the extension are one sample).
+NO_ROW, DUPLICATE_ROW = "no row in the labels file", "another file already has its labels row"
 
 KNOWN_COLUMNS = {
     IMAGE_COL,
@@ -81,18 +89,20 @@ def _load_record(dst: str, index: int, options: dict) -> dict | None:
         return json.loads(storage.read_bytes(url, options))
     except FileNotFoundError:
         return None
+    except storage.StorageAccessError:
+        raise  # the destination does not answer: not a damaged record
     except (ValueError, OSError):
         return None  # a damaged record is redone
 
 
-def process_chunk(job: dict) -> dict:
+def process_chunk(job: dict, location: PreparedLocation) -> dict:
     """Decodes one chunk into one shard (skipped when a matching record exists); returns the shard record."""
     fingerprint = _fingerprint(job)
     previous = _finished_record(job, fingerprint)
     if previous is not None:
         return previous
     rows, quarantine = decode_inputs(job)
-    return _write_shard(job, fingerprint, rows, quarantine)
+    return _write_shard(location, job, fingerprint, rows, quarantine)
 
 
 def _finished_record(job: dict, fingerprint: str) -> dict | None:
@@ -105,9 +115,11 @@ def _finished_record(job: dict, fingerprint: str) -> dict | None:
     return {**previous, "resumed": True} if complete else None
 
 
-def _write_shard(job: dict, fingerprint: str, rows: list[dict], quarantine: list[dict]) -> dict:
+def _write_shard(
+    location: PreparedLocation, job: dict, fingerprint: str, rows: list[dict], quarantine: list[dict]
+) -> dict:
     """Writes the shard, then its record (each under its final name only when complete); returns the record."""
-    dst, index, options = job["dst"], job["index"], job["options"]
+    index = job["index"]
     record: dict[str, Any] = {
         "index": index,
         "path": shard_format.shard_name(index),
@@ -115,41 +127,15 @@ def _write_shard(job: dict, fingerprint: str, rows: list[dict], quarantine: list
         "inputs": len(job["inputs"]),
         "quarantine": quarantine,
         "fingerprint": fingerprint,
+        "source_id": job["source_id"],  # whose dataset this is, for a run that finds the location without a manifest
+        "salt_check": job["salt_check"],
     }
     if rows:
         data = shard_format.encode_shard(rows, job["params"].class_names)
-        record.update(bytes=len(data), sha256=shard_format.sha256_hex(data), pixel_stats=_pixel_stats(rows))
-        storage.write_bytes_atomic(storage.join(dst, record["path"]), data, options)
-    storage.write_bytes_atomic(storage.join(dst, shard_format.sidecar_name(index)), shard_format.dumps(record), options)
+        record.update(bytes=len(data), sha256=shard_format.sha256_hex(data), pixel_stats=shard_format.pixel_stats(rows))
+        location.write_shard_file(record["path"], data)
+    location.write_shard_file(shard_format.sidecar_name(index), shard_format.dumps(record))
     return {**record, "resumed": False}
-
-
-def _pixel_stats(rows: list[dict]) -> dict:
-    """Per-channel sums of the stored pixels (scaled to [0, 1]): the manifest's normalisation statistics."""
-    total, total_sq, count = None, None, 0
-    for row in rows:
-        pixels = shard_format.stored_pixels(row)
-        values = pixels.reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[2]).astype(np.float64)
-        values /= 255.0 if pixels.dtype == np.uint8 else 65535.0
-        total = values.sum(axis=0) if total is None else total + values.sum(axis=0)
-        total_sq = (values**2).sum(axis=0) if total_sq is None else total_sq + (values**2).sum(axis=0)
-        count += values.shape[0]
-    return {"count": count, "sum": total.tolist(), "sum_sq": total_sq.tolist()}
-
-
-def _normalization(records: list[dict]) -> dict | None:
-    """Per-channel mean and std of every stored pixel (what the recipes normalise with by default); None when a shard
-    record predates the statistics."""
-    stats = [r["pixel_stats"] for r in records if r["samples"] > 0 and "pixel_stats" in r]
-    if len(stats) != sum(1 for r in records if r["samples"] > 0) or not stats:
-        return None
-    count = sum(s["count"] for s in stats)
-    mean = np.sum([s["sum"] for s in stats], axis=0) / count
-    var = np.sum([s["sum_sq"] for s in stats], axis=0) / count - mean**2
-    return {
-        "mean": [round(float(v), 4) for v in mean],
-        "std": [round(float(v), 4) for v in np.sqrt(np.maximum(var, 0))],
-    }
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -215,8 +201,14 @@ def prepare(
     labels_format: LabelsFormat | None = None,
     channels: int = 1,
     windows: Sequence[Any] | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Prepares shards from ``src`` into ``dst`` and returns the manifest (also written to ``dst/manifest.json``)."""
+    """Prepares shards from ``src`` into ``dst`` and returns the manifest (also written to ``dst/manifest.json``).
+
+    ``dst`` holding another dataset (another source or salt) is refused unless ``overwrite``; a second writer of ``dst``
+    at the same time is refused (``LocationBusyError``); a full or read-only ``dst`` is a ``DestinationWriteError``; a
+    source from which no image could be prepared is a ``NothingPreparedError`` (raised after the quarantine report and
+    the manifest are written, so that ``hf-medvis quarantine`` can name the files). All are one-line ``ValueError``s."""
     if shard_format_name != "parquet":
         raise ValueError(f"unsupported --format {shard_format_name!r}: only 'parquet' (see docs/data_plane.md)")
     if bits not in (8, 16):
@@ -238,6 +230,8 @@ def prepare(
         dst, dst_storage_options if dst_storage_options is not None else storage_options
     )
     table, warnings = _read_labels(labels, src, labels_format)
+    if pairs:
+        check_ct_input(iter_image_files(src, in_options), src, in_options)
     params = PrepareParams(
         size=size,
         bits=bits,
@@ -246,9 +240,32 @@ def prepare(
         channels=channels if not pairs else 1,
         windows=pairs,
     )
-    storage.make_dirs(dst, out_options)
+    location = PreparedLocation(dst, out_options)
+    with contextlib.ExitStack() as held:
+        with location.writing("creating the folder and its writer lock"):
+            storage.make_dirs(dst, out_options)
+            location.lock = held.enter_context(location_lock(dst, out_options, "hf-medvis prepare"))
+        source = source_id(src, salt)
+        location.claim(source, salt_fingerprint, overwrite)
+        return _prepare_into(location, src, in_options, table, warnings, params, salt, source, workers, stored_channels)
 
+
+def _prepare_into(
+    location: PreparedLocation,
+    src: str,
+    in_options: dict,
+    table: LabelsTable | None,
+    warnings: list[str],
+    params: PrepareParams,
+    salt: str,
+    source: str,
+    workers: int,
+    stored_channels: int,
+) -> dict:
+    """The shards, then the card, the quarantine report and the manifest, into a location this run holds."""
+    dst, out_options, salt_fingerprint = location.dst, location.options, salt_check(salt)
     matched: set[str] = set()
+    claimed: dict[str, str] = {}  # labels row -> the file that matched it first
     skipped: dict[str, int] = {}
     root = source_root(src)
 
@@ -257,14 +274,18 @@ def prepare(
 
     def jobs() -> Iterator[dict]:
         listing = iter_image_files(src, in_options, on_skip=skip)
-        for index, chunk in enumerate(_chunks(listing, shard_size)):
+        for index, chunk in enumerate(_chunks(listing, params.shard_size)):
             inputs = []
-            for source in chunk:
-                rel = relative_path(source, root)
+            for path in chunk:
+                rel = relative_path(path, root)
                 row = table.match(rel) if table is not None else None
+                duplicate = row is not None and claimed.setdefault(row[IMAGE_COL], rel) != rel
+                if duplicate:
+                    row = None  # the row's first file has it: a second would be a second copy of the sample
                 if row is not None:
                     matched.add(row[IMAGE_COL])
-                inputs.append((rel, source, row, table is not None and row is None))
+                unlabelled = DUPLICATE_ROW if duplicate else NO_ROW if table is not None and row is None else None
+                inputs.append((rel, path, row, unlabelled))
             yield {
                 "dst": dst,
                 "index": index,
@@ -272,15 +293,20 @@ def prepare(
                 "params": params,
                 "salt": salt,
                 "salt_check": salt_fingerprint,
+                "source_id": source,
                 "options": out_options,
                 "input_options": in_options,
             }
 
-    records = _run(jobs(), workers)
+    records = _run(jobs(), workers, location)
     if not records:
         found = f" ({sum(skipped.values())} other files skipped: not images)" if skipped else ""
         raise DataSourceError(f"no image files found in {storage.describe(src)}{found}")
     records.sort(key=lambda r: r["index"])
+    # Every shard file of an earlier run that this one did not write goes before the manifest names the set.
+    location.remove_strays(
+        {shard_format.sidecar_name(r["index"]) for r in records} | {r["path"] for r in records if r["samples"] > 0}
+    )
     orphans = sorted({row[IMAGE_COL] for row in table.rows} - matched) if table is not None else []
     quarantine_lines = [q for r in records for q in r["quarantine"]]
     quarantine_lines += [{"image_index": name, "reason": "labels row without an image"} for name in orphans]
@@ -293,10 +319,15 @@ def prepare(
         "format": shard_format.FORMAT_NAME,
         "version": shard_format.FORMAT_VERSION,
         "shard_format": "parquet",
-        "preprocessing": {**asdict(params), "dtype": "uint8" if bits == 8 else "uint16", "channels": stored_channels},
-        "normalization": _normalization(records),  # per-channel mean/std of the stored pixels in [0, 1]
+        "preprocessing": {
+            **asdict(params),
+            "dtype": "uint8" if params.bits == 8 else "uint16",
+            "channels": stored_channels,
+        },
+        "normalization": shard_format.normalization(records),  # per-channel mean/std of the stored pixels in [0, 1]
         "labels_file": table.path.name if table is not None else None,
         "source": data_origin(src, in_options),  # e.g. synthetic phantoms; None for user data
+        "source_id": source,  # salted hash of the source location: whose dataset this location holds
         "salt_check": salt_fingerprint,  # tells whether a salt is this one (hf-medvis quarantine), reveals nothing of it
         "shards": [
             {"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
@@ -311,18 +342,36 @@ def prepare(
             "skipped": sum(skipped.values()),
             "labels_rows_without_image": len(orphans),
             "shards": sum(1 for r in records if r["samples"] > 0),
-            "shards_resumed": sum(1 for r in records if r.get("resumed")),
+            "shards_resumed": sum(1 for r in records if r.get("resumed") and r["samples"] > 0),
         },
         "skipped": skipped,  # reason -> count: files under SRC that are not images
         "warnings": warnings,
         "quarantine_report": shard_format.QUARANTINE_NAME,
     }
-    storage.write_bytes_atomic(storage.join(dst, shard_format.CARD_NAME), dataset_card(manifest).encode(), out_options)
     report = "".join(json.dumps(line, sort_keys=True) + "\n" for line in quarantine_lines).encode()
-    storage.write_bytes_atomic(storage.join(dst, shard_format.QUARANTINE_NAME), report, out_options)
-    # The manifest is the commit point: readers only ever see shards it lists, all complete.
-    storage.write_bytes_atomic(storage.join(dst, shard_format.MANIFEST_NAME), shard_format.dumps(manifest), out_options)
+    # The manifest is the commit point (written last): readers only ever see shards it lists, all complete.
+    location.commit(dataset_card(manifest).encode(), report, shard_format.dumps(manifest))
+    if written == 0:
+        raise NothingPreparedError(
+            f"none of the {inputs_seen} images under {storage.describe(src)} could be prepared: "
+            f"{_top_reasons(quarantine_lines)}; which files: hf-medvis quarantine {storage.describe(dst)} "
+            f"--src {storage.describe(src)}"
+        )
     return manifest
+
+
+class NothingPreparedError(DataSourceError):
+    """A source with images none of which could be prepared: the top reasons, in one line."""
+
+
+def _top_reasons(quarantine_lines: list[dict], top: int = 3) -> str:
+    """``12 x CT windows need ...; 3 x empty file`` from the quarantine entries (a reason's details after its first
+    ': ' are left out, so that one cause with many variants counts once)."""
+    counts = Counter(
+        " ".join(str(line["reason"]).split()).split(": ", 1)[0] for line in quarantine_lines if "source_hash" in line
+    )
+    text = "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(top))
+    return text + (f"; {len(counts) - top} other reason(s)" if len(counts) > top else "")
 
 
 # Inputs per task of the worker pool: small enough that N workers share even a single shard, large enough that
@@ -330,9 +379,9 @@ def prepare(
 SLICE_SIZE = 16
 
 
-def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
+def _run(jobs: Iterator[dict], workers: int, location: PreparedLocation) -> list[dict]:
     if workers == 1:
-        return [process_chunk(job) for job in jobs]
+        return [process_chunk(job, location) for job in jobs]
     records: list[dict] = []
     # Workers decode slices of every shard (a shard is no longer the unit of parallelism: 2 shards keep 8 workers busy);
     # this process checks which shards an earlier run finished and writes each shard once its slices are in, in order.
@@ -355,17 +404,17 @@ def _run(jobs: Iterator[dict], workers: int) -> list[dict]:
             in_flight.append((job, fingerprint, [pool.submit(decode_inputs, {**job, "inputs": s}) for s in slices]))
             # Bounded: the listing is consumed as shards finish, and at most about two shards' rows wait in memory.
             while sum(len(futures) for _, _, futures in in_flight) > 4 * workers and len(in_flight) > 1:
-                records.append(_collect(*in_flight.popleft()))
+                records.append(_collect(location, *in_flight.popleft()))
         while in_flight:
-            records.append(_collect(*in_flight.popleft()))
+            records.append(_collect(location, *in_flight.popleft()))
     return records
 
 
-def _collect(job: dict, fingerprint: str, futures: list[Future]) -> dict:
+def _collect(location: PreparedLocation, job: dict, fingerprint: str, futures: list[Future]) -> dict:
     rows: list[dict] = []
     quarantine: list[dict] = []
     for future in futures:
         slice_rows, slice_quarantine = future.result()
         rows += slice_rows
         quarantine += slice_quarantine
-    return _write_shard(job, fingerprint, rows, quarantine)
+    return _write_shard(location, job, fingerprint, rows, quarantine)

@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="decode raw images once into pre-sized grayscale shards for fast streaming",
         description="Decodes every image under SRC (folder, glob or fsspec URL such as az://container/raw) with "
         "read_image, resizes it (shorter side to --size, centre crop), and writes Parquet shards, manifest.json and "
-        "quarantine.jsonl under DST (folder or fsspec URL). Re-running skips finished shards. Patient ids are stored "
-        "only as salted hashes (--salt or HF_MEDVIS_SALT).",
+        "quarantine.jsonl under DST (folder or fsspec URL). Re-running skips finished shards; DST holds one dataset "
+        "(another source's is refused unless --overwrite; one writer at a time). Patient ids are stored only as salted "
+        "hashes (--salt or HF_MEDVIS_SALT).",
     )
     parser.add_argument("src", help="raw images: folder, glob, or fsspec URL")
     parser.add_argument("dst", help="output folder or fsspec URL")
@@ -41,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
     parser.add_argument("--format", dest="shard_format", default="parquet", choices=("parquet",), help="shard format")
     parser.add_argument("--salt", default=None, help="secret salt for patient-id hashing (default: $HF_MEDVIS_SALT)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset prepared there from another source (or with another salt); without it such a DST is "
+        "refused. Re-preparing the same SRC needs no flag: the old set is replaced, finished shards reused",
+    )
     parser.add_argument(
         "--storage_options",
         "--storage-options",
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         labels_format=labels_format_from_args(args),
         channels=args.channels,
         windows=args.windows,
+        overwrite=args.overwrite,
     )
     t = manifest["totals"]
     print(

@@ -3,8 +3,11 @@ decoding needs, so that a spawned worker starts in seconds."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +130,40 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
     }
 
 
+# Inputs checked before a --windows run starts: a CT series is CT from its first file, and a folder of X-rays would
+# otherwise cost a full decode pass to end with every input quarantined.
+CT_CHECK_INPUTS = 5
+_RASTER_KINDS = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def check_ct_input(inputs: Iterable[str], src: str, options: dict) -> None:
+    """``--windows`` needs CT DICOM (Hounsfield units): refused before any work when none of the first ``inputs`` (the
+    listing of ``src``) is."""
+    kinds: list[str] = []
+    for path in itertools.islice(inputs, CT_CHECK_INPUTS):
+        try:
+            data = storage.read_bytes(path, options) if "://" in path else Path(path).read_bytes()
+        except OSError:
+            continue  # unreadable: quarantined later, with its reason
+        dicom = data[128:132] == b"DICM"  # its 128-byte preamble may well start like a TIFF
+        kind = None if dicom else next((name for magic, name in _RASTER_KINDS if data.startswith(magic)), None)
+        if kind is None:
+            try:
+                modality = str(read_dicom_header(data, strict=False).get("Modality", "") or "").strip().upper()
+                kind = f"DICOM {modality or 'without Modality'}"
+            except ImageDecodeError:
+                kind = "unreadable"
+        if kind == "DICOM CT":
+            return
+        kinds.append(kind or "unreadable")
+    if kinds:
+        found = ", ".join(f"{n} {kind}" for kind, n in Counter(kinds).most_common())
+        raise ValueError(
+            f"--windows needs CT DICOM images (Hounsfield units), but the first {len(kinds)} input(s) under "
+            f"{storage.describe(src)} are {found}: leave out --windows for X-ray, MR or photographic images"
+        )
+
+
 def decode_inputs(job: dict) -> tuple[list[dict], list[dict]]:
     """(shard rows, quarantine entries) for ``job["inputs"]``, in input order: all of a chunk, or one slice of it."""
     index, params, salt = job["index"], job["params"], job["salt"]
@@ -134,8 +171,8 @@ def decode_inputs(job: dict) -> tuple[list[dict], list[dict]]:
     for rel, source, row, missing in job["inputs"]:
         # Entries name the input by its salted hash only: a file name may carry a patient's name or MRN.
         entry = {"source_hash": salted_hash(rel, salt, "source"), "shard": index}
-        if missing:
-            quarantine.append({**entry, "reason": "no row in the labels file"})
+        if missing:  # the reason this input has no labels row
+            quarantine.append({**entry, "reason": missing})
             continue
         try:
             rows.append(process_input(source, rel, row, params, salt, job["input_options"]))

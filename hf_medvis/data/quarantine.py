@@ -31,7 +31,7 @@ def locate_quarantined(
     file skipped as not an image."""
     salt = resolve_salt(salt)
     dst_options = dst_storage_options if dst_storage_options is not None else storage_options
-    manifest = json.loads(storage.read_bytes(storage.join(dst, shard_format.MANIFEST_NAME), dst_options))
+    manifest = json.loads(storage.read_metadata(storage.join(dst, shard_format.MANIFEST_NAME), dst_options))
     if manifest.get("salt_check") not in (None, salt_check(salt)):
         raise ValueError(f"this salt is not the one {storage.describe(dst)} was prepared with")
     wanted = {e["source_hash"]: e["reason"] for e in read_quarantine(dst, dst_options) if "source_hash" in e}

@@ -106,6 +106,34 @@ def stored_pixels(row: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=len(data) - size).reshape(shape)
 
 
+def pixel_stats(rows: list[dict]) -> dict:
+    """Per-channel sums of the stored pixels (scaled to [0, 1]): the manifest's normalisation statistics."""
+    total, total_sq, count = None, None, 0
+    for row in rows:
+        pixels = stored_pixels(row)
+        values = pixels.reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[2]).astype(np.float64)
+        values /= 255.0 if pixels.dtype == np.uint8 else 65535.0
+        total = values.sum(axis=0) if total is None else total + values.sum(axis=0)
+        total_sq = (values**2).sum(axis=0) if total_sq is None else total_sq + (values**2).sum(axis=0)
+        count += values.shape[0]
+    return {"count": count, "sum": total.tolist(), "sum_sq": total_sq.tolist()}
+
+
+def normalization(records: list[dict]) -> dict | None:
+    """Per-channel mean and std of every stored pixel (what the recipes normalise with by default); None when a shard
+    record predates the statistics."""
+    stats = [r["pixel_stats"] for r in records if r["samples"] > 0 and "pixel_stats" in r]
+    if len(stats) != sum(1 for r in records if r["samples"] > 0) or not stats:
+        return None
+    count = sum(s["count"] for s in stats)
+    mean = np.sum([s["sum"] for s in stats], axis=0) / count
+    var = np.sum([s["sum_sq"] for s in stats], axis=0) / count - mean**2
+    return {
+        "mean": [round(float(v), 4) for v in mean],
+        "std": [round(float(v), 4) for v in np.sqrt(np.maximum(var, 0))],
+    }
+
+
 def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:06d}.parquet"
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .folder import build_folder_records, dataset_from_records, find_labels_file, in_holdout
+from .folder import DataSourceError, build_folder_records, dataset_from_records, find_labels_file, in_holdout
 from .label_formats import LabelsFormat
 from .origin import data_origin, describe_origin
 from .phantoms import ensure_phantom_dataset
+from .storage import has_glob
 from .streaming import find_manifest, load_image_dataset, stream_control
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ def resolve_train_source(
             labels_file or str(root / "labels.csv"),
             f"embedded synthetic chest X-ray phantoms (hf_medvis demo-data, {phantom_patients} patients, seed {seed})",
             synthetic=True,
+        )
+    if "://" not in train_data and not has_glob(train_data) and not Path(train_data).expanduser().exists():
+        raise DataSourceError(
+            f"--train_data does not exist: {train_data} (give a folder of images, a glob, an fsspec URL or prepared "
+            "shards)"
         )
     labels = labels_file or (str(find_labels_file(train_data)) if find_labels_file(train_data) else None)
     origin = data_origin(train_data, storage_options)
@@ -82,12 +89,15 @@ def build_train_eval_datasets(
     validation_labels_file: str | None = None,
     seed: int = 0,
     labels_format: LabelsFormat | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> tuple[Any, Any | None, dict[str, Any]]:
     """Returns (train_dataset, eval_dataset or None, info dict with counts).
 
     Without ``validation_data``, ``split_records`` (if given) splits the training records into (train, eval) instead of
     the hash holdout; ``validation_labels_file`` labels ``validation_data`` when it has no labels.csv of its own.
+    Raw-folder images that cannot be decoded are left out and added to ``skipped`` (``folder.check_image_files``).
     """
+    skipped = [] if skipped is None else skipped
     if find_manifest(train.location, storage_options) is not None:
         return _build_stream_datasets(
             train,
@@ -99,13 +109,17 @@ def build_train_eval_datasets(
             max_train_samples,
             max_eval_samples,
         )
-    records = build_folder_records(train.location, train.labels_file, storage_options, labels_format)
+    records = build_folder_records(train.location, train.labels_file, storage_options, labels_format, skipped)
     if filter_records is not None:
         records = filter_records(records)
     if validation_data is not None:
         val_labels = validation_labels_file or find_labels_file(validation_data)
         eval_records = build_folder_records(
-            validation_data, str(val_labels) if val_labels else train.labels_file, storage_options, labels_format
+            validation_data,
+            str(val_labels) if val_labels else train.labels_file,
+            storage_options,
+            labels_format,
+            skipped,
         )
         if filter_records is not None:
             eval_records = filter_records(eval_records)
@@ -126,6 +140,8 @@ def build_train_eval_datasets(
         train_records, eval_records = records, None
     train_records = _truncate(train_records, max_train_samples)
     info = {"train_images": len(train_records["path"]), "train_patients": len(set(train_records["group"]))}
+    if skipped:
+        info["skipped_images"] = len(skipped)
     train_ds = dataset_from_records(train_records, train_transform, storage_options)
     eval_ds = None
     if eval_records is not None:

@@ -4,11 +4,16 @@ Credentials come from explicit ``storage_options`` (a dict or a JSON string) or,
 ``AZURE_STORAGE_CONNECTION_STRING``; ``AZURE_STORAGE_ACCOUNT_NAME`` with ``AZURE_STORAGE_ACCOUNT_KEY`` or
 ``AZURE_STORAGE_SAS_TOKEN``; otherwise adlfs falls back to ``DefaultAzureCredential`` (azure-identity: managed identity,
 workload identity, Azure CLI login). Secrets never appear in messages: use ``redact`` before printing options.
+
+``with_retries`` is the one retry layer (the Azure SDK's own is switched off in ``filesystem``, its request log kept at
+WARNING): transient errors are retried for ``retry_budget()`` seconds, then one line names the location and what to
+check. Small remote metadata files (manifest, origin marker, card) are read once per process (``read_metadata``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +29,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 AZURE_PROTOCOLS = ("az", "abfs", "abfss", "adl")
+RETRY_SECONDS_ENV = "HF_MEDVIS_STORAGE_RETRY_SECONDS"
+# A service restart or a short network outage (~30 s) is ridden out; storage that does not answer ends a run in ~1 min.
+DEFAULT_RETRY_SECONDS = 60.0
+# A TCP connection to a storage endpoint either opens within seconds or is dropped (firewall, missing private link).
+CONNECT_TIMEOUT_SECONDS = 10
+
+# The Azure SDK logs every HTTP request and response (headers and all) at INFO, and the recipes log INFO: an outage
+# printed a page per attempt. Its warnings still show; a level set before this import (to debug the SDK) is kept.
+_azure_logger = logging.getLogger("azure")
+if _azure_logger.level == logging.NOTSET:
+    _azure_logger.setLevel(logging.WARNING)
 _SECRET_WORDS = ("key", "secret", "token", "password", "connection_string", "credential", "sas")
 
 
@@ -111,7 +127,31 @@ def filesystem(url: str, storage_options: dict | str | None = None) -> tuple[fss
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
     if protocol_of(url) in AZURE_PROTOCOLS:
         check_container_name(url, path)
+        _leave_retries_to_us(fs)
     return fs, path
+
+
+def _leave_retries_to_us(fs: fsspec.AbstractFileSystem) -> None:
+    """adlfs gives its BlobServiceClient the SDK's default retries (3, after 15, 18 and 24 s: a minute per call inside
+    each of our attempts) and passes no retry settings through. Here they are switched off and a connection attempt
+    is bounded, once per filesystem (fsspec reuses instances), on the policy and transport its clients share."""
+    client = getattr(fs, "service_client", None)
+    if client is None or getattr(fs, "_medvis_retries_bounded", False):
+        return  # not Blob storage (adl:// is Data Lake Gen1), or done already
+    config = getattr(client, "_config", None)
+    policy = getattr(config, "retry_policy", None)
+    connection = getattr(getattr(config, "transport", None), "connection_config", None)
+    counters = ("total_retries", "connect_retries", "read_retries", "status_retries")
+    if connection is None or not all(hasattr(policy, name) for name in counters):
+        logger.warning(
+            "cannot switch off the Azure SDK's own retries (this azure-storage-blob builds its client differently): "
+            "storage that does not answer takes several minutes to report"
+        )
+    else:
+        for name in counters:
+            setattr(policy, name, 0)
+        connection.timeout = CONNECT_TIMEOUT_SECONDS
+    fs._medvis_retries_bounded = True
 
 
 def explain_storage_error(err: BaseException, url: str | None = None) -> str | None:
@@ -119,7 +159,12 @@ def explain_storage_error(err: BaseException, url: str | None = None) -> str | N
     Azure SDK's own message (a page of HTTP headers and XML) is reduced to its error code."""
     try:
         # The Azure SDK comes with adlfs, which only Azure users install.
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
     except ImportError:  # pragma: no cover - azure is a base dependency through adlfs
         return None
     while err.__cause__ is not None and not isinstance(err, (HttpResponseError, ServiceRequestError)):
@@ -138,8 +183,15 @@ def explain_storage_error(err: BaseException, url: str | None = None) -> str | N
         )
     if isinstance(err, HttpResponseError) and err.status_code == 400:
         return f"{where}Azure Storage refused the request ({_code_name(err.error_code)}): {_first_sentence(err)}"
-    if isinstance(err, ServiceRequestError):
-        return f"{where}cannot reach the storage service ({_first_sentence(err)})"
+    if isinstance(err, HttpResponseError) and err.status_code is not None and is_transient(err):
+        code = _code_name(err.error_code or err.reason or err.status_code)
+        return f"{where}the storage service kept answering {err.status_code} ({code}): it is busy or failing; try later"
+    if isinstance(err, (ServiceRequestError, ServiceResponseError)):
+        return (
+            f"{where}no answer from the storage service ({_first_sentence(err)}): check the endpoint (account name, "
+            "BlobEndpoint of the connection string), firewall and private-link rules, and that Azurite is running if "
+            "you use it"
+        )
     return None
 
 
@@ -161,8 +213,10 @@ def join(base: str, *parts: str) -> str:
 
 def is_transient(err: BaseException) -> bool:
     """Network hiccups, throttling and server errors are worth retrying; missing files and bad credentials are not."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageAccessError)):
         return False
+    if isinstance(err, (ValueError, RuntimeError)) and err.__cause__ is not None:
+        return is_transient(err.__cause__)  # adlfs wraps some SDK errors ("Failed to fetch container properties")
     try:
         # The Azure SDK comes with adlfs, which only Azure users install.
         from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
@@ -182,39 +236,111 @@ def is_transient(err: BaseException) -> bool:
     )
 
 
+def retry_budget() -> float:
+    """Seconds ``with_retries`` keeps retrying one storage call: ``HF_MEDVIS_STORAGE_RETRY_SECONDS``, else 60."""
+    value = os.environ.get(RETRY_SECONDS_ENV, "").strip() or str(DEFAULT_RETRY_SECONDS)
+    with contextlib.suppress(ValueError):
+        if float(value) >= 0:  # not negative, not NaN
+            return float(value)
+    raise ValueError(f"{RETRY_SECONDS_ENV}={value!r}: give the seconds to retry storage calls (e.g. 60)")
+
+
 def with_retries(
     fn: Callable[[], T],
     what: str,
-    attempts: int = 8,
+    budget: float | None = None,
     base_delay: float = 0.5,
-    max_delay: float = 10.0,
+    max_delay: float = 8.0,
 ) -> T:
-    """Calls ``fn``; transient storage errors are retried with exponential backoff and jitter (~40 s in all)."""
-    for attempt in range(1, attempts + 1):
+    """Calls ``fn``; transient storage errors (network, throttling, server errors) are retried with exponential
+    backoff and jitter for ``budget`` seconds (``retry_budget()`` when None). When that time is up, or the error is not
+    transient but explained (credentials, names): ``StorageAccessError``, one line starting with ``what`` (say
+    "reading az://container/path"). Other errors (a missing file) are raised as they are."""
+    budget = retry_budget() if budget is None else budget
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            return fn()
+            result = fn()
         except Exception as err:
-            if attempt == attempts or not is_transient(err):
-                message = explain_storage_error(err)
-                if message is not None:
-                    raise StorageAccessError(f"{what}: {message}") from None
-                raise
+            elapsed = time.monotonic() - started
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            logger.warning(
-                "%s: %s (attempt %d/%d), retrying in %.1fs", what, type(err).__name__, attempt, attempts, delay
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            transient = is_transient(err)
+            if transient and elapsed + delay <= budget:
+                # One line per call that has to wait, so a stalled run says why; the attempts after it at DEBUG.
+                log = logger.warning if attempt == 1 else logger.debug
+                log("%s: %s; retrying for up to %.0f s", what, _error_summary(err), budget)
+                time.sleep(delay)
+                continue
+            message = explain_storage_error(err)
+            if transient:
+                message = f"{message or _error_summary(err)} (gave up after {attempt} attempt(s) in {elapsed:.0f} s)"
+            if message is not None:
+                raise StorageAccessError(f"{what}: {message}") from None
+            raise
+        if attempt > 1:
+            logger.info("%s: answered after %d attempts (%.0f s)", what, attempt, time.monotonic() - started)
+        return result
+
+
+def _error_summary(err: BaseException) -> str:
+    while isinstance(err, (ValueError, RuntimeError)) and err.__cause__ is not None:
+        err = err.__cause__  # adlfs' wrapper repeats the SDK's message in a longer sentence
+    return f"{type(err).__name__}: {_first_sentence(err)}"
 
 
 def read_bytes(url: str, storage_options: dict | str | None = None, retries: bool = True) -> bytes:
-    """The whole object at ``url``; transient errors retried."""
+    """The whole object at ``url``; transient errors of remote storage retried (``with_retries``)."""
 
     def read() -> bytes:
         fs, path = filesystem(url, storage_options)
         return fs.cat_file(path)
 
-    return with_retries(read, f"reading {describe(url)}") if retries else read()
+    # A local file system has no network hiccups to wait out: its errors are reported at once.
+    return with_retries(read, f"reading {describe(url)}") if retries and protocol_of(url) != "file" else read()
+
+
+# (URL, storage options) -> bytes of a small remote metadata file, or None where it was absent.
+_metadata_reads: dict[tuple[str, str], bytes | None] = {}
+
+
+def read_metadata(url: str, storage_options: dict | str | None = None) -> bytes:
+    """A small metadata file (manifest.json, the phantoms.json origin marker, a dataset card): on remote storage read
+    once per process, found or absent (FileNotFoundError), however many steps of a run ask for it; forgotten when this
+    process writes that URL (``write_bytes_atomic``) or calls ``forget_cached_reads``. Local files are read every time:
+    cheap, and other processes may change them."""
+    if protocol_of(url) == "file":
+        return read_bytes(url, storage_options)
+    options = storage_options_for(url, storage_options)
+    key = (_cache_url(url), json.dumps(options, sort_keys=True, default=repr))
+    if key not in _metadata_reads:
+        try:
+            _metadata_reads[key] = read_bytes(url, options)
+        except FileNotFoundError:
+            _metadata_reads[key] = None
+    data = _metadata_reads[key]
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file", describe(url))
+    return data
+
+
+def forget_cached_reads(url: str | None = None) -> None:
+    """Drops what ``read_metadata`` remembers of ``url`` (every URL when None): after this process changed or removed
+    the file by other means than ``write_bytes_atomic``."""
+    if url is None:
+        _metadata_reads.clear()
+        return
+    target = _cache_url(url)
+    for key in [key for key in _metadata_reads if key[0] == target]:
+        del _metadata_reads[key]
+
+
+def _cache_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("az", "abfs", "abfss"):  # one adlfs filesystem, three names
+        scheme = "az"
+    return f"{scheme.lower()}{sep}{rest.rstrip('/')}" if sep else url
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None = None) -> None:
@@ -245,6 +371,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None
         fs.pipe_file(path, data)
 
     with_retries(upload, f"writing {describe(url)}")
+    forget_cached_reads(url)  # this process reads back what it wrote (local files are never cached)
 
 
 def write_text_atomic(url: str | os.PathLike, text: str, storage_options: dict | str | None = None) -> None:
@@ -262,7 +389,7 @@ def exists(url: str, storage_options: dict | str | None = None) -> bool:
         fs, path = filesystem(url, storage_options)
         return fs.exists(path)
 
-    return with_retries(check, f"checking {describe(url)}")
+    return with_retries(check, f"checking {describe(url)}") if protocol_of(url) != "file" else check()
 
 
 def make_dirs(url: str, storage_options: dict | str | None = None) -> None:

@@ -57,7 +57,7 @@ def find_manifest(source: str, storage_options: dict | str | None = None) -> tup
     )
     url = storage.join(base, shard_format.MANIFEST_NAME)
     try:
-        data = storage.read_bytes(url, storage_options)
+        data = storage.read_metadata(url, storage_options)  # asked for several times per run: read once
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:

@@ -59,8 +59,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..data.folder import build_folder_records, find_labels_file
-    from ..data.labels import encode_labels, is_labelled, label_matrix
+    from ..data.folder import build_folder_records, find_labels_file, write_skipped_images
+    from ..data.labels import (
+        check_file_classes,
+        encode_labels,
+        is_labelled,
+        label_matrix,
+        parse_finding_labels,
+        parse_unknown_labels,
+        read_labels_table,
+    )
     from ..data.storage import parse_storage_options, write_json_atomic
     from .bootstrap import metrics_with_ci
     from .metrics import format_metrics_table, per_class_table
@@ -75,10 +83,36 @@ def run_evaluate(args: argparse.Namespace) -> int:
     labels_file = args.labels or find_labels_file(args.data)
     if labels_file is None:
         raise ValueError(f"images without labels: no labels.csv beside {args.data}; pass --labels CSV")
-    records = build_folder_records(args.data, labels_file, storage_options, labels_format_from_args(args))
+    labels_format = labels_format_from_args(args)
+    skipped: list[dict[str, str]] = []  # image files that cannot be decoded: left out, listed beside the metrics
+    records = build_folder_records(args.data, labels_file, storage_options, labels_format, skipped)
+    table = read_labels_table(labels_file, labels_format=labels_format)  # read once per process: cached
     keep = [i for i, v in enumerate(records["finding_labels"]) if is_labelled(v)]
     if not keep:
         raise ValueError(f"none of the images in {args.data} has a label in {Path(labels_file).name}")
+    # The file's classes must be the model's, before anything is scored or written (metrics, plots, the card).
+    chosen = list(labels_format.label_names)
+    if chosen and not table.classes:  # nih: --label-names picks the classes to score; others are left aside
+        if not spec.multi_label:  # an image of another class has no right answer among the model's
+            scored = [i for i in keep if set(parse_finding_labels(records["finding_labels"][i])) <= set(chosen)]
+            if not scored:
+                raise ValueError(
+                    f"none of the labelled images of {Path(labels_file).name} is of --label-names' classes"
+                )
+            if len(scored) < len(keep):
+                print(f"skipping {len(keep) - len(scored)} image(s) of classes outside --label-names", file=sys.stderr)
+            keep = scored
+        file_classes = chosen
+    elif table.classes:  # wide: the class columns (--label-names chose them)
+        file_classes = table.classes
+    else:
+        texts = [records["finding_labels"][i] for i in keep]
+        file_classes = {n for text in texts for n in parse_finding_labels(text) + parse_unknown_labels(text)}
+    notes = check_file_classes(
+        spec, file_classes, Path(labels_file).name, every_class_listed=bool(chosen or table.classes)
+    )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     blank = sum(1 for v in records["finding_labels"] if v is not None and not is_labelled(v))
     if blank:
         print(f"skipping {blank} image(s) with an empty Finding Labels (unlabelled)", file=sys.stderr)
@@ -96,6 +130,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "per_class.json", per_class_table(metrics, spec))
+    write_skipped_images(out, skipped)
     save_roc_plot(out / "roc.png", truth, probs, spec)
     if not spec.multi_label:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)

@@ -16,9 +16,12 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from .linear_probe import is_linear_probe
@@ -77,7 +80,7 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
             saved, info = type(model).from_pretrained(
                 folder, config=model.config, use_safetensors=True, output_loading_info=True, dtype=torch.float32
             )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: a damaged file
         raise WeightLoadError(f"{folder}: cannot load the saved weights: {' '.join(str(err).split())[:300]}") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -100,3 +103,44 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
         )
     logger.info("loaded %d tensors from %s", len(state), folder)
     return len(state)
+
+
+# Config values that fix the shapes of the saved tensors, or what each output means: a checkpoint that differs in one
+# of them holds another model, whose weights cannot continue this one's training.
+SHAPE_KEYS = (
+    "model_type",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+)
+
+
+def _label_names(config: dict) -> list[str] | None:
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict):
+        return None
+    return [str(name) for _, name in sorted((int(k), v) for k, v in id2label.items())]
+
+
+def saved_model_differences(config: PretrainedConfig, folder: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, this config's value) for each architecture value (``SHAPE_KEYS``, and the class names) in
+    which the model saved in ``folder`` (its ``config.json``) differs from ``config``; [] when they match or the folder
+    has no readable config. Reads one small JSON file, no weights."""
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    current = config.to_dict()
+    differences = [(k, saved.get(k), current.get(k)) for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
+    saved_labels, labels = _label_names(saved), _label_names(current)
+    if saved_labels is not None and labels is not None and saved_labels != labels:
+        differences.append(("labels", ",".join(saved_labels), ",".join(labels)))
+    return differences

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import PretrainedConfig, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .preemption import COMPLETE_MARKER, is_complete, last_complete_checkpoint
+from ..data.local_disk import format_size, free_bytes, mount_of
+from ..models.weights import saved_model_differences
+from .preemption import COMPLETE_MARKER, checkpoint_problem, is_complete, last_complete_checkpoint, numbered_checkpoints
 
 logger = logging.getLogger(__name__)
 
 
 class OutputDirError(ValueError):
     pass
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume holds another model, or a stream position of other data or batches, than this run's."""
 
 
 def resume_requested(args: TrainingArguments) -> bool:
@@ -32,8 +39,16 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
         return None
     if resume in ("last", "latest", "true", "True"):
         folder = Path(args.output_dir)
-        last = last_complete_checkpoint(folder)  # never one left half-written by a crash mid-save
-        if last is None:
+        # Never one left half-written by a crash mid-save, nor one damaged since.
+        last = last_complete_checkpoint(folder)
+        if last is None and folder.is_dir() and numbered_checkpoints(folder):
+            logger.warning(
+                "--resume_from_checkpoint %s: no sound checkpoint in %s (each one is named above with what is wrong): "
+                "starting fresh",
+                resume,
+                folder,
+            )
+        elif last is None:
             logger.info("--resume_from_checkpoint %s: no checkpoint in %s yet, starting fresh", resume, folder)
         return last
     folder = Path(resume)
@@ -44,7 +59,36 @@ def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
             f"--resume_from_checkpoint {resume}: incomplete checkpoint (no {COMPLETE_MARKER}: interrupted while saving, "
             "or not written by hf_medvis); pass --resume_from_checkpoint last to take the newest complete one"
         )
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise OutputDirError(
+            f"--resume_from_checkpoint {resume}: damaged checkpoint, it has {problem}; pass --resume_from_checkpoint "
+            "last to take the newest sound one"
+        )
     return resume
+
+
+# The flags that set each architecture value (saved_model_differences), for the message.
+_ARCHITECTURE_FLAGS = {
+    "image_size": "--image_size",
+    "patch_size": "--patch_size",
+    "num_channels": "--num_channels",
+    "labels": "labels (--classes, the labels file)",
+}
+
+
+def check_model_matches_checkpoint(config: PretrainedConfig, checkpoint: str | os.PathLike) -> None:
+    """Raises ``ResumeMismatchError`` naming every architecture value in which the model built for this run differs
+    from the checkpoint's (image size, preset, hidden size, classes...): its weights cannot continue this model."""
+    differences = saved_model_differences(config, checkpoint)
+    if not differences:
+        return
+    flags = sorted({_ARCHITECTURE_FLAGS.get(key, "--model_preset / --config_overrides") for key, _, _ in differences})
+    found = "; ".join(f"{key} {saved} in the checkpoint, {now} now" for key, saved, now in differences)
+    raise ResumeMismatchError(
+        f"cannot resume from {checkpoint}: it holds another model ({found}); resume with the checkpoint's "
+        f"{', '.join(flags)}, or start a new run in another --output_dir"
+    )
 
 
 FINAL_RESULTS = "all_results.json"  # the recipes write it last: a run that has it has finished
@@ -121,3 +165,35 @@ def disable_evaluation_without_data(args: TrainingArguments, eval_dataset: Any) 
         args.do_eval = False
         if args.load_best_model_at_end:
             raise OutputDirError("--load_best_model_at_end needs evaluation data (--validation_data)")
+
+
+def newest_checkpoint_bytes(output_dir: str | os.PathLike) -> int | None:
+    """The size of the newest complete checkpoint in ``output_dir``: what the next one will take."""
+    folder = Path(output_dir)
+    complete = [p for _, p in numbered_checkpoints(folder) if is_complete(p)] if folder.is_dir() else []
+    if not complete:
+        return None
+    return sum(p.stat().st_size for p in complete[0].rglob("*") if p.is_file())
+
+
+def describe_write_failure(kind: str, output_dir: str | os.PathLike, what: str, need: int | None = None) -> str:
+    """One line for a write of ``what`` (``checkpoint-12``, ``the final model``) into ``output_dir`` that failed
+    (``write_failure_kind``): the filesystem, the space a checkpoint takes (``need``, else the newest one's), and how
+    to go on."""
+    device = mount_of(output_dir)
+    rerun = "then rerun with --resume_from_checkpoint last (it continues from the last complete checkpoint)"
+    if kind == "read-only":
+        return (
+            f"cannot write {what} under {output_dir}: {device} is read-only; make it writable (or pass another "
+            f"--output_dir), {rerun}"
+        )
+    need, free = need or newest_checkpoint_bytes(output_dir), free_bytes(output_dir)
+    if need is not None and free is not None:
+        amount = f"free ~{format_size(max(need - free, 0) + need // 10)} (a checkpoint takes ~{format_size(need)}, {format_size(free)} free)"
+    else:
+        amount = "free space there" + (f" ({format_size(free)} free now)" if free is not None else "")
+    reason = "no space left" if kind == "full" else "disk quota exceeded"
+    return (
+        f"{reason} on {device} for {what} under {output_dir}: {amount} or keep fewer checkpoints "
+        f"(--save_total_limit), {rerun}"
+    )

@@ -83,7 +83,12 @@ def recipe_errors() -> Iterator[None]:
             message = " ".join(str(err).split()) or type(err).__name__
         if message is None:
             raise
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}") from None
+        raise one_line_exit(message) from None
+
+
+def one_line_exit(message: str) -> SystemExit:
+    """The exit of a run stopped by bad input or a failed write: ``recipe.py: error: <message>`` on stderr, status 1."""
+    return SystemExit(f"{Path(sys.argv[0]).name}: error: {' '.join(message.split())}")
 
 
 _SETUP_INPUT_ERRORS = (

@@ -4,26 +4,38 @@ cross-entropy) and layer-wise lr decay."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import ProgressCallback, Trainer
 from transformers.trainer_utils import TrainOutput
 
 from ..data.labels import MULTI_LABEL
+from ..data.local_disk import write_failure_kind
 from ..data.stream_plan import rank_batch_counts
 from ..data.streaming import StreamDataLoader, stream_control
 from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
 from ..models.param_groups import vit_param_groups
-from ..models.weights import load_saved_weights
+from ..models.weights import WeightLoadError, load_saved_weights
+from .callbacks.stream_state import StreamStateCallback
 from .deepspeed_config import prefer_torch_adam_without_cuda
-from .preemption import CheckpointCommitCallback, mark_incomplete, workers_ignore_sigterm
+from .outputs import (
+    ResumeMismatchError,
+    check_model_matches_checkpoint,
+    describe_write_failure,
+    newest_checkpoint_bytes,
+)
+from .preemption import CheckpointCommitCallback, is_complete, mark_incomplete, workers_ignore_sigterm
 from .reporting import arrange_reporters
+from .run import one_line_exit
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
 
@@ -134,13 +146,76 @@ class MedVisTrainer(Trainer):
         # Self-supervised models return a loss without a labels key; let evaluation report it.
         self.can_return_loss = True
 
-    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
         # The commit marker must come after every other on_save (e.g. the stream position), whenever they were added.
         commit = [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointCommitCallback)]
         for callback in commit:
             self.callback_handler.callbacks.remove(callback)
             self.callback_handler.callbacks.append(callback)
-        return super().train(*args, **kwargs)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self._check_resume_fits(os.fspath(resume_from_checkpoint))
+        with self._output_writes("the run's outputs"):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_resume_fits(self, checkpoint: str) -> None:
+        """Before anything is loaded or written: a checkpoint of another model (image size, preset, classes) or, on a
+        shard stream, of other batches or data is one line naming the values, not a traceback mid-way."""
+        try:
+            check_model_matches_checkpoint(self.model.config, checkpoint)
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, StreamStateCallback):
+                    callback.check_resume(self.args, checkpoint)
+        except ResumeMismatchError as err:
+            raise one_line_exit(str(err)) from None
+
+    # -- a full or read-only output folder ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _output_writes(self, what: str) -> Iterator[None]:
+        """A write into output_dir that fails because its filesystem is full or read-only -> one line naming the
+        location and the need, exit status 1. A checkpoint it interrupted has no completion marker (nothing trusts
+        it) and is removed, which gives its space back; the other errors keep their traceback."""
+        try:
+            yield
+        except Exception as err:
+            output_dir = self.args.output_dir
+            need = newest_checkpoint_bytes(output_dir) or self._checkpoint_bytes_estimate()
+            kind = write_failure_kind(err, output_dir, need)
+            if kind is None:
+                raise
+            partial = Path(output_dir) / f"checkpoint-{self.state.global_step}"
+            if partial.is_dir() and not is_complete(partial):
+                what = partial.name
+                if self.args.should_save:
+                    shutil.rmtree(partial, ignore_errors=True)
+            self._close_progress_bars()  # else the bar, closed at exit, is printed after the error line
+            raise one_line_exit(describe_write_failure(kind, output_dir, what, need)) from None
+
+    def _checkpoint_bytes_estimate(self) -> int:
+        """Before the first checkpoint: the weights and Adam's two moments, in fp32."""
+        return 3 * 4 * sum(p.numel() for p in self.model.parameters())
+
+    def _close_progress_bars(self) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for name in ("training_bar", "prediction_bar"):
+                    bar = getattr(callback, name, None)
+                    if bar is not None:
+                        bar.close()
+                        setattr(callback, name, None)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # a checkpoint's weights: train() reports a failure, naming the checkpoint
+            return super().save_model(output_dir, _internal_call)
+        with self._output_writes("the final model"):
+            return super().save_model(output_dir, _internal_call)
+
+    def save_state(self) -> None:
+        with self._output_writes("trainer_state.json"):
+            return super().save_state()
+
+    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+        with self._output_writes(f"{split}_results.json"):
+            return super().save_metrics(split, metrics, combined)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         # Resumed from a checkpoint at (or past) --max_steps, e.g. one saved on SIGTERM at the last step: the Trainer
@@ -232,7 +307,10 @@ class MedVisTrainer(Trainer):
         # through the same name conversion as from_pretrained and fails on any key that does not match.
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = load_saved_weights(self.model if model is None else model, resume_from_checkpoint)
+        try:
+            loaded = load_saved_weights(self.model if model is None else model, resume_from_checkpoint)
+        except WeightLoadError as err:  # before anything is written: one line, like the checks of _check_resume_fits
+            raise one_line_exit(str(err)) from None
         logger.info("resuming from %s: %d tensors restored", resume_from_checkpoint, loaded)
 
     def _load_best_model(self) -> None:

@@ -7,7 +7,8 @@ every skipped batch. This callback records the stream's own epoch and the batche
 (``stream_state.json`` in the checkpoint folder), turns the Trainer's skip off, and makes each DataLoader worker drop
 the samples it had already delivered before they are decoded (``hf_medvis.data.streaming.StreamControl``).
 
-Use with non-persistent DataLoader workers (the default), the same world size, worker count, batch size and data.
+Use with non-persistent DataLoader workers (the default), the same world size, worker count, batch size and data: a
+resume that differs in one of them is refused before training starts (``check_resume``), naming the values.
 Under several processes only rank 0 writes the record: the ranks step together (MedVisTrainer ends an epoch on all
 ranks at once), so its epoch and step count hold for every rank, and each rank's twin replays its own node split.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ...data import storage
 from ...data.streaming import StreamControl, drive_epochs, resume_position, stream_control
+from ..outputs import ResumeMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +90,10 @@ class StreamStateCallback(TrainerCallback):
         if state.global_step == 0:
             return
         folder = self.resume_from_checkpoint or self._checkpoint_dir(args, state)
-        path = os.path.join(folder, STATE_FILE)
-        if not os.path.exists(path):
+        saved = self.check_resume(args, folder)
+        if saved is None:
             logger.warning("no %s in %s: the stream restarts its epoch (samples may repeat)", STATE_FILE, folder)
-            return
-        with open(path) as f:
-            saved = json.load(f)
-        expected = self._position_fingerprint(args)
-        mismatched = {
-            k: (saved["fingerprint"].get(k), v) for k, v in expected.items() if saved["fingerprint"].get(k) != v
-        }
-        if mismatched:
-            logger.warning(
-                "stream position not restored, the run differs from the checkpoint in %s", sorted(mismatched)
-            )
+            args.ignore_data_skip = True  # the Trainer's own skip cannot position a stream (it counts all epochs)
             return
         batches = saved["steps_in_epoch"] * args.gradient_accumulation_steps
         position = resume_position(
@@ -157,6 +150,29 @@ class StreamStateCallback(TrainerCallback):
         }
         storage.write_bytes_atomic(os.path.join(folder, STATE_FILE), (json.dumps(record, indent=1) + "\n").encode())
 
+    def check_resume(self, args: TrainingArguments, checkpoint: str | os.PathLike) -> dict | None:
+        """The stream position saved in ``checkpoint`` (None when it has none, or the data is not a stream); raises
+        ``ResumeMismatchError`` naming each value in which this run differs from the run that saved it (batch size,
+        workers, world size, data, seed...): its position means other samples here. Reads one small file."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if self.control is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            saved = json.load(f)
+        recorded = saved["fingerprint"]
+        differences = [
+            f"{key} {_shown(key, recorded.get(key))} in the checkpoint, {_shown(key, value)} now"
+            for key, value in self._position_fingerprint(args).items()
+            if recorded.get(key) != value
+        ]
+        if differences:
+            raise ResumeMismatchError(
+                f"cannot resume the shard stream from {Path(checkpoint).name}: this run differs from the one that "
+                f"saved it in {'; '.join(differences)}; resume with the checkpoint's values, or start a new run in "
+                "another --output_dir"
+            )
+        return saved
+
     def _position_fingerprint(self, args: TrainingArguments) -> dict:
         return {
             **self.control.position_fingerprint(),
@@ -165,3 +181,8 @@ class StreamStateCallback(TrainerCallback):
             "dataloader_num_workers": args.dataloader_num_workers,
             "dataloader_drop_last": args.dataloader_drop_last,
         }
+
+
+def _shown(key: str, value: Any) -> str:
+    """A fingerprint value, a checksum by its first characters."""
+    return str(value)[:12] if key.endswith("sha256") and value else str(value)
