@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,31 @@ def phantom_dir(tmp_path_factory) -> Path:
     from hf_medvis.data.phantoms import write_phantom_dataset
 
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "set", patients=16, seed=3, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(phantom_dir, tmp_path_factory) -> Path:
+    """``phantom_dir``'s PNGs prepared as 64 px shards of 5 samples with their labels (10 shards); read-only."""
+    from hf_medvis.data.prepare import prepare
+
+    dst = tmp_path_factory.mktemp("labelled_shards") / "shards"
+    labels = str(phantom_dir / "labels.csv")
+    prepare(str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=labels)
+    return dst
+
+
+@contextlib.contextmanager
+def mounted(*mount_args: str, target: Path) -> Iterator[Path]:
+    """``mount MOUNT_ARGS TARGET`` for the block (a small tmpfs, a read-only bind mount); the test is skipped with the
+    reason where this machine does not allow it."""
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", *mount_args, str(target)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here ({' '.join(mount_args)}): {result.stderr.strip()[:200] or 'not permitted'}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "--lazy", str(target)], capture_output=True)
 
 
 @pytest.fixture(scope="session")

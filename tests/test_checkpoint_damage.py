@@ -10,7 +10,6 @@
   ends with the weights and losses of a clean run. A read-only ``--output_dir`` (a read-only bind mount) is one line.
 """
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -25,12 +24,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TRACEBACK, load_recipe, subprocess_env
+from conftest import REPO, TRACEBACK, load_recipe, mounted, subprocess_env
 from safetensors.torch import save_file
 from test_resume import assert_continues_exactly
 
 from hf_medvis.data.local_disk import write_failure_kind
-from hf_medvis.data.prepare import prepare
 from hf_medvis.data.storage import write_json_atomic
 from hf_medvis.training.outputs import describe_write_failure, resolve_resume_checkpoint
 from hf_medvis.training.preemption import COMPLETE_MARKER, checkpoint_problem, last_complete_checkpoint
@@ -75,24 +73,15 @@ def with_checkpoints(reference: Path, steps: tuple[int, ...], target: Path) -> P
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("damage_shards") / "shards"
-    prepare(
-        str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv")
-    )
-    return dst
-
-
-@pytest.fixture(scope="module")
 def recipe():
     return load_recipe("pretrain_mae")
 
 
 @pytest.fixture(scope="module")
-def reference(recipe, shards, tmp_path_factory) -> Path:
+def reference(recipe, labelled_shards, tmp_path_factory) -> Path:
     """The uninterrupted run: what every resumed run here must end with."""
     out = tmp_path_factory.mktemp("damage_ref") / "run"
-    run(recipe, ["--train_data", str(shards), "--output_dir", str(out), *ARGS])
+    run(recipe, ["--train_data", str(labelled_shards), "--output_dir", str(out), *ARGS])
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
     return out
 
@@ -156,12 +145,14 @@ def test_checkpoints_without_a_file_list_are_checked_by_their_formats(reference,
 # -- resume: fall back past a damaged checkpoint, refuse an explicit one -----------------------------------------------
 
 
-def test_last_skips_a_damaged_checkpoint_and_trains_as_the_uninterrupted_run(recipe, shards, reference, tmp_path):
+def test_last_skips_a_damaged_checkpoint_and_trains_as_the_uninterrupted_run(
+    recipe, labelled_shards, reference, tmp_path
+):
     out = with_checkpoints(reference, (3, 4), tmp_path / "out")
     os.truncate(out / "checkpoint-4" / "model.safetensors", 300_000)
     log = run(
         recipe,
-        ["--train_data", str(shards), "--output_dir", str(out), *ARGS, "--resume_from_checkpoint", "last"],
+        ["--train_data", str(labelled_shards), "--output_dir", str(out), *ARGS, "--resume_from_checkpoint", "last"],
     )
     warnings = [line for line in log.splitlines() if "not resuming from it" in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0], log[-3000:]
@@ -193,14 +184,24 @@ def test_last_with_only_damaged_checkpoints_starts_fresh_and_says_why(reference,
     ],
     ids=["state-lost", "optimizer-truncated"],
 )
-def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(recipe, shards, reference, tmp_path, damage, problem):
+def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(
+    recipe, labelled_shards, reference, tmp_path, damage, problem
+):
     out = with_checkpoints(reference, (3, 4), tmp_path / "out")
     damage(out / "checkpoint-4")
     before = snapshot(out)
     checkpoint = out / "checkpoint-4"
     message = refused(
         recipe,
-        ["--train_data", str(shards), "--output_dir", str(out), *ARGS, "--resume_from_checkpoint", str(checkpoint)],
+        [
+            "--train_data",
+            str(labelled_shards),
+            "--output_dir",
+            str(out),
+            *ARGS,
+            "--resume_from_checkpoint",
+            str(checkpoint),
+        ],
     )
     assert f"--resume_from_checkpoint {checkpoint}: {problem}" in message
     assert "--resume_from_checkpoint last" in message
@@ -221,11 +222,20 @@ def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(recipe, shards, r
     ids=["image-size", "hidden-size", "stream-batch-size"],
 )
 def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(
-    recipe, shards, reference, tmp_path, change, difference
+    recipe, labelled_shards, reference, tmp_path, change, difference
 ):
     out = with_checkpoints(reference, (3, 4), tmp_path / "out")
     before = snapshot(out)
-    argv = ["--train_data", str(shards), "--output_dir", str(out), *ARGS, *change, "--resume_from_checkpoint", "last"]
+    argv = [
+        "--train_data",
+        str(labelled_shards),
+        "--output_dir",
+        str(out),
+        *ARGS,
+        *change,
+        "--resume_from_checkpoint",
+        "last",
+    ]
     assert difference in refused(recipe, argv)
     assert snapshot(out) == before  # nothing written: no history, no checkpoint, no results
 
@@ -233,30 +243,20 @@ def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(
 # -- full and read-only filesystems ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def mounted(*mount_args: str, target: Path):
-    target.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", *mount_args, str(target)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here ({' '.join(mount_args)}): {result.stderr.strip()[:200]}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "--lazy", str(target)], capture_output=True)
-
-
 def complete_steps(out: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{COMPLETE_MARKER}"))
 
 
 @pytest.mark.slow
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_equals_a_clean_run(recipe, shards, reference, tmp_path):
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_equals_a_clean_run(
+    recipe, labelled_shards, reference, tmp_path
+):
     checkpoint_bytes = sum(p.stat().st_size for p in (reference / "checkpoint-3").iterdir())
     # Room for the history and three checkpoints, not four.
     size_k = (checkpoint_bytes * 7 // 2) // 1024
     with mounted("-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", target=tmp_path / "small") as disk:
         out = disk / "run"
-        command = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--train_data", str(shards)]
+        command = [sys.executable, str(REPO / "recipes" / "pretrain_mae.py"), "--train_data", str(labelled_shards)]
         # As a job runs it: structured logs on (they write into the full folder too), restarted with the same command.
         logs_on = ARGS[: ARGS.index("--structured_logs")]
         command += ["--output_dir", str(out), *logs_on, "--resume_from_checkpoint", "last"]
@@ -281,11 +281,11 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_equals_a_clean_ru
         assert_continues_exactly(reference, out, 0, 6)  # every step's loss, and the final weights
 
 
-def test_a_read_only_output_dir_is_one_line(recipe, shards, tmp_path):
+def test_a_read_only_output_dir_is_one_line(recipe, labelled_shards, tmp_path):
     source = tmp_path / "source"
     source.mkdir()
     with mounted("--bind", "-o", "ro", str(source), target=tmp_path / "ro") as read_only:
-        message = refused(recipe, ["--train_data", str(shards), "--output_dir", str(read_only / "run"), *ARGS])
+        message = refused(recipe, ["--train_data", str(labelled_shards), "--output_dir", str(read_only / "run"), *ARGS])
     assert message.endswith(f"--output_dir {read_only / 'run'} cannot be written (Read-only file system)")
     assert not list(source.iterdir())
 

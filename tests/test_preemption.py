@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import REPO, launch_command, multiprocess_env
 
-from hf_medvis.data.prepare import prepare
 from hf_medvis.training.preemption import COMPLETE_MARKER, last_complete_checkpoint, mark_complete, mark_incomplete
 from hf_medvis.training.sample_trace import read_trace
 
@@ -43,7 +42,7 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path, caplog):
 
 # -- the real thing: 2 processes on a shard stream, SIGTERM, SIGKILL, resume -------------------------------------------
 
-# 49 images in shards of 5: 10 shards, the last one short, so rank 0 holds 25 samples and rank 1 24. With batches of 4
+# 49 images in shards of 5 (conftest's labelled_shards): 10 shards, the last one short, so rank 0 holds 25 samples and rank 1 24. With batches of 4
 # from 1 worker that is 7 batches against 6: every rank stops after 6 (MedVisTrainer's _RanksStopTogether).
 STEPS_PER_EPOCH = 6
 STEPS = 9  # into the second epoch
@@ -114,16 +113,6 @@ def test_dataloader_workers_survive_sigterm_while_they_start():
     assert int(result.stdout.split()[-1]) >= 10, result.stdout  # many epochs, each starting a new worker
 
 
-@pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("mpshards") / "shards"
-    prepare(
-        str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv")
-    )
-    assert [s["samples"] for s in json.loads((dst / "manifest.json").read_text())["shards"]] == [5] * 9 + [4]
-    return dst
-
-
 def start(shards: Path, out: Path, trace: Path) -> subprocess.Popen:
     cmd = launch_command("torchrun", "pretrain_mae", "--train_data", str(shards), "--output_dir", str(out), *ARGS)
     return subprocess.Popen(
@@ -181,14 +170,14 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.mark.allow_traceback(
     "SignalException", reason="torchrun's own exit on SIGTERM, after every rank saved (README)"
 )
-def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, shards):
+def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, labelled_shards):
     import psutil
     import torch
     from safetensors.torch import load_file
 
     # Uninterrupted reference.
     ref_out, ref_trace = tmp_path / "ref", tmp_path / "ref_trace"
-    ref = start(shards, ref_out, ref_trace)
+    ref = start(labelled_shards, ref_out, ref_trace)
     ref_log = ref.communicate(timeout=240)[0]
     assert ref.returncode == 0, ref_log[-3000:]
 
@@ -196,7 +185,7 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, s
     # saves the checkpoint at its next step and exits 0; torchrun itself then exits 1 with its SignalException.
     out = tmp_path / "run"
     traces = [tmp_path / f"trace{i}" for i in range(3)]
-    first = start(shards, out, traces[0])
+    first = start(labelled_shards, out, traces[0])
     wait_for(lambda: steps_traced(traces[0]) >= 1, first)
     first.send_signal(signal.SIGTERM)
     log1 = first.communicate(timeout=120)[0]
@@ -208,7 +197,7 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, s
     assert json.loads((out / f"checkpoint-{stop1}" / "stream_state.json").read_text())["fingerprint"]["world_size"] == 2
 
     # 2) Resume, then SIGKILL the whole job (node loss) once one more checkpoint is complete.
-    second = start(shards, out, traces[1])
+    second = start(labelled_shards, out, traces[1])
     wait_for(lambda: complete_steps(out)[-1] > stop1, second)
     job = psutil.Process(second.pid)
     for proc in [job, *job.children(recursive=True)]:  # torchrun puts workers in their own sessions
@@ -220,7 +209,7 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, s
     assert not (out / "all_results.json").exists()
 
     # 3) Resume to the end.
-    third = start(shards, out, traces[2])
+    third = start(labelled_shards, out, traces[2])
     log3 = third.communicate(timeout=240)[0]
     assert third.returncode == 0, log3[-3000:]
     assert json.loads((out / "all_results.json").read_text())["global_step"] == STEPS

@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import mounted
 from PIL import Image
 
 from hf_medvis.cli import main as cli_main
@@ -215,18 +216,6 @@ def noise_pngs(folder: Path, n: int = 40, side: int = 64) -> Path:
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     return folder
-
-
-@contextlib.contextmanager
-def mounted(*command: str, target: Path):
-    target.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", *command, str(target)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount ({' '.join(command)}): {result.stderr.strip() or 'not permitted'}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
 
 
 def test_full_disk_is_one_line_and_the_rerun_equals_a_clean_run(tmp_path, capsys):

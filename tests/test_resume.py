@@ -15,7 +15,6 @@ import torch
 from conftest import load_recipe
 from safetensors.torch import load_file, save_file
 
-from hf_medvis.data.prepare import prepare
 from hf_medvis.models.build import build_mae_model
 from hf_medvis.models.weights import WeightLoadError, load_saved_weights
 
@@ -63,33 +62,34 @@ def resume_copy(reference: Path, step: int, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(phantom_dir, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("resume_shards") / "shards"
-    prepare(
-        str(phantom_dir / "images"), str(dst), size=64, shard_size=5, salt="x", labels=str(phantom_dir / "labels.csv")
-    )
-    return dst
-
-
-@pytest.fixture(scope="module")
 def mae_recipe():
     return load_recipe("pretrain_mae")
 
 
 @pytest.fixture(scope="module")
-def stream_reference(mae_recipe, shards, tmp_path_factory) -> Path:
+def stream_reference(mae_recipe, labelled_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stream_ref") / "run"
-    run(mae_recipe, ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS])
+    run(mae_recipe, ["--train_data", str(labelled_shards), "--output_dir", str(out), *STREAM_ARGS])
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
     return out
 
 
 @pytest.mark.parametrize("step, where", [(3, "mid-epoch"), (EPOCH_STEPS, "epoch end")])
-def test_stream_resume_continues_the_uninterrupted_run(mae_recipe, shards, stream_reference, tmp_path, step, where):
+def test_stream_resume_continues_the_uninterrupted_run(
+    mae_recipe, labelled_shards, stream_reference, tmp_path, step, where
+):
     out = resume_copy(stream_reference, step, tmp_path / "resumed")
     log = run(
         mae_recipe,
-        ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS, "--resume_from_checkpoint", "last"],
+        [
+            "--train_data",
+            str(labelled_shards),
+            "--output_dir",
+            str(out),
+            *STREAM_ARGS,
+            "--resume_from_checkpoint",
+            "last",
+        ],
     )
     assert f"resuming from {out / f'checkpoint-{step}'}: 62 tensors restored" in log
     if where == "epoch end":
@@ -110,20 +110,28 @@ def test_finetune_resume_continues_the_uninterrupted_run(phantom_dir, tmp_path):
     assert_continues_exactly(reference, out, 3, 6)  # map-style data, 2 workers, dropout on
 
 
-def test_resume_at_the_last_step_finishes_without_training(mae_recipe, shards, stream_reference, tmp_path):
+def test_resume_at_the_last_step_finishes_without_training(mae_recipe, labelled_shards, stream_reference, tmp_path):
     """A preemption that saved the last step's checkpoint before the final outputs: the restart trains nothing more and
     writes the outputs of the run (the Trainer alone would take a 13th step)."""
     out = resume_copy(stream_reference, 12, tmp_path / "resumed")
     run(
         mae_recipe,
-        ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS, "--resume_from_checkpoint", "last"],
+        [
+            "--train_data",
+            str(labelled_shards),
+            "--output_dir",
+            str(out),
+            *STREAM_ARGS,
+            "--resume_from_checkpoint",
+            "last",
+        ],
     )
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
     assert not losses(out) and not list(out.glob("checkpoint-13"))
     assert_continues_exactly(stream_reference, out, 12, 12)
 
 
-def test_rerunning_a_finished_job_changes_nothing(mae_recipe, shards, stream_reference):
+def test_rerunning_a_finished_job_changes_nothing(mae_recipe, labelled_shards, stream_reference):
     def snapshot() -> dict[str, str]:
         return {
             str(p.relative_to(stream_reference)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -137,7 +145,7 @@ def test_rerunning_a_finished_job_changes_nothing(mae_recipe, shards, stream_ref
         mae_recipe.main(
             [
                 "--train_data",
-                str(shards),
+                str(labelled_shards),
                 "--output_dir",
                 str(stream_reference),
                 *STREAM_ARGS,
