@@ -105,16 +105,12 @@ class PreparedLocation:
 
     def _read_json(self, name: str) -> dict | None:
         """A small JSON file of the location, read past any cache (another process may have just changed it)."""
-        url = self._url(name)
-
-        def read() -> bytes:
-            fs, path = storage.filesystem(url, self.options)
-            return fs.cat_file(path)
-
         try:
-            return json.loads(storage.with_retries(read, f"reading {storage.describe(url)}"))
+            data = storage.read_bytes(self._url(name), self.options)  # not read_metadata: that one caches
         except FileNotFoundError:
             return None
+        try:  # parsed apart from the read: a StorageAccessError is a ValueError too, and no damaged file
+            return json.loads(data)
         except ValueError:
             return {}  # damaged: nobody's
 
