@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.util
+import io
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -142,6 +146,31 @@ def load_recipe(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_recipe(recipe, argv: list[str]) -> str:
+    """Runs a loaded recipe in this process; returns its log (setup_logging logs to stdout)."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        recipe.main(argv)
+    return log.getvalue()
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A labels file as a user's tools would write it (csv module, header first)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def copy_checkpoints(reference: Path, steps: tuple[int, ...], target: Path) -> Path:
+    """A new run folder ``target`` holding copies of ``reference``'s checkpoints at ``steps``: a run stopped there."""
+    target.mkdir()
+    for step in steps:
+        shutil.copytree(reference / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    return target
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import shutil
 from contextlib import redirect_stdout
 
 import pytest
-from conftest import load_recipe
+from conftest import load_recipe, write_csv
 
 # ---- keys that survive real file names -------------------------------------------------------------------------------
 
@@ -35,12 +35,7 @@ def _uid_named_dicoms(folder):
     return files
 
 
-def _write_labels(path, rows, header=("Image Index", "Patient ID", "Finding Labels")):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+NIH_COLUMNS = ("Image Index", "Patient ID", "Finding Labels")
 
 
 def test_dicoms_named_by_their_uid_keep_one_key_each_through_prepare_and_raw_folders(tmp_path):
@@ -58,7 +53,7 @@ def test_dicoms_named_by_their_uid_keep_one_key_each_through_prepare_and_raw_fol
     for (name, (uid, patient)), finding in zip(sorted(files.items()), findings, strict=True):
         listed = uid if name.endswith(".dcm") else f"{uid}.dcm"  # the other spelling than the file's own
         rows.append([listed, patient, finding])
-    labels = _write_labels(tmp_path / "labels.csv", rows)
+    labels = write_csv(tmp_path / "labels.csv", NIH_COLUMNS, rows)
     uids = sorted(uid for uid, _ in files.values())
     expected = {uid: finding for (_, (uid, _)), finding in zip(sorted(files.items()), findings, strict=True)}
 
@@ -83,7 +78,7 @@ def test_names_that_differ_only_in_the_extension(tmp_path, phantom_dir):
     from hf_medvis.data.labels import LabelError, read_labels_table, sample_key
 
     assert sample_key("study.v2.final.PNG") == "study.v2.final" and sample_key(f"{UID_ROOT}.41") == f"{UID_ROOT}.41"
-    table = _write_labels(tmp_path / "both.csv", [["a.png", "1", "Nodule"], ["a.dcm", "1", "Effusion"]])
+    table = write_csv(tmp_path / "both.csv", NIH_COLUMNS, [["a.png", "1", "Nodule"], ["a.dcm", "1", "Effusion"]])
     with pytest.raises(LabelError, match=r"'a.png' \(line 2\) and 'a.dcm' \(line 3\) differ only in the image ext"):
         read_labels_table(table)
 
@@ -95,7 +90,9 @@ def test_names_that_differ_only_in_the_extension(tmp_path, phantom_dir):
     shutil.copy(png, folder / "scan.2024.01.png")
     records = build_folder_records(folder)
     assert sorted(records["key"]) == ["a.dcm", "a.png", "scan.2024.01"]
-    one_row = _write_labels(tmp_path / "one.csv", [["a.png", "1", "Nodule"], ["scan.2024.01.png", "2", "Effusion"]])
+    one_row = write_csv(
+        tmp_path / "one.csv", NIH_COLUMNS, [["a.png", "1", "Nodule"], ["scan.2024.01.png", "2", "Effusion"]]
+    )
     with pytest.raises(DataSourceError, match="'a.dcm' and 'a.png' both match the labels row 'a.png'"):
         build_folder_records(folder, one_row)
 
@@ -228,7 +225,7 @@ def test_single_label_wide_labels_with_uncertain_cells_say_which_option_reads_th
         if i % 5 == 0:
             cells[(i + 1) % 3] = "-1"  # uncertain
         wide.append([row["Image Index"], row["Patient ID"], *cells])
-    labels = _write_labels(tmp_path / "wide.csv", wide, ("Image Index", "Patient ID", *classes))
+    labels = write_csv(tmp_path / "wide.csv", ("Image Index", "Patient ID", *classes), wide)
     argv = ["--train_data", str(phantom_dir / "images"), "--labels_file", str(labels), "--labels_format", "wide",
             "--problem_type", "single_label"]  # fmt: skip
     message = _refused("finetune_vit", tmp_path / "out", argv)

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TRACEBACK, load_recipe, mounted, subprocess_env
+from conftest import REPO, TRACEBACK, copy_checkpoints, load_recipe, mounted, run_recipe, subprocess_env
 from safetensors.torch import save_file
 from test_resume import assert_continues_exactly
 
@@ -38,13 +37,6 @@ ARGS = (
     "--per_device_train_batch_size 5 --dataloader_num_workers 2 --max_steps 6 --logging_steps 1 --save_steps 1 "
     "--save_total_limit 20 --eval_strategy no --num_reconstruction_images 0 --seed 7 --structured_logs false"
 ).split()
-
-
-def run(recipe, argv: list[str]) -> str:
-    log = io.StringIO()
-    with redirect_stdout(log):  # setup_logging logs to stdout
-        recipe.main(argv)
-    return log.getvalue()
 
 
 def refused(recipe, argv: list[str]) -> str:
@@ -65,13 +57,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def with_checkpoints(reference: Path, steps: tuple[int, ...], target: Path) -> Path:
-    target.mkdir()
-    for step in steps:
-        shutil.copytree(reference / f"checkpoint-{step}", target / f"checkpoint-{step}")
-    return target
-
-
 @pytest.fixture(scope="module")
 def recipe():
     return load_recipe("pretrain_mae")
@@ -81,7 +66,7 @@ def recipe():
 def reference(recipe, labelled_shards, tmp_path_factory) -> Path:
     """The uninterrupted run: what every resumed run here must end with."""
     out = tmp_path_factory.mktemp("damage_ref") / "run"
-    run(recipe, ["--train_data", str(labelled_shards), "--output_dir", str(out), *ARGS])
+    run_recipe(recipe, ["--train_data", str(labelled_shards), "--output_dir", str(out), *ARGS])
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
     return out
 
@@ -113,7 +98,7 @@ def _remove(name: str):
     ids=["model-truncated", "optimizer-truncated", "state-lost", "stream-state-lost", "marker-lost"],
 )
 def test_a_damaged_checkpoint_is_named_with_its_file(reference, tmp_path, damage, problem):
-    folder = with_checkpoints(reference, (4,), tmp_path / "out") / "checkpoint-4"
+    folder = copy_checkpoints(reference, (4,), tmp_path / "out") / "checkpoint-4"
     assert checkpoint_problem(folder) is None
     damage(folder)
     assert checkpoint_problem(folder).startswith(problem)
@@ -135,7 +120,7 @@ def test_a_damaged_checkpoint_is_named_with_its_file(reference, tmp_path, damage
 def test_checkpoints_without_a_file_list_are_checked_by_their_formats(reference, tmp_path, damage, problem):
     """A marker written before it listed the files (or a file list that still matches) leaves the formats to tell:
     the safetensors header against the file size, the torch zip's central directory, JSON, the layout's files."""
-    folder = with_checkpoints(reference, (4,), tmp_path / "out") / "checkpoint-4"
+    folder = copy_checkpoints(reference, (4,), tmp_path / "out") / "checkpoint-4"
     write_json_atomic(folder / COMPLETE_MARKER, {"global_step": 4, "time": 0})
     assert checkpoint_problem(folder) is None
     damage(folder)
@@ -148,9 +133,9 @@ def test_checkpoints_without_a_file_list_are_checked_by_their_formats(reference,
 def test_last_skips_a_damaged_checkpoint_and_trains_as_the_uninterrupted_run(
     recipe, labelled_shards, reference, tmp_path
 ):
-    out = with_checkpoints(reference, (3, 4), tmp_path / "out")
+    out = copy_checkpoints(reference, (3, 4), tmp_path / "out")
     os.truncate(out / "checkpoint-4" / "model.safetensors", 300_000)
-    log = run(
+    log = run_recipe(
         recipe,
         ["--train_data", str(labelled_shards), "--output_dir", str(out), *ARGS, "--resume_from_checkpoint", "last"],
     )
@@ -165,7 +150,7 @@ def test_last_skips_a_damaged_checkpoint_and_trains_as_the_uninterrupted_run(
 
 
 def test_last_with_only_damaged_checkpoints_starts_fresh_and_says_why(reference, tmp_path, caplog):
-    out = with_checkpoints(reference, (3, 4), tmp_path / "out")
+    out = copy_checkpoints(reference, (3, 4), tmp_path / "out")
     os.truncate(out / "checkpoint-4" / "optimizer.pt", 10)
     (out / "checkpoint-3" / "trainer_state.json").unlink()
     assert resolve_resume_checkpoint(SimpleNamespace(resume_from_checkpoint="last", output_dir=str(out))) is None
@@ -187,7 +172,7 @@ def test_last_with_only_damaged_checkpoints_starts_fresh_and_says_why(reference,
 def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(
     recipe, labelled_shards, reference, tmp_path, damage, problem
 ):
-    out = with_checkpoints(reference, (3, 4), tmp_path / "out")
+    out = copy_checkpoints(reference, (3, 4), tmp_path / "out")
     damage(out / "checkpoint-4")
     before = snapshot(out)
     checkpoint = out / "checkpoint-4"
@@ -224,7 +209,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(
 def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(
     recipe, labelled_shards, reference, tmp_path, change, difference
 ):
-    out = with_checkpoints(reference, (3, 4), tmp_path / "out")
+    out = copy_checkpoints(reference, (3, 4), tmp_path / "out")
     before = snapshot(out)
     argv = [
         "--train_data",
@@ -276,7 +261,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_equals_a_clean_ru
 
         # Space freed: the same command continues from the last complete checkpoint and ends as the clean run.
         subprocess.run(["mount", "-o", f"remount,size={size_k * 4}k", str(disk)], check=True)
-        log = run(recipe, command[2:])
+        log = run_recipe(recipe, command[2:])
         assert f"resuming from {out / f'checkpoint-{failed - 1}'}: 62 tensors restored" in log
         assert_continues_exactly(reference, out, 0, 6)  # every step's loss, and the final weights
 

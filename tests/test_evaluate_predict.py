@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_csv
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.labels import LabelSpec
@@ -398,14 +399,6 @@ def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
         assert list(direct) == list(final) and direct == pytest.approx(final, abs=1e-12)
 
 
-def _labels_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 def test_evaluate_refuses_labels_whose_classes_are_not_the_models(tmp_path, phantom_dir, capsys):
     """A labels file with other classes than the model's is refused before anything is scored: exit 2, one line
     listing both sets, no output folder, the model card byte for byte as it was (evaluate exited 0, wrote metrics and
@@ -419,20 +412,20 @@ def test_evaluate_refuses_labels_whose_classes_are_not_the_models(tmp_path, phan
     nih = [
         [r["Image Index"], r["Patient ID"], r["Finding Labels"].replace("Effusion", "Pleural Effusion")] for r in rows
     ]
-    renamed = _labels_csv(tmp_path / "renamed.csv", ["Image Index", "Patient ID", "Finding Labels"], nih)
+    renamed = write_csv(tmp_path / "renamed.csv", ["Image Index", "Patient ID", "Finding Labels"], nih)
     wide_rows = [
         [r["Image Index"], r["Patient ID"], *("1" if c in r["Finding Labels"] else "0" for c in MULTI.names), "0"]
         for r in rows
     ]
-    extra = _labels_csv(tmp_path / "extra.csv", ["Image Index", "Patient ID", *MULTI.names, "Pneumonia"], wide_rows)
-    fewer = _labels_csv(
+    extra = write_csv(tmp_path / "extra.csv", ["Image Index", "Patient ID", *MULTI.names, "Pneumonia"], wide_rows)
+    fewer = write_csv(
         tmp_path / "fewer.csv", ["Image Index", "Patient ID", *MULTI.names[:2]], [r[:4] for r in wide_rows]
     )
     more = [  # the model's classes, plus a finding it was not trained on in every third image
         [r["Image Index"], r["Patient ID"], r["Finding Labels"] + ("|Pneumonia" if i % 3 == 0 else "")]
         for i, r in enumerate(rows)
     ]
-    nih_extra = _labels_csv(tmp_path / "more.csv", ["Image Index", "Patient ID", "Finding Labels"], more)
+    nih_extra = write_csv(tmp_path / "more.csv", ["Image Index", "Patient ID", "Finding Labels"], more)
     model_line = "model Cardiomegaly, Effusion, Nodule; file "
     cases = [
         (renamed, [], "(missing: Effusion; extra: Pleural Effusion): the class names must match the model's exactly"),

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import load_recipe
+from conftest import load_recipe, write_csv
 
 TINY = (
     "--max_steps 4 --per_device_train_batch_size 8 --logging_steps 1 --eval_steps 2 --save_steps 2 "
@@ -196,14 +196,6 @@ def _copy_images(phantom_dir, dest, n=None):
     return dest
 
 
-def _write_csv(path, rows, header):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 def _bad(recipe, out, argv, expected):
     with pytest.raises(SystemExit) as info:
         recipe.main(["--output_dir", str(out), *argv])
@@ -216,13 +208,13 @@ def _bad(recipe, out, argv, expected):
 def _labels_without(tmp_path, phantom_dir, column):
     rows = list(csv.reader((phantom_dir / "labels.csv").read_text().splitlines()))
     keep = [i for i, c in enumerate(rows[0]) if c != column]
-    return _write_csv(tmp_path / "labels.csv", [[r[i] for i in keep] for r in rows[1:]], [rows[0][i] for i in keep])
+    return write_csv(tmp_path / "labels.csv", [rows[0][i] for i in keep], [[r[i] for i in keep] for r in rows[1:]])
 
 
 def _single_class_labels(tmp_path, phantom_dir):
     rows = list(csv.reader((phantom_dir / "labels.csv").read_text().splitlines()))
     li = rows[0].index("Finding Labels")
-    return _write_csv(tmp_path / "one.csv", [[*r[:li], "Effusion", *r[li + 1 :]] for r in rows[1:]], rows[0])
+    return write_csv(tmp_path / "one.csv", rows[0], [[*r[:li], "Effusion", *r[li + 1 :]] for r in rows[1:]])
 
 
 def _bert_folder(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe
+from conftest import copy_checkpoints, load_recipe, run_recipe
 from safetensors.torch import load_file, save_file
 
 from hf_medvis.models.build import build_mae_model
@@ -32,11 +32,11 @@ FINETUNE_ARGS = (
 ).split()
 
 
-def run(recipe, argv: list[str]) -> str:
-    log = io.StringIO()
-    with redirect_stdout(log):  # setup_logging logs to stdout
-        recipe.main(argv)
-    return log.getvalue()
+RESUME_LAST = ("--resume_from_checkpoint", "last")
+
+
+def stream_argv(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["--train_data", str(shards), "--output_dir", str(out), *STREAM_ARGS, *extra]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -55,12 +55,6 @@ def assert_continues_exactly(reference: Path, resumed: Path, from_step: int, las
         torch.testing.assert_close(final_res[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def resume_copy(reference: Path, step: int, target: Path) -> Path:
-    target.mkdir()
-    shutil.copytree(reference / f"checkpoint-{step}", target / f"checkpoint-{step}")
-    return target
-
-
 @pytest.fixture(scope="module")
 def mae_recipe():
     return load_recipe("pretrain_mae")
@@ -69,7 +63,7 @@ def mae_recipe():
 @pytest.fixture(scope="module")
 def stream_reference(mae_recipe, labelled_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stream_ref") / "run"
-    run(mae_recipe, ["--train_data", str(labelled_shards), "--output_dir", str(out), *STREAM_ARGS])
+    run_recipe(mae_recipe, stream_argv(labelled_shards, out))
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
     return out
 
@@ -78,19 +72,8 @@ def stream_reference(mae_recipe, labelled_shards, tmp_path_factory) -> Path:
 def test_stream_resume_continues_the_uninterrupted_run(
     mae_recipe, labelled_shards, stream_reference, tmp_path, step, where
 ):
-    out = resume_copy(stream_reference, step, tmp_path / "resumed")
-    log = run(
-        mae_recipe,
-        [
-            "--train_data",
-            str(labelled_shards),
-            "--output_dir",
-            str(out),
-            *STREAM_ARGS,
-            "--resume_from_checkpoint",
-            "last",
-        ],
-    )
+    out = copy_checkpoints(stream_reference, (step,), tmp_path / "resumed")
+    log = run_recipe(mae_recipe, stream_argv(labelled_shards, out, *RESUME_LAST))
     assert f"resuming from {out / f'checkpoint-{step}'}: 62 tensors restored" in log
     if where == "epoch end":
         assert "stream resumes at the start of epoch 1 (the checkpoint ended epoch 0)" in log
@@ -103,9 +86,9 @@ def test_finetune_resume_continues_the_uninterrupted_run(phantom_dir, tmp_path):
     recipe = load_recipe("finetune_vit")
     argv = ["--train_data", str(phantom_dir / "images"), *FINETUNE_ARGS]
     reference = tmp_path / "reference"
-    run(recipe, [*argv, "--output_dir", str(reference)])
-    out = resume_copy(reference, 3, tmp_path / "resumed")
-    log = run(recipe, [*argv, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    run_recipe(recipe, [*argv, "--output_dir", str(reference)])
+    out = copy_checkpoints(reference, (3,), tmp_path / "resumed")
+    log = run_recipe(recipe, [*argv, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
     assert "tensors restored" in log
     assert_continues_exactly(reference, out, 3, 6)  # map-style data, 2 workers, dropout on
 
@@ -113,19 +96,8 @@ def test_finetune_resume_continues_the_uninterrupted_run(phantom_dir, tmp_path):
 def test_resume_at_the_last_step_finishes_without_training(mae_recipe, labelled_shards, stream_reference, tmp_path):
     """A preemption that saved the last step's checkpoint before the final outputs: the restart trains nothing more and
     writes the outputs of the run (the Trainer alone would take a 13th step)."""
-    out = resume_copy(stream_reference, 12, tmp_path / "resumed")
-    run(
-        mae_recipe,
-        [
-            "--train_data",
-            str(labelled_shards),
-            "--output_dir",
-            str(out),
-            *STREAM_ARGS,
-            "--resume_from_checkpoint",
-            "last",
-        ],
-    )
+    out = copy_checkpoints(stream_reference, (12,), tmp_path / "resumed")
+    run_recipe(mae_recipe, stream_argv(labelled_shards, out, *RESUME_LAST))
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
     assert not losses(out) and not list(out.glob("checkpoint-13"))
     assert_continues_exactly(stream_reference, out, 12, 12)
@@ -142,17 +114,7 @@ def test_rerunning_a_finished_job_changes_nothing(mae_recipe, labelled_shards, s
     before = snapshot()
     log = io.StringIO()
     with redirect_stdout(log), pytest.raises(SystemExit) as info:
-        mae_recipe.main(
-            [
-                "--train_data",
-                str(labelled_shards),
-                "--output_dir",
-                str(stream_reference),
-                *STREAM_ARGS,
-                "--resume_from_checkpoint",
-                "last",
-            ]
-        )
+        mae_recipe.main(stream_argv(labelled_shards, stream_reference, *RESUME_LAST))
     assert info.value.code in (0, None)
     assert "holds a finished run (step 12, all_results.json): nothing to do" in log.getvalue()
     assert snapshot() == before
