@@ -58,14 +58,15 @@ def main(argv=None) -> int:
     from azurite import Azurite
     from torch.utils.data import DataLoader
 
+    from hf_medvis.core.tasks import MAE
     from hf_medvis.data.phantoms import write_phantom_dataset
     from hf_medvis.data.prepare import prepare
     from hf_medvis.data.streaming import load_image_dataset
-    from hf_medvis.data.transforms import build_pretrain_transform, to_uint8_tensor
+    from hf_medvis.data.transforms import create_transform, to_uint8_tensor
 
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
-    transform = build_pretrain_transform(224, crop_scale=(0.5, 1.0))
+    transform = create_transform(MAE, True, image_size=224, crop_scale=(0.5, 1.0))
     cores = max(1, args.workers)
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
@@ -193,7 +194,7 @@ def _decode_costs(shard_dir: Path) -> dict[str, float]:
     import numpy as np
     from PIL import Image
 
-    from hf_medvis.data.shards import iter_shard_rows, stored_pixels
+    from hf_medvis.data.shard_format import iter_shard_rows, stored_pixels
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     rows = [r for s in manifest["shards"] for r in iter_shard_rows((shard_dir / s["path"]).read_bytes())][:500]

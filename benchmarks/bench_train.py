@@ -17,7 +17,7 @@ side by side, twice each in ABBA order (best of the two kept: a busy host only e
 folder (phantoms written into --out, or --data), and measures the CPU time of ``trainer.train()`` -- the training
 process plus its DataLoader workers (``getrusage`` SELF + CHILDREN, the workers reaped before reading) -- then prints
 cProfile's per-step host costs of both and ``cpu_time_vs_plain=<recipe / plain>``. Identical in both: the image list,
-the decoder and its cache (``folder.dataset_from_records``), the crop/flip transform (``build_pretrain_transform`` with
+the decoder and its cache (``folder.dataset_from_records``), the crop/flip transform (``create_transform`` with
 the config's scale and flip), the model (``build_mae_model``: preset, size, patch, mask ratio, norm_pix_loss, seed), and
 every TrainingArguments value (the plain run's are copied from the recipe's own parse of the same command line:
 optimizer, lr, schedule, steps, batch, workers, prefetch, pin memory, logging steps), one torch intra-op thread in the
@@ -120,8 +120,8 @@ def read_shard_pixels(source: str) -> list:
     """Every image of a prepared-shard set as a uint8 H x W array (the plain path's in-memory image list)."""
     import numpy as np
 
-    from hf_medvis.data import shards as shard_format
-    from hf_medvis.data import storage
+    from hf_medvis.core import storage
+    from hf_medvis.data import shard_format
     from hf_medvis.data.streaming import find_manifest
 
     found = find_manifest(source)
@@ -432,9 +432,10 @@ def run_plain_same(cfg: dict, folder: str, out: Path, record: dict, profile: boo
     optimizer, schedule, loader settings), the same model, and the same folder dataset, decoder and crop/flip."""
     from transformers import Trainer, TrainingArguments, set_seed
 
+    from hf_medvis.core.tasks import MAE
     from hf_medvis.data import MAEDataArguments
     from hf_medvis.data.folder import build_folder_records, dataset_from_records
-    from hf_medvis.data.transforms import build_pretrain_transform
+    from hf_medvis.data.transforms import create_transform
     from hf_medvis.models import MAEModelArguments
     from hf_medvis.models.build import build_mae_model
     from hf_medvis.training.args import MonitoringArguments, PretrainingArguments, parse_recipe_args
@@ -458,7 +459,9 @@ def run_plain_same(cfg: dict, folder: str, out: Path, record: dict, profile: boo
         mask_ratio=cfg["mask_ratio"],
         norm_pix_loss=cfg["norm_pix_loss"],
     )
-    transform = build_pretrain_transform(cfg["image_size"], data_args.crop_scale, data_args.hflip)
+    transform = create_transform(
+        MAE, True, image_size=cfg["image_size"], crop_scale=data_args.crop_scale, hflip=data_args.hflip
+    )
     dataset = dataset_from_records(build_folder_records(folder), transform)
     trainer = timed_trainer(Trainer, record, profile)(
         model=model, args=args, train_dataset=dataset, data_collator=PlainNormalise(cfg["mean"], cfg["std"])
@@ -594,8 +597,13 @@ def run_same_pipeline(cfg: dict, out: Path, recipe: Any, folder: str, flops_cpu:
     (out / f"results-same-pipeline{'-quick' if cfg['quick'] else ''}.json").write_text(
         json.dumps(summary, indent=2) + "\n"
     )
+    bound = cfg.get("max_cpu_ratio")
+    if bound is not None and ratio > bound:
+        _log(
+            f"cpu_time_vs_plain {ratio:.3f} is above --max-cpu-ratio {bound}: the recipe costs more host time per step"
+        )
     print(f"cpu_time_vs_plain={ratio:.3f}")
-    return 0
+    return 1 if bound is not None and ratio > bound else 0
 
 
 def same_pipeline_main(args: argparse.Namespace, cfg: dict, out: Path) -> int:
@@ -614,7 +622,7 @@ def same_pipeline_main(args: argparse.Namespace, cfg: dict, out: Path) -> int:
         raw = write_phantom_dataset(out / "phantoms", patients=patients, image_size=size, dicom=False, overwrite=True)
         folder = str(raw / "images")
     cfg["n_images"] = len(list_image_files(folder))
-    cfg["quick"], cfg["threads"] = args.quick, args.threads
+    cfg["quick"], cfg["threads"], cfg["max_cpu_ratio"] = args.quick, args.threads, args.max_cpu_ratio
     model = build_mae_model(
         None, preset=cfg["preset"], image_size=cfg["image_size"], patch_size=cfg["patch_size"], num_channels=3
     )
@@ -669,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="--same-pipeline: torch intra-op threads of the training process"
     )
+    parser.add_argument(
+        "--max-cpu-ratio",
+        type=float,
+        default=None,
+        help="--same-pipeline: exit 1 when cpu_time_vs_plain is above this (a benchmark job's gate; see RESULTS.md)",
+    )
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "pretrain_mae.py"), help=argparse.SUPPRESS)
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured on GPU)")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON for both runs (e.g. ds_configs/zero2.json)")
@@ -680,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import yaml
 
+    from hf_medvis.core.errors import first_line
     from hf_medvis.training.callbacks.throughput import count_model_flops_per_sample
     from hf_medvis.training.perf import measure_matmul_tflops
 
@@ -806,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(run_recipe(name, cfg, out, recipe, extra))
                 except Exception as err:  # one failing variant (e.g. compile on an odd host) must not lose the others
                     logging.getLogger().handlers.clear()
-                    results.append(Result(name, note=f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+                    results.append(Result(name, note=f"FAILED: {type(err).__name__}: {first_line(err)[:200]}"))
             (out / f"{name}.log").write_text(quiet.getvalue())
         logging.getLogger().handlers.clear()  # the recipe's stdout handler points at the closed capture buffer
 

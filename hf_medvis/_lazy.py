@@ -1,5 +1,5 @@
 """Lazy package exports (PEP 562): ``from hf_medvis.data import build_datasets`` works, while importing one light
-module of the package (``hf_medvis.data.storage`` for the ``hf-medvis`` command) does not import torch and datasets."""
+module of the package (``hf_medvis.core.storage`` for the ``hf-medvis`` command) does not import torch and datasets."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .data.storage import explain_storage_error
+from .core.errors import one_line
+from .core.storage import explain_storage_error
 
 # One module per subcommand (or family of subcommands); add a line here to add a command.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input (including storage that refuses our credentials): one line naming what is wrong, no traceback.
         message = explain_storage_error(err)
         if message is None and isinstance(err, (ValueError, FileExistsError, FileNotFoundError, PermissionError)):
-            message = " ".join(str(err).split())
+            message = one_line(err)
         if message is None:
             raise
         print(f"hf-medvis {args.command}: error: {message}", file=sys.stderr)

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from hf_medvis.core.storage import describe, write_json_atomic
 from hf_medvis.data import ClassificationDataArguments, build_datasets
 from hf_medvis.data.folder import write_skipped_images
 from hf_medvis.data.labelled import positive_class_weights
-from hf_medvis.data.storage import describe, write_json_atomic
 from hf_medvis.evaluation import (
     build_compute_metrics,
     format_metrics_table,
@@ -43,9 +43,9 @@ from hf_medvis.models.linear_probe import attach_linear_probe, fold_linear_probe
 from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_classification
 from hf_medvis.training.callbacks import build_recipe_callbacks
+from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import classifier_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
-from hf_medvis.training.preemption import exit_if_preempted
 from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
 from hf_medvis.training.run import log_environment, match_model_to_data, prepare_run, recipe_errors, setup_logging
 from hf_medvis.training.trainer import ClassificationTrainer
@@ -172,7 +172,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 threshold=data_args.threshold,
                 n_resamples=data_args.ci_bootstrap_samples,
                 seed=training_args.seed,
-                via_evaluate=False,  # the modules' computation; `evaluate` stays out of the ranks (metric_modules.py)
             )
             metrics.update({f"eval_{k}": v for k, v in final.items()})
             metrics["eval_loss"] = prediction.metrics.get("eval_loss")

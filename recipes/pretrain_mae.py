@@ -15,10 +15,10 @@ from typing import Any
 
 from transformers import set_seed
 
+from hf_medvis.core.storage import describe
 from hf_medvis.data import MAEDataArguments, build_datasets
 from hf_medvis.data.folder import write_skipped_images
-from hf_medvis.data.sources import first_examples
-from hf_medvis.data.storage import describe
+from hf_medvis.data.train_eval import first_examples
 from hf_medvis.evaluation.reconstructions import reconstruct, save_reconstruction_grid
 from hf_medvis.models import (
     MAEModelArguments,
@@ -30,11 +30,11 @@ from hf_medvis.models import (
 from hf_medvis.training.args import MonitoringArguments, PretrainingArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_pixels
 from hf_medvis.training.callbacks import build_recipe_callbacks
+from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.mae_baselines import trainer_baselines
 from hf_medvis.training.outputs import disable_evaluation_without_data
-from hf_medvis.training.preemption import exit_if_preempted
 from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
 from hf_medvis.training.run import (
     configure_stream_loading,

@@ -209,7 +209,8 @@ def test_generated_job_trains_is_preempted_and_resumes_as_azure_ml_runs_it(
     wait_nodes(nodes, timeout=120)
     logs1 = [n.output() for n in nodes]
     for rank, log in enumerate(logs1):  # a failure shows every node's log: the cause is often on the other node
-        assert f"rank {rank}] WARNING hf_medvis.training.preemption: preempted: checkpoint-" in log, _tails(logs1)
+        preempted = f"rank {rank}] WARNING hf_medvis.training.callbacks.preemption: preempted: checkpoint-"
+        assert preempted in log, _tails(logs1)
         assert not output_defects(log, "SignalException"), _tails(logs1)
     assert "world size 2" in logs1[0]
     stopped_at = _complete_checkpoints(output_dir)[-1]

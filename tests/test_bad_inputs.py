@@ -160,7 +160,7 @@ def test_raw_folder_checks_files_before_the_first_step(tmp_path, phantom_dir, ca
 def test_raw_folder_on_blob_storage_is_checked_the_same_way(tmp_path, phantom_dir, azurite):
     """The check reads a few bytes per blob (ranged reads, on a pool of threads): the same files are left out with the
     same reasons as on a local disk."""
-    from hf_medvis.data import storage
+    from hf_medvis.core import storage
     from hf_medvis.data.folder import build_folder_records
 
     folder, victims = _folder_with_bad_files(tmp_path, phantom_dir)

@@ -27,10 +27,10 @@ from conftest import REPO, TRACEBACK, copy_checkpoints, load_recipe, mounted, ru
 from safetensors.torch import save_file
 from test_resume import assert_continues_exactly
 
-from hf_medvis.data.local_disk import write_failure_kind
-from hf_medvis.data.storage import write_json_atomic
+from hf_medvis.core.local_disk import write_failure_kind
+from hf_medvis.core.storage import write_json_atomic
+from hf_medvis.training.checkpoints import COMPLETE_MARKER, checkpoint_problem, last_complete_checkpoint
 from hf_medvis.training.outputs import describe_write_failure, resolve_resume_checkpoint
-from hf_medvis.training.preemption import COMPLETE_MARKER, checkpoint_problem, last_complete_checkpoint
 
 # 49 phantom images in 10 shards of <= 5, batches of 5 from 2 workers: 10 steps an epoch; 6 steps, a checkpoint each.
 ARGS = (

@@ -18,7 +18,7 @@ from pydicom.pixels import apply_modality_lut
 
 from hf_medvis.data.decode import CT_WINDOWS, ImageDecodeError, read_image
 from hf_medvis.data.prepare import prepare
-from hf_medvis.data.shards import iter_shard_rows, stored_pixels
+from hf_medvis.data.shard_format import iter_shard_rows, stored_pixels
 
 
 def test_colour_dicom_keeps_rgb_and_grey_is_its_luminance():

@@ -217,7 +217,7 @@ def test_bad_inputs_raise_with_the_path(tmp_path):
 
 
 def test_sources_are_described_without_credentials():
-    from hf_medvis.data.storage import describe
+    from hf_medvis.core.storage import describe
 
     assert describe("az://container/x.png?sv=2024&sig=SECRET") == "az://container/x.png"
     assert (

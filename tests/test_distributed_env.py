@@ -4,14 +4,14 @@ import logging
 
 import pytest
 
-from hf_medvis.training.distributed import (
+from hf_medvis.core.launch_env import (
     AML_MPI_DEFAULT_PORT,
     DistributedEnvError,
-    check_world_size,
     detect_distributed_env,
     normalize_distributed_env,
-    rank_tag,
+    rank_and_world_size,
 )
+from hf_medvis.training.distributed import check_world_size, rank_tag
 
 
 def test_single_process_is_left_alone():
@@ -111,6 +111,18 @@ def test_single_node_mpi_needs_no_master_and_launcher_values_are_not_overwritten
 def test_impossible_launches_are_one_clear_error(env, message):
     with pytest.raises(DistributedEnvError, match=message.replace("(", r"\(")):
         detect_distributed_env(env)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1)),
+        ({"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),
+        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, (1, 2)),  # MPI, before the recipe normalises
+    ],
+)
+def test_rank_and_world_size_read_every_launcher(env, expected):
+    assert rank_and_world_size(env) == expected
 
 
 def test_a_launch_that_trains_alone_is_refused(monkeypatch):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import torch  # noqa: F401  (imported before timing: the recipes have torch loaded when they log the report)
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from hf_medvis.cli import main
 from hf_medvis.infra.catalog import load_data
@@ -83,10 +85,11 @@ def test_matrix_requirements_match_setup_cfg():
     parser.read(REPO / "setup.cfg")
     declared = {}
     for line in parser["options"]["install_requires"].split():
-        name, _, spec = line.partition(">=")
-        declared[name.strip().lower()] = f">={spec.strip()}"
+        requirement = Requirement(line)
+        declared[requirement.name.lower()] = requirement.specifier
     declared["python"] = parser["options"]["python_requires"].strip()
     checked = package_requirements()
     assert set(checked) == set(load_data("compat")["requirements"])
     for name, spec in checked.items():
-        assert declared.get(name) == spec, f"env check {name}{spec} vs setup.cfg {declared.get(name)}"
+        expected = spec if name == "python" else SpecifierSet(spec)
+        assert declared.get(name) == expected, f"env check {name}{spec} vs setup.cfg {declared.get(name)}"

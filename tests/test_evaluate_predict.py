@@ -60,18 +60,6 @@ def test_bootstrap_resamples_patients_not_images():
     assert single["auroc_macro"][0] <= point <= single["auroc_macro"][1]
 
 
-def test_bootstrap_auroc_equals_scikit_learn():
-    from sklearn.metrics import roc_auc_score
-
-    from hf_medvis.evaluation.bootstrap import _auroc_by_ranks
-
-    rng = np.random.default_rng(2)
-    y = rng.integers(0, 2, 200)
-    score = np.round(rng.random(200) + 0.3 * y, 1)  # rounded: many ties
-    assert _auroc_by_ranks(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
-    assert _auroc_by_ranks(np.ones(5), score[:5]) is None
-
-
 def test_metrics_for_both_problem_types():
     labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float)
     perfect = classification_metrics(labels, labels * 0.8 + 0.1, LabelSpec(("A", "B"), "multi_label_classification"))
@@ -236,36 +224,40 @@ def test_transformers_reads_a_saved_classifier_as_predict_does_or_refuses_it(tmp
 
 
 def _random_case(problem_type, seed=0):
-    """Random probabilities and labels, 40 images of 12 patients; the last class has no positives."""
+    """Random probabilities and labels, 40 images of 12 patients, with tied scores; the last class has no positives;
+    multi-label: about 15% of the labels unknown (-1)."""
     rng = np.random.default_rng(seed)
     n, names = 40, ("Cardiomegaly", "Effusion", "Nodule", "Hernia")
     if problem_type == "multi_label_classification":
         labels = (rng.random((n, 4)) < 0.4).astype(int)
         labels[:, 3] = 0
         probs = np.round(0.3 * labels + rng.random((n, 4)) * 0.7, 1)  # rounded: ties, and scores on the threshold
+        labels[rng.random((n, 4)) < 0.15] = -1
     else:
         labels = np.eye(4, dtype=int)[rng.integers(0, 3, n)]
         probs = rng.dirichlet(np.ones(4), n) + 0.5 * labels
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = np.round(probs / probs.sum(axis=1, keepdims=True), 2)  # rounded: ties
     groups = [f"p{i % 12:02d}" for i in range(n)]
     return labels, probs, groups, LabelSpec(names, problem_type)
 
 
 def _sklearn_values(kind, labels, probs, spec, threshold=0.5):
-    """The reference: scikit-learn's own functions, class by class."""
+    """The reference: scikit-learn's own functions, class by class on the known (not -1) labels of that class."""
     from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
+    known = [labels[:, c] >= 0 for c in range(len(spec.names))]
     out = {}
     if kind in ("auroc", "ap"):
         score = roc_auc_score if kind == "auroc" else average_precision_score
-        present = [c for c in range(len(spec.names)) if 0 < labels[:, c].sum() < len(labels)]
-        out = {f"{kind}_{spec.names[c]}": score(labels[:, c], probs[:, c]) for c in present}
-        out[f"{kind}_macro"] = np.mean(list(out.values()))
+        present = [c for c, k in enumerate(known) if 0 < labels[k, c].sum() < k.sum()]
+        out = {f"{kind}_{spec.names[c]}": score(labels[known[c], c], probs[known[c], c]) for c in present}
+        if out:
+            out[f"{kind}_macro"] = np.mean(list(out.values()))
     elif kind == "accuracy":
         out["accuracy"] = accuracy_score(labels.argmax(1), probs.argmax(1))
     elif spec.multi_label:
         predicted = (probs >= threshold).astype(int)
-        f1 = [f1_score(labels[:, c], predicted[:, c], zero_division=0) for c in range(len(spec.names))]
+        f1 = [f1_score(labels[k, c], predicted[k, c], zero_division=0) for c, k in enumerate(known)]
         out = {f"f1_{name}": v for name, v in zip(spec.names, f1, strict=True)}
         out["f1_macro"] = np.mean(f1)
     else:
@@ -327,37 +319,77 @@ def test_metric_modules_are_in_the_wheel():
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
-def test_metric_modules_give_scikit_learns_numbers_and_patient_bootstrap_cis(problem_type):
-    from hf_medvis.evaluation import load_metric
+def test_metrics_and_patient_bootstrap_cis_equal_scikit_learn(problem_type):
+    """The one implementation (metric_values, behind every path) against scikit-learn: tied scores, unknown (-1)
+    labels, a class without positives; each CI against the percentiles of scikit-learn's values over the same
+    resamples of patients (the images of each drawn patient)."""
+    from hf_medvis.evaluation.metrics import metric_values
 
     labels, probs, groups, spec = _random_case(problem_type)
+    kinds = list(MODULE_KINDS[problem_type].values())
+    for threshold in (0.5, 0.3):
+        for kind in kinds:
+            expected = _sklearn_values(kind, labels, probs, spec, threshold)
+            got = metric_values(kind, labels, probs, spec, threshold)
+            assert sorted(got) == sorted(expected), kind  # Hernia (no positives) has no AUROC/AP
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, abs=1e-12), key
+    n_resamples, seed = 20, 5
+    intervals = bootstrap_confidence_intervals(
+        labels, probs, groups, spec, n_resamples=n_resamples, seed=seed, kinds=kinds, threshold=0.3
+    )
     patients, inverse = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for _ in range(n_resamples):
+        rows = np.concatenate([np.flatnonzero(inverse == g) for g in rng.integers(0, len(patients), len(patients))])
+        for kind in kinds:
+            for key, value in _sklearn_values(kind, labels[rows], probs[rows], spec, 0.3).items():
+                samples.setdefault(key, []).append(value)
+    expected = {key: np.quantile(v, [0.025, 0.975]) for key, v in samples.items() if len(v) >= 10}
+    assert sorted(intervals) == sorted(expected)
+    for key, (low, high) in expected.items():
+        assert intervals[key] == pytest.approx([low, high], abs=1e-12), key
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_metric_modules_compute_what_hf_medvis_computes(problem_type):
+    """Each evaluate module is a thin wrapper: its numbers, CIs included, are those of metric_values and the patient
+    bootstrap, and together they are what metrics_with_ci (recipes' final metrics, hf-medvis evaluate) writes."""
+    from hf_medvis.evaluation import load_metric, metrics_with_ci
+    from hf_medvis.evaluation.bootstrap import CI_KINDS
+    from hf_medvis.evaluation.metrics import kinds_for, metric_values
+
+    labels, probs, groups, spec = _random_case(problem_type)
+    common = {"label_names": list(spec.names), "problem_type": problem_type, "threshold": 0.5}
     for name, kind in MODULE_KINDS[problem_type].items():
         module = load_metric(name)
-        common = {"label_names": list(spec.names), "problem_type": problem_type, "threshold": 0.5}
         point = module.compute(predictions=probs, references=labels, **common)
-        expected = _sklearn_values(kind, labels, probs, spec)
-        assert sorted(point) == sorted(expected), name  # Hernia (no positives) has no AUROC/AP
-        for key, value in expected.items():
-            assert point[key] == pytest.approx(value, abs=1e-12), key
-        # CIs: percentiles of scikit-learn's values over resamples of patients (the images of each drawn patient).
-        with_ci = module.compute(predictions=probs, references=labels, groups=groups, n_resamples=200, seed=5, **common)
-        rng = np.random.default_rng(5)
-        samples = {}
-        for _ in range(200):
-            rows = np.concatenate([np.flatnonzero(inverse == g) for g in rng.integers(0, len(patients), len(patients))])
-            for key, value in _sklearn_values(kind, labels[rows], probs[rows], spec).items():
-                samples.setdefault(key, []).append(value)
-        for key in expected:
-            assert with_ci[key] == point[key]
-            low, high = np.quantile(samples[key], [0.025, 0.975])
-            assert with_ci[f"{key}_ci95_low"] == pytest.approx(low, abs=1e-9), key
-            assert with_ci[f"{key}_ci95_high"] == pytest.approx(high, abs=1e-9), key
-            assert low <= high
+        assert point == metric_values(kind, labels, probs, spec), name
+        with_ci = module.compute(predictions=probs, references=labels, groups=groups, n_resamples=30, seed=5, **common)
+        intervals = bootstrap_confidence_intervals(labels, probs, groups, spec, n_resamples=30, seed=5, kinds=[kind])
+        assert with_ci == {
+            **point,
+            **{f"{key}_ci95_{side}": intervals[key][i] for key in point for i, side in enumerate(("low", "high"))},
+        }, name
+    final = metrics_with_ci(labels, probs, groups, spec, n_resamples=30, seed=5)
+    through_modules = {}
+    for kind in kinds_for(spec):
+        n_resamples = 30 if kind in CI_KINDS else 0
+        through_modules.update(
+            load_metric(kind).compute(
+                predictions=probs, references=labels, groups=groups, n_resamples=n_resamples, seed=5, **common
+            )
+        )
+    assert {k: v for k, v in final.items() if k not in ("images", "patients")} == through_modules
 
 
-def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
-    """compute_metrics and metrics_with_ci go through the modules; their keys (and order) are the ones written before."""
+def test_recipes_and_evaluate_write_the_same_keys_as_before_without_importing_evaluate():
+    """compute_metrics and metrics_with_ci: their keys (and order) are the ones written before, and the training
+    processes that call them never import `evaluate` (in 2-rank ZeRO-3 runs it made a rank abort at exit)."""
+    import subprocess
+    import sys
+
     from transformers import EvalPrediction
 
     from hf_medvis.evaluation import build_compute_metrics, metrics_with_ci, probabilities
@@ -370,6 +402,7 @@ def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
         ),
     ):
         labels, _, groups, spec = _random_case(problem_type)
+        labels = np.maximum(labels, 0)  # every label known: every class but Hernia has its AUROC in each resample
         logits = np.random.default_rng(1).normal(size=labels.shape) + 2 * labels
         probs = probabilities(logits, spec)
         expected = classification_metrics(labels, probs, spec)
@@ -394,9 +427,19 @@ def test_recipes_and_evaluate_get_the_same_keys_through_the_modules():
         intervals = bootstrap_confidence_intervals(labels, probs, groups, spec, n_resamples=50, seed=1)
         assert [final[f"{k}_ci95_low"] for k in ci_keys] == [intervals[k][0] for k in ci_keys]
         assert final["images"] == 40 and final["patients"] == 12
-        # The training processes run the modules' computation without importing evaluate: the same numbers.
-        direct = metrics_with_ci(labels, probs, groups, spec, n_resamples=50, seed=1, via_evaluate=False)
-        assert list(direct) == list(final) and direct == pytest.approx(final, abs=1e-12)
+    code = (
+        "import sys, numpy as np\n"
+        "from hf_medvis.data.labels import LabelSpec\n"
+        "from hf_medvis.evaluation import build_compute_metrics, metrics_with_ci\n"
+        "from transformers import EvalPrediction\n"
+        "spec = LabelSpec(('A', 'B'), 'multi_label_classification')\n"
+        "y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.float32)\n"
+        "build_compute_metrics(spec)(EvalPrediction(predictions=y, label_ids=y))\n"
+        "metrics_with_ci(y, y * 0.5, ['a', 'b', 'c', 'd'], spec, n_resamples=20)\n"
+        "print('evaluate' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_evaluate_refuses_labels_whose_classes_are_not_the_models(tmp_path, phantom_dir, capsys):

@@ -15,7 +15,7 @@ from huggingface_hub import DatasetCard
 from hf_medvis.data.dataset_card import load_prepared_dataset
 from hf_medvis.data.labels import parse_finding_labels
 from hf_medvis.data.prepare import prepare
-from hf_medvis.data.shards import iter_shard_rows, stored_pixels
+from hf_medvis.data.shard_format import iter_shard_rows, stored_pixels
 
 SALT = "test-salt-not-secret"
 
@@ -110,6 +110,7 @@ def test_az_shards_load_through_datasets(shards, phantom_dir, azurite):
     assert direct.features == ds.features and len(direct) == len(ds)
 
 
+@pytest.mark.slow
 def test_push_to_hub_fails_fast_in_one_line_before_preparing(phantom_dir, tmp_path):
     import subprocess
     import sys
@@ -150,8 +151,8 @@ def test_format_version_1_shards_still_train(shards, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hf_medvis.data.shard_table import load_shard_table, make_shard_transform
-    from hf_medvis.data.shards import features_v1
+    from hf_medvis.data.shard_dataset import load_shard_table, make_shard_transform
+    from hf_medvis.data.shard_format import features_v1
     from hf_medvis.data.streaming import load_image_dataset
 
     rows = list(our_rows(shards).values())

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import load_recipe, subprocess_env
 
-from hf_medvis.data.label_formats import LabelsFormat
+from hf_medvis.cli import build_parser
+from hf_medvis.data.arguments import MAEDataArguments
 from hf_medvis.data.labels import (
     LabelError,
     encode_labels,
@@ -23,6 +24,7 @@ from hf_medvis.data.labels import (
     positive_weights,
     read_labels_table,
 )
+from hf_medvis.data.labels.layouts import LabelFormatError, LabelsFormat, labels_format_from_args
 from hf_medvis.data.splits import split_labels_csv
 
 CHEXPERT_FINDINGS = (
@@ -97,8 +99,48 @@ def test_wide_rows_under_each_policy(tmp_path):
     no_patient.write_text("Path,Edema\na.jpg,1\n")
     with pytest.raises(LabelError, match=r"no_patient.csv line 2: --patient-regex finds no patient in 'a.jpg'"):
         read_labels_table(no_patient, labels_format=WIDE)
-    with pytest.raises(LabelError, match=r"no column 'Patient ID' \(or pass --group-col / --patient-regex\)"):
+    with pytest.raises(LabelError, match=r"no column 'Patient ID' \(or pass --group-column-name / --patient-regex\)"):
         read_labels_table(no_patient, required=("Patient ID",), labels_format=LabelsFormat(layout="wide"))
+
+
+def _recipe_data_args(argv: list[str], config: Path | None = None) -> MAEDataArguments:
+    from hf_medvis.training.args import parse_recipe_args
+
+    (data_args,) = parse_recipe_args((MAEDataArguments,), argv, config)
+    return data_args
+
+
+def test_column_flags_one_spelling_with_deprecated_aliases(tmp_path, caplog):
+    data_args = _recipe_data_args(["--image_column_name", "Path", "--group_column_name", "subject_id"])
+    fmt = data_args.parsed_labels_format()
+    assert (fmt.image_col, fmt.group_col) == ("Path", "subject_id")
+    # The old recipe flags, on the command line or as config keys: the new fields, one warning each naming the new flag.
+    config = tmp_path / "old.yaml"
+    config.write_text("image_col: Path\ngroup_col: subject_id\n")
+    for argv, path in ((["--image_col", "Path", "--group_col", "subject_id"], None), ([], config)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_medvis.data.labels.layouts"):
+            data_args = _recipe_data_args(argv, path)
+        assert (data_args.image_column_name, data_args.group_column_name) == ("Path", "subject_id")
+        assert (data_args.image_col, data_args.group_col) == (None, None)
+        assert [r.getMessage() for r in caplog.records] == [
+            "--image_col is deprecated: use --image_column_name",
+            "--group_col is deprecated: use --group_column_name",
+        ]
+    assert _recipe_data_args(["--group_col", "p", "--group_column_name", "p"]).group_column_name == "p"
+    with pytest.raises(SystemExit, match=r"error: --group_col 'a' and --group_column_name 'b' disagree: give "
+                       r"--group_column_name only$"):  # fmt: skip
+        _recipe_data_args(["--group_col", "a", "--group_column_name", "b"])
+    # `hf-medvis split` / `prepare` / `evaluate`: the same names with dashes, the old ones still read.
+    parser = build_parser()
+    args = parser.parse_args(["split", "x.csv", "--out", "o", "--image-column-name", "Path", "--group-col", "sid",
+                              "--label-col", "Findings"])  # fmt: skip
+    fmt = labels_format_from_args(args)
+    assert (fmt.image_col, fmt.group_col, fmt.label_col) == ("Path", "sid", "Findings")
+    args = parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--image-col", "a",
+                              "--image-column-name", "b"])  # fmt: skip
+    with pytest.raises(LabelFormatError, match="--image-col 'a' and --image-column-name 'b' disagree"):
+        labels_format_from_args(args)
 
 
 def test_chexpert_layout_splits_patient_disjoint_and_stratified(tmp_path):
@@ -136,25 +178,6 @@ def test_chexpert_layout_splits_patient_disjoint_and_stratified(tmp_path):
     # The split files keep the input's own columns (read back with the same flags, they are the same rows).
     with open(result.paths["val"]) as written, open(labels) as original:
         assert next(csv.reader(written)) == next(csv.reader(original))
-
-
-def test_masked_metrics_equal_scikit_learn_on_known_labels():
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    from hf_medvis.data.labels import LabelSpec
-    from hf_medvis.evaluation.bootstrap import metrics_with_ci
-
-    rng = np.random.default_rng(0)
-    truth = (rng.random((300, 3)) < 0.3).astype(np.float32)
-    probs = np.clip(truth * 0.3 + rng.random((300, 3)) * 0.7, 0, 1)
-    truth[rng.random((300, 3)) < 0.25] = -1.0
-    spec = LabelSpec(("A", "B", "C"), "multi_label_classification")
-    metrics = metrics_with_ci(truth, probs, [str(i // 3) for i in range(300)], spec, n_resamples=50)
-    for c, name in enumerate(spec.names):
-        known = truth[:, c] >= 0
-        assert metrics[f"auroc_{name}"] == pytest.approx(roc_auc_score(truth[known, c], probs[known, c]))
-        assert metrics[f"ap_{name}"] == pytest.approx(average_precision_score(truth[known, c], probs[known, c]))
-        assert metrics[f"auroc_{name}_ci95_low"] <= metrics[f"auroc_{name}"] <= metrics[f"auroc_{name}_ci95_high"]
 
 
 def _wide_phantom_labels(phantom_dir: Path, out: Path, seed: int = 0) -> None:

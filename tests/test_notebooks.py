@@ -36,6 +36,7 @@ def test_notebook_is_committed_without_outputs(name):
         ),
     ],
 )
+@pytest.mark.slow
 def test_notebook_executes_headless(name, env, expected, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

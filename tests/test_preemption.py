@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch_command, multiprocess_env
 
-from hf_medvis.training.preemption import COMPLETE_MARKER, last_complete_checkpoint, mark_complete, mark_incomplete
+from hf_medvis.training.checkpoints import COMPLETE_MARKER, last_complete_checkpoint, mark_complete, mark_incomplete
 from hf_medvis.training.sample_trace import read_trace
 
 
@@ -77,7 +77,7 @@ SIGTERM_STORM = """
 import os, signal, sys, threading, time
 import psutil, torch
 from torch.utils.data import DataLoader, TensorDataset
-from hf_medvis.training.preemption import workers_ignore_sigterm
+from hf_medvis.training.worker_signals import workers_ignore_sigterm
 
 signal.signal(signal.SIGTERM, lambda signum, frame: None)
 loader = workers_ignore_sigterm(DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2, num_workers=1))
@@ -191,7 +191,7 @@ def test_sigterm_then_sigkill_then_resume_trains_as_if_never_stopped(tmp_path, l
     log1 = first.communicate(timeout=120)[0]
     assert first.returncode == 1 and "SignalException" in log1, log1[-3000:]
     for rank in (0, 1):
-        assert f"[node 0 rank {rank}] WARNING hf_medvis.training.preemption: preempted: checkpoint-" in log1
+        assert f"[node 0 rank {rank}] WARNING hf_medvis.training.callbacks.preemption: preempted: checkpoint-" in log1
     stop1 = complete_steps(out)[-1]
     assert 1 <= stop1 < STEPS - 2 and not (out / "all_results.json").exists(), f"{stop1=}\n{log1[-3000:]}"
     assert json.loads((out / f"checkpoint-{stop1}" / "stream_state.json").read_text())["fingerprint"]["world_size"] == 2

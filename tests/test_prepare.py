@@ -19,7 +19,7 @@ from hf_medvis.data.location_lock import location_lock
 from hf_medvis.data.prepare import DUPLICATE_ROW, prepare
 from hf_medvis.data.prepare_rows import resize_to_square
 from hf_medvis.data.quarantine import locate_quarantined, read_quarantine
-from hf_medvis.data.shards import iter_shard_rows, stored_pixels
+from hf_medvis.data.shard_format import iter_shard_rows, stored_pixels
 
 SALT = "test-salt-not-secret"
 
@@ -242,6 +242,7 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
     assert "not the one" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_workers_die_with_the_prepare_that_started_them(tmp_path):
     """SIGKILL of `hf-medvis prepare --workers 2` (an evicted node, an OOM kill) takes its workers with it."""
     import signal

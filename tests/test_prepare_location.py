@@ -25,7 +25,7 @@ from hf_medvis.data import location_lock as lock_module
 from hf_medvis.data.location_lock import LOCK_NAME, LocationBusyError, location_lock
 from hf_medvis.data.prepare import prepare
 from hf_medvis.data.prepare_location import LocationInUseError
-from hf_medvis.data.shards import iter_shard_rows
+from hf_medvis.data.shard_format import iter_shard_rows
 
 SALT = "test-salt-not-secret"
 
@@ -113,8 +113,8 @@ def test_another_source_or_salt_is_refused_unless_overwrite(images, phantom_dir,
 def test_az_location_with_another_dataset(images, phantom_dir, azurite, tmp_path, capsys, monkeypatch):
     """The issue's case: an az:// path holding another dataset's shards. Refused; with --overwrite the Parquet files
     there are exactly the manifest's (a Parquet reader over the folder sees the manifest's rows)."""
+    from hf_medvis.core.storage import read_bytes
     from hf_medvis.data.dataset_card import load_prepared_dataset
-    from hf_medvis.data.storage import read_bytes
 
     options = azurite.storage_options
     out = azurite.create_container("location") + "/set"
@@ -147,6 +147,7 @@ def test_az_location_with_another_dataset(images, phantom_dir, azurite, tmp_path
     assert not fs.exists(f"location/set/{LOCK_NAME}")
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_writer_blocks_nothing(images, tmp_path, capsys):
     import sys
 

@@ -101,14 +101,16 @@ def test_reconstruction_figure_unnormalises_norm_pix_targets(phantom_dir):
     import numpy as np
     import torch
 
+    from hf_medvis.core.tasks import MAE
     from hf_medvis.data.folder import make_decode_transform
-    from hf_medvis.data.transforms import build_eval_transform
+    from hf_medvis.data.transforms import create_transform
     from hf_medvis.evaluation.reconstructions import reconstruct
     from hf_medvis.models.build import build_mae_model
 
     model = build_mae_model(None, preset="tiny", image_size=64, norm_pix_loss=True)
     paths = sorted(str(p) for p in (phantom_dir / "images").glob("*.png"))[:2]
-    batch = torch.stack(make_decode_transform(build_eval_transform(64))({"path": paths})["pixel_values"])
+    eval_transform = create_transform(MAE, False, image_size=64)
+    batch = torch.stack(make_decode_transform(eval_transform)({"path": paths})["pixel_values"])
     mean, std = [0.5] * 3, [0.25] * 3
 
     class Oracle(torch.nn.Module):  # returns the exact normalised target as the "prediction"
@@ -282,6 +284,7 @@ def test_hub_token_is_kept_out_of_saved_arguments(monkeypatch):
     assert os.environ["HF_TOKEN"] == "hf_secret"
 
 
+@pytest.mark.slow
 def test_entry_point_defaults_and_sigterm_saves_and_exits_0(medvis_cache, tmp_path):
     """`python recipes/pretrain_mae.py` with no data argument trains on the phantom set; SIGTERM to every process of
     the job, DataLoader workers included (what Kubernetes or Azure ML send an evicted container), saves a complete

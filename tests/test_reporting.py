@@ -245,12 +245,8 @@ def test_callbacks_that_add_to_the_logs_run_before_the_reporters(tmp_path):
 
     from hf_medvis.training.args import MonitoringArguments
     from hf_medvis.training.callbacks import AlertCallback, LossHistoryCallback, ThroughputCallback
-    from hf_medvis.training.reporting import (
-        JobRunMLflowCallback,
-        JobTensorBoardCallback,
-        arrange_reporters,
-        numeric_metrics,
-    )
+    from hf_medvis.training.callbacks.reporters import JobRunMLflowCallback, JobTensorBoardCallback, arrange_reporters
+    from hf_medvis.training.reporting import numeric_metrics
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     history_cb = LossHistoryCallback(tmp_path)

@@ -13,7 +13,8 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
 
 from hf_medvis.cli import main
-from hf_medvis.infra.modelspec import build_config, build_meta_model, count_parameters
+from hf_medvis.core.param_count import parameter_counts
+from hf_medvis.infra.modelspec import build_config, build_meta_model
 from hf_medvis.infra.sizing import estimate_size, measure_activation_bytes, model_states_bytes
 
 TINY = dict(
@@ -37,7 +38,7 @@ def _deepspeed_table(fn, *args, **kwargs) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def vit_base_mae():
-    counts = count_parameters(build_meta_model(build_config("vit-base", "mae")))
+    counts = parameter_counts(build_meta_model(build_config("vit-base", "mae")))
     assert 111e6 < counts["total"] < 113e6  # ViTMAE-B/16 with the 512x8 decoder
     return counts
 
@@ -66,13 +67,13 @@ def test_model_states_match_deepspeed_estimators(vit_base_mae, gpus_per_node, no
 
 
 def test_parameter_counts_match_deepspeed_on_a_real_model():
-    config = build_config("vit-base", "classify", image_size=32)
+    config = build_config("vit-base", "classification", image_size=32)
     config.update(TINY)
     from transformers import ViTForImageClassification
 
     real = ViTForImageClassification(config)
     total, largest = model_to_params(real)
-    ours = count_parameters(build_meta_model(config))
+    ours = parameter_counts(build_meta_model(config))
     assert (ours["total"], ours["largest_layer"]) == (total, largest)
 
 
@@ -118,10 +119,10 @@ def test_estimate_fits_skus_and_largest_batch_is_consistent():
 
 
 def test_cli_json_from_a_config_folder(tmp_path, capsys):
-    config = build_config("vit-base", "classify", image_size=64)
+    config = build_config("vit-base", "classification", image_size=64)
     config.update({**TINY, "image_size": 64})
     config.save_pretrained(tmp_path)
-    assert main(["size", "--model", str(tmp_path), "--task", "classify", "--image-size", "64", "--batch-size", "8",
+    assert main(["size", "--model", str(tmp_path), "--task", "classification", "--image-size", "64", "--batch-size", "8",
                  "--zero", "3", "--gpus-per-node", "2", "--json"]) == 0  # fmt: skip
     data = json.loads(capsys.readouterr().out)
     assert data["parameters"] > 0
@@ -132,3 +133,15 @@ def test_cli_json_from_a_config_folder(tmp_path, capsys):
     assert main(["size", "--model", str(tmp_path / "missing"), "--task", "mae"]) == 2
     assert "neither a preset" in capsys.readouterr().err
     assert main(["size", "--zero", "0", "--offload"]) == 2
+
+
+def test_the_old_classify_spelling_still_works_with_one_warning(tmp_path, capsys, caplog):
+    config = build_config("vit-base", "classification", image_size=32)
+    config.update(TINY)
+    config.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_medvis.core.tasks"):
+        assert main(["size", "--model", str(tmp_path), "--task", "classify", "--image-size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "classification"
+    assert [r.getMessage() for r in caplog.records] == ["task 'classify' is deprecated: use 'classification'"]
+    with pytest.raises(ValueError, match="unknown task 'classify'"):
+        build_config("vit-base", "classify")  # the library takes the one spelling; only the command line translates

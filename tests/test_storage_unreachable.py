@@ -16,9 +16,9 @@ import pytest
 from azurite import ACCOUNT, ACCOUNT_KEY, free_port
 from conftest import REPO, subprocess_env
 
-from hf_medvis.data import storage
+from hf_medvis.core import storage
 from hf_medvis.data.arguments import MAEDataArguments
-from hf_medvis.data.datasets import build_datasets
+from hf_medvis.data.build import build_datasets
 from hf_medvis.data.prepare import prepare
 
 SALT = "unreachable-test-salt"

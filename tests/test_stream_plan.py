@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader
 
+from hf_medvis.core.tasks import MAE
 from hf_medvis.data.prepare import prepare
 from hf_medvis.data.stream_plan import rank_batch_counts
 from hf_medvis.data.streaming import load_shard_stream, resume_position, stream_control
-from hf_medvis.data.transforms import build_eval_transform
+from hf_medvis.data.transforms import create_transform
 
-T = build_eval_transform(8)
+T = create_transform(MAE, False, image_size=8)
 
 
 @pytest.fixture(scope="module")

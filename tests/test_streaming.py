@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from hf_medvis.core.tasks import MAE
 from hf_medvis.data.prepare import prepare
 from hf_medvis.data.streaming import ShardReadError, load_image_dataset, stream_control, worker_skip_counts
-from hf_medvis.data.transforms import build_eval_transform
+from hf_medvis.data.transforms import create_transform
 
 SALT = "stream-test-salt"
-T = build_eval_transform(32)
+T = create_transform(MAE, False, image_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ from .._lazy import lazy_exports
 
 # Exports resolve on first use: the `hf-medvis` command imports single light modules of this package.
 _EXPORTS = {
-    "TASKS": "datasets",
+    "TASKS": "build",
     "ClassificationDataArguments": "arguments",
     "DataArguments": "arguments",
-    "Datasets": "datasets",
+    "Datasets": "build",
     "ImageDecodeError": "decode",
     "MAEDataArguments": "arguments",
-    "build_datasets": "datasets",
+    "build_datasets": "build",
     "load_image_dataset": "streaming",
     "load_prepared_dataset": "dataset_card",
     "read_image": "decode",
@@ -34,7 +34,7 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+    from .build import TASKS, Datasets, build_datasets
     from .dataset_card import load_prepared_dataset
-    from .datasets import TASKS, Datasets, build_datasets
     from .decode import ImageDecodeError, read_image
     from .streaming import load_image_dataset

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .label_formats import LabelsFormat
-from .storage import parse_storage_options
+from ..core.storage import parse_storage_options
+from .labels.layouts import DEPRECATED_COLUMN_FLAGS, LabelsFormat, column_flag
 
 
 @dataclass
@@ -37,10 +37,8 @@ class DataArguments:
             "help": "Labels file layout: nih, wide (CheXpert/MIMIC: one column per class, 1/0/-1/blank) or auto."
         },
     )
-    image_col: str | None = field(
-        default=None, metadata={"help": "Image column (default 'Image Index'; wide: 'Path')."}
-    )
-    group_col: str | None = field(default=None, metadata={"help": "Patient column (default 'Patient ID')."})
+    image_col: str | None = field(default=None, metadata={"help": "Deprecated spelling of --image_column_name."})
+    group_col: str | None = field(default=None, metadata={"help": "Deprecated spelling of --group_column_name."})
     patient_regex: str | None = field(
         default=None, metadata={"help": "Patient from the image path instead: first group, e.g. 'patient(\\d+)'."}
     )
@@ -51,16 +49,19 @@ class DataArguments:
     blank: str = field(default="negative", metadata={"help": "Wide layout, an empty cell: negative or ignore."})
     image_column_name: str | None = field(
         default=None,
-        metadata={"help": "--train_data as a datasets folder / imagefolder / Hub id: the image column (default: the "
-                  "first Image column)."},
+        metadata={"help": "Image column: of the labels file (default 'Image Index'; wide: 'Path'), or of a datasets "
+                  "folder / imagefolder / Hub id --train_data (default: the first Image column)."},
     )  # fmt: skip
     label_column_name: str | None = field(
         default=None,
-        metadata={"help": "... its label column (ClassLabel, list of ClassLabel or text; default 'label')."},
-    )
+        metadata={"help": "A datasets --train_data: its label column (ClassLabel, list of ClassLabel or text; "
+                  "default 'label')."},
+    )  # fmt: skip
     group_column_name: str | None = field(
-        default=None, metadata={"help": "... its patient column (default: none, every image its own patient)."}
-    )
+        default=None,
+        metadata={"help": "Patient column: of the labels file (default 'Patient ID'), or of a datasets --train_data "
+                  "(default: none, every image its own patient)."},
+    )  # fmt: skip
     storage_options: str | None = field(
         default=None, metadata={"help": "JSON dict of fsspec storage options (credentials are never logged)."}
     )
@@ -81,14 +82,18 @@ class DataArguments:
     def parsed_labels_format(self) -> LabelsFormat:
         return LabelsFormat(
             layout=self.labels_format,
-            image_col=self.image_col,
-            group_col=self.group_col,
+            image_col=self.image_column_name,
+            group_col=self.group_column_name,
             patient_regex=self.patient_regex,
             uncertain=self.uncertain,
             blank=self.blank,
         )
 
     def __post_init__(self) -> None:
+        for new, old in DEPRECATED_COLUMN_FLAGS.items():  # the old spelling sets the new field, once
+            value = column_flag(getattr(self, new), getattr(self, old), f"--{new}", f"--{old}")
+            setattr(self, new, value)
+            setattr(self, old, None)
         self.parsed_labels_format()  # checks the choices
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError(

@@ -9,9 +9,9 @@ from typing import Any
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from . import shards as shard_format
-from . import storage
-from .origin import describe_origin
+from ..core import storage
+from . import shard_format
+from .provenance import describe_origin
 
 DATA_FILES = f"{shard_format.SHARD_DIR}/shard-*.parquet"
 SPLIT = "train"  # one split: hf-medvis split / the recipes divide it by patient

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from .storage import describe, read_bytes
+from ..core.storage import describe, read_bytes
 
 
 class ImageDecodeError(ValueError):

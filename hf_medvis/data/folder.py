@@ -17,10 +17,10 @@ from typing import Any
 import datasets
 import torch
 
-from . import storage
+from ..core import storage
 from .decode import ImageDecodeError, looks_like_image, read_image
-from .label_formats import LabelsFormat
 from .labels import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, PATIENT_COL, read_labels_table, sample_key
+from .labels.layouts import LabelsFormat
 from .privacy import relative_path, source_root
 from .transforms import apply_image_transform, to_uint8_tensor
 
@@ -241,7 +241,7 @@ def build_folder_records(
     skipped: list[dict[str, str]] | None = None,
 ) -> dict[str, list[Any]]:
     """Columns ``path``, ``key``, ``group`` (hashed patient id, or the file's key when unknown) and
-    ``finding_labels`` (canonical text: ``label_formats``). Files are matched to labels rows by the trailing part of
+    ``finding_labels`` (canonical text: ``labels.layouts``). Files are matched to labels rows by the trailing part of
     their path. Files that cannot be decoded are left out (``check_image_files``) and added to ``skipped``.
 
     Keys are unique: a labelled file's is its row's ``sample_key``, another's its path under ``source`` without the

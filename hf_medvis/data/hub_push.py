@@ -9,8 +9,9 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from ..core.errors import first_line
+from . import shard_format
 
 UPLOADED = (shard_format.CARD_NAME, shard_format.MANIFEST_NAME, shard_format.QUARANTINE_NAME)
 
@@ -40,7 +41,7 @@ def check_push_ready(repo_id: str) -> None:
 
 def _reason(err: BaseException) -> str:
     status = getattr(getattr(err, "response", None), "status_code", None)
-    return f"HTTP {status}" if status else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return f"HTTP {status}" if status else f"{type(err).__name__}: {first_line(err)}"
 
 
 def files_to_upload(manifest: dict) -> list[str]:

@@ -1,5 +1,5 @@
 """Labelled datasets for classification: images with their labels from a labels file or prepared shards, split by
-patient (label-stratified), checked patient-disjoint. ``datasets.build_datasets`` is the front door."""
+patient (label-stratified), checked patient-disjoint. ``build.build_datasets`` is the front door."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torchvision.transforms import v2
 
+from ..core.tasks import CLASSIFICATION
 from .arguments import ClassificationDataArguments
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
-from .label_formats import LabelsFormat
 from .labels import (
     IMAGE_COL,
     LABEL_COL,
@@ -29,40 +28,15 @@ from .labels import (
     read_labels_table,
     sample_key,
 )
-from .origin import data_origin, describe_origin
-from .shard_table import load_shard_table, make_shard_transform, shard_metadata
-from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .labels.layouts import LabelsFormat
+from .provenance import data_origin, describe_origin
+from .shard_dataset import load_shard_table, make_shard_transform, shard_metadata
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
 from .streaming import find_manifest
-from .transforms import SeededAugmentation, build_eval_transform
+from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .transforms import SeededAugmentation, create_transform
 
 logger = logging.getLogger(__name__)
-
-
-def build_finetune_transform(
-    image_size: int,
-    crop_scale: Sequence[float] = (0.8, 1.0),
-    rotation_degrees: float = 5.0,
-    rand_augment_magnitude: int = 0,
-    hflip: bool = False,
-) -> v2.Compose:
-    """X-ray-safe augmentation on uint8 [1, H, W]: mild crops and rotations, optional RandAugment; no flip by default."""
-    steps: list = [
-        v2.RandomResizedCrop(
-            image_size,
-            scale=tuple(crop_scale),
-            ratio=(0.9, 1.1),
-            interpolation=v2.InterpolationMode.BICUBIC,
-            antialias=True,
-        )
-    ]
-    if rotation_degrees:
-        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
-    if rand_augment_magnitude:
-        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment_magnitude))
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
 
 
 @dataclass
@@ -138,14 +112,14 @@ def build_labelled_data(
     ``label_names`` fixes the classes and their order (default: every finding in the training labels).
     ``--train_data`` is a raw folder (labels from a CSV) or prepared shards (labels stored in the shards)."""
     options = data_args.parsed_storage_options()
-    augmentation = SeededAugmentation(
-        build_finetune_transform(
-            image_size,
-            data_args.crop_scale,
-            data_args.rotation_degrees,
-            data_args.rand_augment_magnitude,
-            data_args.hflip,
-        ),
+    augmentation = create_transform(
+        CLASSIFICATION,
+        True,
+        image_size=image_size,
+        crop_scale=data_args.crop_scale,
+        rotation_degrees=data_args.rotation_degrees,
+        rand_augment_magnitude=data_args.rand_augment_magnitude,
+        hflip=data_args.hflip,
         seed=seed,
     )
     if hf_dataset_kind(data_args.train_data) is not None:
@@ -184,7 +158,7 @@ def build_labelled_data(
         data_args.validation_data,
         validation_labels_file=data_args.validation_labels_file,
         train_transform=augmentation,
-        eval_transform=build_eval_transform(image_size),
+        eval_transform=create_transform(CLASSIFICATION, False, image_size=image_size),
         storage_options=data_args.parsed_storage_options(),
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
@@ -307,7 +281,9 @@ def _build_hf_datasets(
     evaluation = None
     if eval_records is not None:
         info.update(eval_images=len(eval_records["key"]), eval_patients=len(set(eval_records["group"])))
-        evaluation = _shard_dataset(eval_table, eval_records, build_eval_transform(image_size), eval_col)
+        evaluation = _shard_dataset(
+            eval_table, eval_records, create_transform(CLASSIFICATION, False, image_size=image_size), eval_col
+        )
     return source, train, evaluation, info
 
 
@@ -349,7 +325,9 @@ def _build_shard_datasets(
         if data_args.max_eval_samples is not None:
             eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
         info.update(eval_images=len(eval_records["key"]), eval_patients=len(set(eval_records["group"])))
-        evaluation = _shard_dataset(eval_table, eval_records, build_eval_transform(image_size))
+        evaluation = _shard_dataset(
+            eval_table, eval_records, create_transform(CLASSIFICATION, False, image_size=image_size)
+        )
     return source, train, evaluation, info
 
 

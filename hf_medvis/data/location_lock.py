@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from . import storage
+from ..core import storage
 
 logger = logging.getLogger(__name__)
 

@@ -40,19 +40,19 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from . import shard_format
 from .dataset_card import dataset_card
 from .decode import parse_windows
 from .folder import DataSourceError, find_labels_file, iter_image_files
-from .label_formats import VIEW_ALIASES, LabelsFormat
 from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, parse_finding_labels, read_labels_table
+from .labels.layouts import VIEW_ALIASES, LabelsFormat
 from .location_lock import location_lock
-from .origin import data_origin
 from .pool import init_pool_worker
 from .prepare_location import PreparedLocation, source_id
 from .prepare_rows import VIEW_COL, PrepareParams, check_ct_input, decode_inputs
 from .privacy import relative_path, resolve_salt, salt_check, source_root
+from .provenance import data_origin
 
 logger = logging.getLogger(__name__)
 # Quarantine reasons of an input without labels (names that differ only in the extension are one sample).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .label_formats import add_labels_format_arguments, labels_format_from_args
+from .labels.layouts import add_labels_format_arguments, labels_format_from_args
 
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).

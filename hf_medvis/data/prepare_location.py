@@ -23,9 +23,9 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 
-from . import shards as shard_format
-from . import storage
-from .local_disk import format_size, free_bytes
+from ..core import storage
+from ..core.local_disk import format_size, free_bytes
+from . import shard_format
 from .location_lock import LocationLock
 from .privacy import salted_hash
 

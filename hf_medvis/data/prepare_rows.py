@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from . import shard_format
 from .decode import ImageDecodeError, read_dicom_header, read_image
-from .label_formats import VIEW_COL
 from .labels import (
     IMAGE_COL,
     LABEL_COL,
@@ -27,6 +26,7 @@ from .labels import (
     parse_finding_labels,
     sample_key,
 )
+from .labels.layouts import VIEW_COL
 from .privacy import salted_hash
 
 logger = logging.getLogger(__name__)

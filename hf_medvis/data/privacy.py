@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .storage import has_glob
+from ..core.storage import has_glob
 
 SALT_ENV = "HF_MEDVIS_SALT"
 

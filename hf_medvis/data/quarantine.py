@@ -7,8 +7,8 @@ import io
 import json
 from collections.abc import Iterator
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from . import shard_format
 from .folder import iter_image_files
 from .privacy import relative_path, resolve_salt, salt_check, salted_hash, source_root
 

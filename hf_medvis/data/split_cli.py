@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .label_formats import add_labels_format_arguments, labels_format_from_args
+from .labels.layouts import add_labels_format_arguments, labels_format_from_args
 
 # This subcommand's work is imported inside run(): `hf-medvis --help` loads every subcommand module and must not
 # load torch, pyarrow or pydicom (tests/test_architecture.py).
@@ -22,11 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     add_labels_format_arguments(parser, label_names=False)
     parser.add_argument(
-        "--label-col",
-        default="Finding Labels",
+        "--label-column-name",
+        default=None,
         help="label column, '|'-separated; an empty cell is unlabelled, 'No Finding' the negative "
         "(default 'Finding Labels')",
     )
+    parser.add_argument("--label-col", dest="label_col", default=None, help=argparse.SUPPRESS)  # deprecated spelling
     parser.add_argument("--val", type=float, default=0.1, help="fraction of images for validation (default 0.1)")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of images for test (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)

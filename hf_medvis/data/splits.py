@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .label_formats import LabelsFormat
+from ..core.storage import write_json_atomic, write_text_atomic
 from .labels import (
     LABEL_COL,
     PATIENT_COL,
@@ -34,7 +34,7 @@ from .labels import (
     label_matrix,
     read_labels_table,
 )
-from .storage import write_json_atomic, write_text_atomic
+from .labels.layouts import LabelsFormat
 
 Z95 = 1.959963984540054
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")

@@ -32,8 +32,9 @@ import torch.utils.data
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, default_collate
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from ..core.launch_env import rank_and_world_size
+from . import shard_format
 from .folder import build_folder_dataset
 from .transforms import apply_image_transform
 
@@ -205,10 +206,6 @@ def examples_step(control: StreamControl) -> int:
     return control.world_size if by_samples else 1
 
 
-def _distributed_env() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _build_stream(control: StreamControl, reader: ShardReader) -> datasets.IterableDataset:
 
     ds = datasets.IterableDataset.from_generator(reader, gen_kwargs={"shards": list(control.shards)})
@@ -241,7 +238,7 @@ def load_shard_stream(
 ) -> datasets.IterableDataset:
     """The ``datasets.IterableDataset`` over a prepared-shard location; ``stream_control(ds)`` gives its control."""
     options = storage.storage_options_for(base, storage_options)
-    rank, world_size = _distributed_env()
+    rank, world_size = rank_and_world_size()
     control = StreamControl(
         base=base,
         shards=[dict(s) for s in manifest["shards"]],

@@ -1,5 +1,6 @@
-"""Image transforms. CPU workers only crop and resize uint8 tensors; float conversion, normalisation and channel
-replication happen on the accelerator (``normalize_batch``), so loader workers are not the bottleneck on a GPU host."""
+"""Image transforms, every one made by ``create_transform(task, is_training, ...)``. CPU workers only crop and resize
+uint8 tensors; float conversion, normalisation and channel replication happen on the accelerator (``normalize_batch``),
+so loader workers are not the bottleneck on a GPU host."""
 
 from __future__ import annotations
 
@@ -7,17 +8,81 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from ..core.tasks import CLASSIFICATION, MAE, check_task
 
-def build_pretrain_transform(
-    image_size: int, crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True
-) -> v2.Compose:
-    """MAE augmentation: RandomResizedCrop (bicubic) + optional horizontal flip, on a uint8 [1, H, W] tensor."""
+# The options each training transform takes, with their defaults. Evaluation takes none: it is the same for both tasks.
+_TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
+    MAE: {"crop_scale": (0.2, 1.0), "hflip": True},
+    CLASSIFICATION: {"crop_scale": (0.8, 1.0), "rotation_degrees": 5.0, "rand_augment_magnitude": 0, "hflip": False},
+}
+
+
+def create_transform(
+    task: str,
+    is_training: bool,
+    *,
+    image_size: int,
+    crop_scale: Sequence[float] | None = None,
+    hflip: bool | None = None,
+    rotation_degrees: float | None = None,
+    rand_augment_magnitude: int | None = None,
+    load_size: int | None = None,
+    seed: int | None = None,
+) -> Callable[..., torch.Tensor]:
+    """The image transform of ``task`` ("mae" or "classification") on a uint8 [C, H, W] tensor; it gives uint8
+    [C, image_size, image_size] (normalisation happens on the accelerator, ``normalize_batch``).
+
+    - evaluation (``is_training=False``), both tasks: shorter side to ``image_size`` (bicubic), centre crop.
+    - "mae" training: RandomResizedCrop(``crop_scale`` (0.2, 1.0), bicubic) + horizontal flip (``hflip`` True).
+    - "classification" training, X-ray safe: RandomResizedCrop(``crop_scale`` (0.8, 1.0), ratio 0.9-1.1, bicubic),
+      RandomRotation(``rotation_degrees`` 5, bilinear; 0 = off), RandAugment(2 ops, ``rand_augment_magnitude``; 0 =
+      off), horizontal flip (``hflip`` False).
+    - "mae" training with ``load_size``: only the worker half of on-device augmentation, a fixed-size uint8
+      [C, load_size, load_size] (shorter side, centre crop; images already that size pass untouched), so batches stack
+      for ``DeviceRandomResizedCrop`` on the accelerator -- a batch transform the Trainer applies, not built here.
+
+    Options a task does not use are refused rather than ignored. ``seed`` (training) wraps the transform in a
+    ``SeededAugmentation``, called as ``t(image, key)``: its draws then depend only on (seed, epoch, key)."""
+    check_task(task)
+    given = {
+        name: value
+        for name, value in (
+            ("crop_scale", crop_scale),
+            ("hflip", hflip),
+            ("rotation_degrees", rotation_degrees),
+            ("rand_augment_magnitude", rand_augment_magnitude),
+            ("load_size", load_size),
+            ("seed", seed),
+        )
+        if value is not None
+    }
+    if not is_training:
+        allowed: set[str] = set()
+    elif load_size is not None and task == MAE:
+        allowed = {"load_size"}  # crop scale and flip then belong to DeviceRandomResizedCrop
+    else:
+        allowed = {*_TRAIN_OPTIONS[task], "seed"}
+    refused = [name for name in given if name not in allowed]
+    if refused:
+        mode = "training" if is_training else "evaluation"
+        raise ValueError(f"the {task} {mode} transform takes no {', '.join(refused)}")
+    if not is_training:
+        return _resize_centre_crop(image_size)
+    if load_size is not None:
+        return _load_transform(load_size)
+    options = {**_TRAIN_OPTIONS[task], **{k: v for k, v in given.items() if k != "seed"}}
+    transform = _mae_train(image_size, **options) if task == MAE else _classification_train(image_size, **options)
+    return transform if seed is None else SeededAugmentation(transform, seed=seed)
+
+
+def _mae_train(image_size: int, crop_scale: Sequence[float], hflip: bool) -> v2.Compose:
     steps: list = [
         v2.RandomResizedCrop(
             image_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
@@ -26,6 +91,47 @@ def build_pretrain_transform(
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
+
+
+def _classification_train(
+    image_size: int, crop_scale: Sequence[float], rotation_degrees: float, rand_augment_magnitude: int, hflip: bool
+) -> v2.Compose:
+    steps: list = [
+        v2.RandomResizedCrop(
+            image_size,
+            scale=tuple(crop_scale),
+            ratio=(0.9, 1.1),
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    ]
+    if rotation_degrees:
+        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
+    if rand_augment_magnitude:
+        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment_magnitude))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def _resize_centre_crop(image_size: int) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    )
+
+
+def _load_transform(load_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    resize = _resize_centre_crop(load_size)
+
+    def load(image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] == (load_size, load_size):  # prepared shards are already at that size
+            return image
+        return resize(image)
+
+    return load
 
 
 class SeededAugmentation:
@@ -70,16 +176,6 @@ def apply_image_transform(transform: Callable | None, image: torch.Tensor, key: 
     if isinstance(transform, SeededAugmentation):
         return transform(image, key)
     return transform(image)
-
-
-def build_eval_transform(image_size: int) -> v2.Compose:
-    """Deterministic: shorter side to ``image_size`` then centre crop."""
-    return v2.Compose(
-        [
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-        ]
-    )
 
 
 def to_uint8_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -141,19 +237,6 @@ def _constants(
 # --------------------------------------------------------------------------------------------------------------------
 # Augmentation on the accelerator (opt-in). The workers then only hand over fixed-size uint8 images (a memory copy for
 # prepared shards) and the whole batch is cropped, flipped and resized in one grid_sample on the device.
-
-
-def build_load_transform(load_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Worker-side transform for on-device augmentation: a fixed-size uint8 [1, S, S] image so batches stack (shorter
-    side to ``load_size``, centre crop). Images already at that size -- prepared shards -- pass through untouched."""
-    resize = build_eval_transform(load_size)
-
-    def load(image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-2:] == (load_size, load_size):
-            return image
-        return resize(image)
-
-    return load
 
 
 class DeviceRandomResizedCrop:

@@ -9,9 +9,8 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "Predictor": "predict",
     "bootstrap_confidence_intervals": "bootstrap",
-    "build_compute_metrics": "metric_modules",
+    "build_compute_metrics": "metrics",
     "classification_metrics": "metrics",
-    "evaluate_metrics": "metric_modules",
     "format_metrics_table": "metrics",
     "label_targets": "metrics",
     "load_metric": "metric_modules",
@@ -28,7 +27,6 @@ __all__ = [
     "bootstrap_confidence_intervals",
     "build_compute_metrics",
     "classification_metrics",
-    "evaluate_metrics",
     "format_metrics_table",
     "label_targets",
     "load_metric",
@@ -44,7 +42,14 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from .bootstrap import bootstrap_confidence_intervals, metrics_with_ci
-    from .metric_modules import build_compute_metrics, evaluate_metrics, load_metric
-    from .metrics import classification_metrics, format_metrics_table, label_targets, per_class_table, probabilities
+    from .metric_modules import load_metric
+    from .metrics import (
+        build_compute_metrics,
+        classification_metrics,
+        format_metrics_table,
+        label_targets,
+        per_class_table,
+        probabilities,
+    )
     from .plots import plot_image_grid, save_confusion_plot, save_figure, save_roc_plot
     from .predict import Predictor

@@ -9,8 +9,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
+from ..core.storage import write_text_atomic
 from ..data.labels import LabelSpec
-from ..data.storage import write_text_atomic
 from .metrics import format_metrics_table
 
 TEST_SPLIT = "test"

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..data.label_formats import add_labels_format_arguments, labels_format_from_args
+from ..data.labels.layouts import add_labels_format_arguments, labels_format_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..core.storage import parse_storage_options, write_json_atomic
     from ..data.folder import build_folder_records, find_labels_file, write_skipped_images
     from ..data.labels import (
         check_file_classes,
@@ -69,7 +70,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         parse_unknown_labels,
         read_labels_table,
     )
-    from ..data.storage import parse_storage_options, write_json_atomic
     from .bootstrap import metrics_with_ci
     from .metrics import format_metrics_table, per_class_table
     from .plots import save_confusion_plot, save_roc_plot
@@ -137,7 +137,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(format_metrics_table(metrics, spec))
     print(f"wrote metrics.json, per_class.json, roc.png{'' if spec.multi_label else ', confusion.png'} to {out}")
     if args.update_card and Path(args.model).is_dir():
-        from ..data.origin import data_origin, describe_origin
+        from ..data.provenance import data_origin, describe_origin
         from .card_results import record_test_results
 
         card = record_test_results(

@@ -1,22 +1,25 @@
 """Classification metrics of a fine-tuned model: per-class and macro AUROC, AP, F1 (multi-label) or accuracy.
 
-The scikit-learn computations behind the ``evaluate`` metric modules (``metric_modules.py``, scripts in
-``evaluate_modules/``), which the recipes' ``compute_metrics`` and ``hf-medvis evaluate`` call; ``classification_metrics``
-is the same set without the modules (a reference in tests). The modules ship inside the package, so they load offline,
-unlike the Hub's ``evaluate.load("roc_auc")``, whose script is fetched at first use.
+The one implementation (``metric_values``): the recipes' ``compute_metrics``, their final metrics and ``hf-medvis
+evaluate`` (``bootstrap.metrics_with_ci``), every resample of the patient bootstrap (``bootstrap.py``) and the
+``evaluate`` metric modules (``metric_modules.py``, scripts in ``evaluate_modules/``) all call it. Vectorised over
+classes, in numpy: a bootstrap calls it thousands of times, where scikit-learn's per-call overhead would dominate;
+tests/test_evaluate_predict.py checks it against scikit-learn.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+from scipy.stats import rankdata
 
 from ..data.labels import LabelSpec
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
 
 # Metric families in their output order; "ap" is average precision.
 KINDS = ("auroc", "ap", "accuracy", "f1")
@@ -38,51 +41,73 @@ def kinds_for(spec: LabelSpec, include_f1: bool = True) -> tuple[str, ...]:
     return (*kinds, "f1") if include_f1 else kinds
 
 
+def _auroc(positive: np.ndarray, negative: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """AUROC of each column as the Mann-Whitney U statistic, ties averaged (roc_auc_score's value); NaN where a class
+    lacks positives or negatives. Unknown rows score +inf, ranked above every known row: the known rows' ranks are
+    their ranks among the known rows."""
+    ranks = rankdata(np.where(positive | negative, probs, np.inf), axis=0)
+    p, n = positive.sum(axis=0), negative.sum(axis=0)
+    u = np.where(positive, ranks, 0.0).sum(axis=0) - p * (p + 1) / 2
+    return np.divide(u, p * n, out=np.full(len(p), np.nan), where=(p > 0) & (n > 0))
+
+
+def _average_precision(positive: np.ndarray, negative: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """average_precision_score of each column: sum over the distinct scores, highest first, of (recall gained) x
+    precision; NaN where a class lacks positives or negatives. Unknown rows score -inf, sorted after every known row."""
+    known = positive | negative
+    order = np.argsort(np.where(known, -probs, np.inf), axis=0, kind="stable")
+    score = np.take_along_axis(np.where(known, probs, -np.inf), order, axis=0)
+    seen = np.take_along_axis(known, order, axis=0)
+    tps = np.cumsum(np.take_along_axis(positive, order, axis=0), axis=0)
+    # The last known row of each distinct score: where the curve steps.
+    last = seen & np.vstack([score[1:] != score[:-1], np.ones((1, score.shape[1]), bool)])
+    before = np.vstack([np.zeros((1, tps.shape[1]), tps.dtype), np.maximum.accumulate(np.where(last, tps, 0))[:-1]])
+    p = positive.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows that are not steps, classes without positives
+        step = (tps / p - before / p) * (tps / np.cumsum(seen, axis=0))
+    ap = np.where(last, step, 0.0).sum(axis=0)
+    return np.where((p > 0) & (negative.sum(axis=0) > 0), ap, np.nan)
+
+
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """F1 of each 0/1 column; 0 for a class neither present nor predicted (scikit-learn's zero_division=0)."""
+    tp = (truth & predicted).sum(axis=0)
+    denominator = truth.sum(axis=0) + predicted.sum(axis=0)
+    return np.divide(2 * tp, denominator, out=np.zeros(truth.shape[1]), where=denominator > 0)
+
+
 def metric_values(
     kind: str, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec, threshold: float = 0.5, per_class: bool = True
 ) -> dict[str, float]:
     """One family: ``auroc`` / ``ap`` (one-vs-rest per class where the class has positives and negatives, and their
     macro mean), ``accuracy`` (of the argmax), ``f1`` (multi-label: per class at ``threshold`` and their macro mean;
     single-label: macro F1 of the argmax). ``labels`` is [N, C] 0/1 (one-hot for single-label); a -1 (an unknown label:
-    ``label_formats``) leaves that image out of that class's metrics."""
+    ``labels.layouts``) leaves that image out of that class's metrics."""
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
-    known = labels >= 0
+    if labels.ndim != 2 or labels.shape != probs.shape or labels.shape[1] != len(spec.names):
+        raise ValueError(f"labels {labels.shape} and probabilities {probs.shape}: both must be [images, classes]")
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities must be finite (a NaN or inf is in them)")
+    positive, negative = labels > 0, labels == 0
     out: dict[str, float] = {}
     if kind in ("auroc", "ap"):
-        score = roc_auc_score if kind == "auroc" else average_precision_score
-        values = {
-            name: float(score(labels[known[:, c], c], probs[known[:, c], c]))
-            for c, name in enumerate(spec.names)
-            if defined(labels[known[:, c], c])
-        }
+        values = (_auroc if kind == "auroc" else _average_precision)(positive, negative, probs)
+        found = ~np.isnan(values)
         if per_class:
-            out.update({f"{kind}_{name}": v for name, v in values.items()})
-        if values:
-            out[f"{kind}_macro"] = float(np.mean(list(values.values())))
+            out.update({f"{kind}_{n}": float(v) for n, v, ok in zip(spec.names, values, found, strict=True) if ok})
+        if found.any():
+            out[f"{kind}_macro"] = float(np.mean(values[found]))
     elif kind == "accuracy":
-        out["accuracy"] = float(accuracy_score(labels.argmax(axis=1), probs.argmax(axis=1)))
+        out["accuracy"] = float(np.mean(labels.argmax(axis=1) == probs.argmax(axis=1)))
     elif kind == "f1" and spec.multi_label:
-        predicted = (probs >= threshold).astype(int)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # F1 of a class never predicted is 0 by definition here
-            f1 = [
-                f1_score(labels[known[:, c], c], predicted[known[:, c], c], zero_division=0)
-                for c in range(len(spec.names))
-            ]
+        f1 = _f1(positive, (labels >= 0) & (probs >= threshold))  # an unknown label is neither a hit nor a miss
         out["f1_macro"] = float(np.mean(f1))
         if per_class:
             out.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
-    elif kind == "f1":
-        out["f1_macro"] = float(
-            f1_score(
-                labels.argmax(axis=1),
-                probs.argmax(axis=1),
-                average="macro",
-                labels=list(range(len(spec.names))),
-                zero_division=0,
-            )
-        )
+    elif kind == "f1":  # macro F1 of the argmax, every class counted
+        one_hot = np.eye(len(spec.names), dtype=bool)
+        out["f1_macro"] = float(np.mean(_f1(one_hot[labels.argmax(axis=1)], one_hot[probs.argmax(axis=1)])))
     else:
         raise ValueError(f"unknown metric '{kind}' (one of {', '.join(KINDS)})")
     return out
@@ -125,6 +150,19 @@ def label_targets(label_ids: np.ndarray, spec: LabelSpec) -> np.ndarray:
     onehot = np.zeros((len(label_ids), len(spec.names)), dtype=np.float32)
     onehot[np.arange(len(label_ids)), label_ids.astype(int)] = 1.0
     return onehot
+
+
+def build_compute_metrics(spec: LabelSpec, threshold: float = 0.5) -> Callable[[EvalPrediction], dict[str, float]]:
+    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ... Plain numpy: the
+    training processes never import ``evaluate`` (see ``metric_modules``)."""
+
+    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return classification_metrics(
+            label_targets(eval_pred.label_ids, spec), probabilities(logits, spec), spec, threshold=threshold
+        )
+
+    return compute_metrics
 
 
 def per_class_table(metrics: dict[str, Any], spec: LabelSpec) -> list[dict[str, Any]]:

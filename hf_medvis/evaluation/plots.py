@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
+from ..core.storage import write_bytes_atomic
 from ..data.decode import read_image
 from ..data.labels import LabelSpec
-from ..data.storage import write_bytes_atomic
 from .metrics import defined
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from transformers import ViTImageProcessor
 
+from ..core.tasks import CLASSIFICATION
 from ..data.decode import read_image
 from ..data.labels import LabelSpec
-from ..data.transforms import build_eval_transform, normalize_batch, to_uint8_tensor
+from ..data.transforms import create_transform, normalize_batch, to_uint8_tensor
 from ..models.transfer import load_classifier
 from .metrics import probabilities
 
@@ -30,7 +31,7 @@ class Predictor:
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         config = self.model.config
         self.spec = LabelSpec(tuple(config.id2label[i] for i in range(config.num_labels)), config.problem_type)
-        self.transform = build_eval_transform(self.image_size)
+        self.transform = create_transform(CLASSIFICATION, False, image_size=self.image_size)
         # Colour or multi-window models read new images as their training images were read (training/run.py).
         image_input = getattr(config, "hf_medvis_input", None) or {}
         self.read_options = {

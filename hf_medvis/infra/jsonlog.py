@@ -11,14 +11,9 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..core.launch_env import rank_and_world_size
+
 LOGGERS = ("", "transformers", "accelerate", "DeepSpeed")  # transformers and DeepSpeed do not propagate to root
-
-
-def _rank_from_env() -> int:
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
 
 
 class JsonLinesHandler(logging.Handler):
@@ -28,7 +23,7 @@ class JsonLinesHandler(logging.Handler):
         self, directory: str | os.PathLike, rank: int | None = None, node: str | None = None, level: int = logging.INFO
     ) -> None:
         super().__init__(level)
-        self.rank = _rank_from_env() if rank is None else rank
+        self.rank = rank_and_world_size()[0] if rank is None else rank
         self.node = node or socket.gethostname()
         self.step: int | None = None
         self.path = Path(directory) / f"{self.node}-rank{self.rank:05d}.jsonl"

@@ -3,36 +3,23 @@ device (no memory, no compute), for counting parameters, activations and FLOPs."
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining
 
-TASKS = ("mae", "classify")
-
-
-def _presets() -> dict[str, dict[str, Any]]:
-    """The architecture presets the recipes build from (``hf_medvis/models/presets.json``): read as data, so ``size``
-    and training always mean the same model by a name (infra imports no code from the rest of the package)."""
-    data = json.loads(resources.files("hf_medvis.models").joinpath("presets.json").read_text())
-    return {name: spec for name, spec in data.items() if not name.startswith("_")}
-
-
-def preset_names() -> list[str]:
-    return sorted(_presets())
+from ..core.presets import load_presets, preset_names
+from ..core.tasks import CLASSIFICATION, MAE, check_task
 
 
 def build_config(model: str, task: str, image_size: int | None = None, num_labels: int = 14) -> PretrainedConfig:
-    """ViTMAEConfig for task "mae", ViTConfig for "classify", from a preset name or CONFIG_OR_DIR (config.json)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-    presets = _presets()
+    """ViTMAEConfig for task "mae", ViTConfig for "classification", from a preset name or CONFIG_OR_DIR (config.json)."""
+    check_task(task)
+    presets = load_presets()
     if model in presets:
         fields: dict[str, Any] = dict(presets[model])
-        if task == "classify":  # the MAE decoder is not part of a classifier
+        if task == CLASSIFICATION:  # the MAE decoder is not part of a classifier
             fields = {key: value for key, value in fields.items() if not key.startswith("decoder_")}
     else:
         path = Path(model)
@@ -46,7 +33,7 @@ def build_config(model: str, task: str, image_size: int | None = None, num_label
         fields.pop("architectures", None)
     if image_size is not None:
         fields["image_size"] = image_size
-    if task == "mae":
+    if task == MAE:
         return ViTMAEConfig(**fields)
     fields.setdefault("num_labels", num_labels)
     if "id2label" in fields:  # a fine-tuned config carries its labels; num_labels follows them
@@ -75,14 +62,3 @@ def training_loss(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.T
     out = model(pixel_values=pixel_values)
     loss = getattr(out, "loss", None)
     return loss if loss is not None else out.logits.float().sum()
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total, trainable and largest-layer parameters (largest layer as DeepSpeed's ZeRO-3 estimator counts it: the
-    most parameters held directly by one module)."""
-    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "largest_layer": largest,
-    }

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .launch_env import normalize_distributed_env
+from ..core.launch_env import DistributedEnv, normalize_distributed_env
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,18 +82,18 @@ class DistributedContext:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The launcher's environment with MPI / Azure ML variables turned into torch's (as the recipes do); raises
-    NotDistributedError when RANK, WORLD_SIZE, MASTER_ADDR or MASTER_PORT is missing."""
+def require_launch(environ: dict[str, str] | None = None) -> DistributedEnv:
+    """The launch this process is part of, its MPI / Azure ML variables also written as torch's (as the recipes do);
+    raises NotDistributedError when RANK, WORLD_SIZE, MASTER_ADDR or MASTER_PORT is missing."""
     env = os.environ if environ is None else environ
-    normalize_distributed_env(env)  # MPI / Azure ML launches -> torch's variables, as the recipes do
+    launch = normalize_distributed_env(env)
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env]
-    if missing:
+    if launch is None or missing:
         raise NotDistributedError(
             f"not launched distributed ({', '.join(missing)} not set): run it under a launcher, e.g. "
             "torchrun --nproc_per_node 2 $(which hf-medvis) nccl-check"
         )
-    return env
+    return launch
 
 
 def init_distributed(
@@ -101,8 +101,8 @@ def init_distributed(
 ) -> DistributedContext:
     """Joins the process group described by the launcher's environment (torchrun, accelerate launch, Azure ML), over
     ``store`` when given (a c10d Store every rank already reached), else over the env:// rendezvous."""
-    env = launch_env(environ)
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    launch = require_launch(environ)
+    local_rank = launch.local_rank
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -114,7 +114,7 @@ def init_distributed(
         device = torch.device("cpu")
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
     if store is not None:
-        kwargs.update(store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
+        kwargs.update(store=store, rank=launch.rank, world_size=launch.world_size)
     if backend == "nccl":
         kwargs["device_id"] = device  # binds the communicator eagerly, so a broken fabric fails here, not mid-sweep
     dist.init_process_group(**kwargs)

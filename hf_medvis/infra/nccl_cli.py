@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
         COLLECTIVES,
         NotDistributedError,
         init_distributed,
-        launch_env,
         nccl_environment,
         nccl_version,
         parse_bytes,
+        require_launch,
         run_collectives,
         size_sweep,
     )
@@ -109,17 +109,17 @@ def run(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.warmup < 0 or args.timeout <= 0:
         raise ValueError("--iters must be >= 1, --warmup >= 0 and --timeout > 0")
     try:
-        env = launch_env()
+        launch = require_launch()
     except NotDistributedError as err:
         raise ValueError(str(err)) from None
     # Every rank joins a store first: a rank that never comes is named after --timeout (exit 3), not a DistStoreError.
     monitor = RankMonitor(
-        int(env["RANK"]),
-        int(env["WORLD_SIZE"]),
-        env["MASTER_ADDR"],
-        int(env["MASTER_PORT"]),
+        launch.rank,
+        launch.world_size,
+        launch.master_addr,  # require_launch: both set
+        int(launch.master_port),
         args.timeout,
-        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
     monitor.join()
     watchdog = MonitoredWatchdog(monitor, args.timeout)

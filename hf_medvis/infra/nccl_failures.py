@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from ..core.errors import first_line
 from .nccl import Watchdog
 
 PREFIX = "hf-medvis nccl-check: error: "
@@ -42,7 +43,7 @@ def _cause(err: BaseException | None) -> str:
     """A few words on what a failed collective reported."""
     if err is None:
         return ""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     for needle, words in (
         ("reset by peer", "connection reset"),
         ("closed by peer", "connection closed"),

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from ..core.tasks import DEPRECATED_ALIASES, TASKS, resolve_task
+
 if TYPE_CHECKING:
     from .sizing import SizeEstimate
 
@@ -26,10 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="vit-base",
-        help="a preset of hf_medvis/models/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
+        help="a preset of hf_medvis/core/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
         "(config.json)",
     )
-    parser.add_argument("--task", default="mae", choices=["mae", "classify"], help="MAE pretraining or classification")
+    parser.add_argument(
+        "--task",
+        default="mae",
+        choices=[*TASKS, *DEPRECATED_ALIASES],
+        metavar="{" + ",".join(TASKS) + "}",  # deprecated spellings are accepted, not advertised
+        help="MAE pretraining or classification",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per GPU per micro-batch (default 64)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="default bf16")
@@ -39,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--offload", action="store_true", help="offload optimizer states to CPU (ZeRO only)")
     parser.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default 1)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    parser.add_argument("--num-labels", type=int, default=14, help="classes for --task classify (default 14, NIH)")
+    parser.add_argument(
+        "--num-labels", type=int, default=14, help="classes for --task classification (default 14, NIH)"
+    )
     parser.add_argument(
         "--margin", type=float, default=0.10, help="extra fraction for fragmentation/transients (default 0.10)"
     )
@@ -56,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image_size < 1 or args.margin < 0 or args.overhead_gib < 0:
         raise ValueError("--image-size must be >= 1, --margin and --overhead-gib >= 0")
-    config = build_config(args.model, args.task, args.image_size, args.num_labels)
+    task = resolve_task(args.task)
+    config = build_config(args.model, task, args.image_size, args.num_labels)
     estimate = estimate_size(
         config,
         args.model,
-        args.task,
+        task,
         args.batch_size,
         precision=args.precision,
         zero=args.zero,

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from ..core.param_count import parameter_counts
 from .catalog import azure_skus
-from .modelspec import build_meta_model, count_parameters, example_input, training_loss
+from .modelspec import build_meta_model, example_input, training_loss
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
@@ -150,7 +151,7 @@ def estimate_size(
         raise ValueError("--batch-size, --gpus-per-node and --nodes must be >= 1")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
-    counts = count_parameters(build_meta_model(config))
+    counts = parameter_counts(build_meta_model(config))
     states = model_states_bytes(
         counts["total"], counts["largest_layer"], zero, precision, gpus_per_node * nodes, offload
     )

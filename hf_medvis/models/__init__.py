@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from ..core.param_count import count_parameters
+from ..core.presets import load_presets
+from ..core.tasks import MAE, TASKS, check_task
 from .arguments import ClassifierModelArguments, MAEModelArguments, ModelArguments
-from .build import build_image_processor, build_mae_model, count_parameters, load_presets, resolve_normalization
+from .build import build_image_processor, build_mae_model, resolve_normalization
 from .transfer import LabelSet, LoadReport, build_classifier, load_classifier, load_config
-
-TASKS = ("mae", "classification")
 
 
 @dataclass
@@ -25,7 +26,8 @@ def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None =
     """``task`` "mae": a ``ViTMAEForPreTraining`` (``MAEModelArguments``); "classification": a
     ``ViTForImageClassification`` for ``labels`` (``ClassifierModelArguments``), its encoder transferred from a ViT or
     MAE checkpoint when one is given."""
-    if task == "mae":
+    check_task(task)
+    if task == MAE:
         model = build_mae_model(
             model_args.model_name_or_path,
             preset=model_args.model_preset,
@@ -43,26 +45,24 @@ def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None =
         if source is None:
             return BuiltModel(model, LoadReport(f"preset {model_args.model_preset}", "new"))
         return BuiltModel(model, LoadReport(source, "vit_mae", loaded=sorted(model.state_dict())))
-    if task == "classification":
-        if labels is None:
-            raise ValueError("build_model(task='classification') needs the labels")
-        model, report = build_classifier(
-            model_args.model_name_or_path,
-            labels,
-            preset=model_args.model_preset,
-            image_size=input_image_size(model_args),
-            patch_size=model_args.patch_size,
-            num_channels=model_args.num_channels,
-            pooling=model_args.pooling,
-            hidden_dropout_prob=model_args.hidden_dropout_prob,
-            attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
-            config_overrides=model_args.config_overrides,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
-            cache_dir=model_args.cache_dir,
-        )
-        return BuiltModel(model, report)
-    raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+    if labels is None:
+        raise ValueError("build_model(task='classification') needs the labels")
+    model, report = build_classifier(
+        model_args.model_name_or_path,
+        labels,
+        preset=model_args.model_preset,
+        image_size=input_image_size(model_args),
+        patch_size=model_args.patch_size,
+        num_channels=model_args.num_channels,
+        pooling=model_args.pooling,
+        hidden_dropout_prob=model_args.hidden_dropout_prob,
+        attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
+        config_overrides=model_args.config_overrides,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+    )
+    return BuiltModel(model, report)
 
 
 def input_image_size(model_args: ModelArguments) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .build import preset_names
+from ..core.presets import preset_names
 from .transfer import POOLINGS
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+from ..core.errors import first_line
+from ..core.presets import load_presets
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +22,6 @@ XRAY_STD = 0.252
 
 class ModelSetupError(ValueError):
     """A model specification that cannot be built or loaded."""
-
-
-@cache
-def load_presets() -> dict[str, dict[str, Any]]:
-    data = json.loads(resources.files("hf_medvis.models").joinpath("presets.json").read_text())
-    return {name: spec for name, spec in data.items() if not name.startswith("_")}
-
-
-def preset_names() -> list[str]:
-    return sorted(load_presets())
 
 
 def apply_config_overrides(config: PretrainedConfig, text: str | None) -> None:
@@ -149,12 +139,6 @@ def ensure_sincos_position_embeddings(model: ViTMAEForPreTraining) -> ViTMAEForP
     return model
 
 
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name if it has none): for one-line errors."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def resolve_normalization(
     model_name_or_path: str | None,
     num_channels: int,
@@ -207,7 +191,3 @@ def build_image_processor(image_size: int, mean: list[float], std: list[float]) 
         image_mean=mean,
         image_std=std,
     )
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

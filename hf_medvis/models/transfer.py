@@ -17,7 +17,10 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTForImageClassification
 
-from .build import ModelSetupError, apply_config_overrides, first_line, load_presets
+from ..core.errors import first_line
+from ..core.presets import load_presets
+from ..core.text import short_list
+from .build import ModelSetupError, apply_config_overrides
 from .modeling_hf_medvis_vit import MODEL_TYPE, MeanPoolViTConfig, MeanPoolViTForImageClassification
 from .weights import own_load_report
 
@@ -69,24 +72,17 @@ class LoadReport:
             return "new model from a preset: every weight freshly initialised"
         parts = [
             f"{len(self.loaded)} loaded",
-            f"{len(self.missing)} missing ({_names(self.missing)})",
-            f"{len(self.unexpected)} unexpected ({_names(self.unexpected)})",
+            f"{len(self.missing)} missing ({short_list(self.missing, 4)})",
+            f"{len(self.unexpected)} unexpected ({short_list(self.unexpected, 4)})",
             f"{len(self.dropped)} dropped ({_prefixes(self.dropped)})",
         ]
         if self.reinitialised:
             parts.append(
-                f"{len(self.reinitialised)} re-initialised for the new label set ({_names(self.reinitialised)})"
+                f"{len(self.reinitialised)} re-initialised for the new label set ({short_list(self.reinitialised, 4)})"
             )
         if self.interpolated:
             parts.append(self.interpolated)
         return f"weights from {self.source_type} checkpoint: " + "; ".join(parts)
-
-
-def _names(keys: list[str], limit: int = 4) -> str:
-    if not keys:
-        return "-"
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _prefixes(keys: list[str]) -> str:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from ..core.errors import one_line
 from .linear_probe import is_linear_probe
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def load_saved_weights(model: torch.nn.Module, folder: str | os.PathLike) -> int
                 folder, config=model.config, use_safetensors=True, output_loading_info=True, dtype=torch.float32
             )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # SafetensorError: a damaged file
-        raise WeightLoadError(f"{folder}: cannot load the saved weights: {' '.join(str(err).split())[:300]}") from None
+        raise WeightLoadError(f"{folder}: cannot load the saved weights: {one_line(err)[:300]}") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]

@@ -21,6 +21,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..core.errors import first_line, one_line
 from .deepspeed_config import load_deepspeed_config
 
 
@@ -82,8 +83,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RecipeArgumentError(f"--config: {path} is not valid YAML: {first}") from None
+        raise RecipeArgumentError(f"--config: {path} is not valid YAML: {first_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -125,8 +125,7 @@ def parse_recipe_args(
     try:
         return parser.parse_args_into_dataclasses(args=tokens + rest, look_for_args_file=False)
     except ValueError as err:  # unknown arguments, or a dataclass __post_init__ check
-        message = " ".join(str(err).split())
-        raise RecipeArgumentError(message) from None
+        raise RecipeArgumentError(one_line(err)) from None
 
 
 @dataclass

@@ -11,11 +11,11 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 from transformers import PreTrainedModel
 
+from ..core.param_count import count_parameters
+from ..core.storage import write_text_atomic
 from ..data.arguments import ClassificationDataArguments, MAEDataArguments
 from ..data.labels import LabelSpec
-from ..data.storage import write_text_atomic
 from ..models.arguments import ClassifierModelArguments, MAEModelArguments
-from ..models.build import count_parameters
 from ..models.transfer import LoadReport
 from .args import FinetuningArguments, PretrainingArguments, precision_name
 from .hub import hub_model_id

@@ -25,6 +25,8 @@ from transformers import TrainingArguments
 from transformers.integrations import deepspeed as hf_ds
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
+from ..core.errors import one_line
+
 # Values the Trainer fills only once it knows the model and the step count (trainer_config_finalize); any integer
 # stands in for "auto" while parsing.
 _LATE_AUTO_KEYS = {
@@ -120,17 +122,11 @@ def _remaining_auto(config: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if config == "auto" else []
 
 
-def _validation_error_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    # pydantic: "1 validation error for DeepSpeedZeroConfig / stage / Input should be 0, 1, 2 or 3 [type=...]"
-    if type(err).__name__ == "ValidationError" and len(lines) >= 3:
-        return f"{lines[1]}: {lines[2].split(' [type=')[0]} ({lines[0]})"
-    return " ".join(lines) or type(err).__name__
-
-
 def validate_deepspeed_config(source: str | os.PathLike | dict, args: TrainingArguments) -> dict:
     """Returns the config with "auto" filled for ``args``; raises DeepSpeedConfigError naming the problem."""
-    from deepspeed.runtime.config import DeepSpeedConfig  # optional: only runs with a --deepspeed config
+    from deepspeed.runtime.config import (
+        DeepSpeedConfig,
+    )  # here: importing DeepSpeed costs seconds; --deepspeed runs only
 
     raw, name = load_deepspeed_config(source)
     filled, mismatches = fill_like_trainer(raw, args)
@@ -145,7 +141,7 @@ def validate_deepspeed_config(source: str | os.PathLike | dict, args: TrainingAr
     try:
         DeepSpeedConfig(tracked)
     except Exception as err:  # DeepSpeed raises AssertionError, ValueError, pydantic errors, its own config errors
-        raise DeepSpeedConfigError(f"{name}: {_validation_error_line(err)}") from None
+        raise DeepSpeedConfigError(f"{name}: {one_line(err)}") from None
     unknown = sorted(set(raw) - tracked.read)
     if unknown:
         hints = []

@@ -4,8 +4,8 @@ an MPI launch (Azure ML's MPI distribution, ``mpirun``).
 torch.distributed and accelerate read RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; MPI
 launchers set OMPI_COMM_WORLD_* and Azure ML's AZ_BATCH_MASTER_NODE / AZ_BATCHAI_MPI_MASTER_NODE instead.
 ``setup_distributed_env`` translates them (and NODE_RANK) into torch's names before the process group starts, i.e. at the
-top of a recipe's ``main``, before TrainingArguments are built. Local rank picks the device (accelerate does that);
-global rank decides who writes (``is_world_process_zero``).
+top of a recipe's ``main``, before TrainingArguments are built; ``hf_medvis.core.launch_env`` reads them. Local rank picks
+the device (accelerate does that); global rank decides who writes (``is_world_process_zero``).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 
-from ..infra.launch_env import (  # noqa: F401  (re-exported: the recipes' view of a launch)
-    AML_MPI_DEFAULT_PORT,
+from ..core.launch_env import (
     DistributedEnv,
     DistributedEnvError,
     detect_distributed_env,
-    int_env,
     normalize_distributed_env,
+    rank_and_world_size,
 )
 
 
@@ -62,7 +61,7 @@ def use_gloo_without_accelerators() -> None:
         self: PartialState, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None
     ) -> tuple[str | None, DistributedType]:
         chosen, kind = original(self, cpu, sagemaker_dp, backend)
-        launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        launched = rank_and_world_size()[1] > 1  # setup_distributed_env has written the launch as torch's variables
         if chosen is None and kind == DistributedType.NO and launched:
             _skip_deepspeed_cpu_shm_op()
             return "gloo", DistributedType.MULTI_CPU
@@ -77,10 +76,8 @@ def _skip_deepspeed_cpu_shm_op() -> None:
     # a gloo training run does not need it. HF_MEDVIS_DS_SHM_COMM=1 keeps it.
     if os.environ.get("HF_MEDVIS_DS_SHM_COMM") == "1":
         return
-    try:
-        import deepspeed.ops  # optional dependency
-    except ImportError:
-        return
+    import deepspeed.ops  # here, not at the top: importing DeepSpeed costs seconds, and only this launch needs it
+
     compatible = deepspeed.ops.__compatible_ops__  # a module-level dict DeepSpeed keeps; edits persist
     compatible["deepspeed_shm_comm"] = False
 
@@ -96,7 +93,7 @@ def rank_tag(environ: MutableMapping[str, str] | None = None) -> str:
 def check_world_size(args: TrainingArguments) -> None:
     """A launch of N processes that trains with world size 1 (e.g. ``accelerate launch --cpu --num_processes N`` on some
     setups) would silently run N independent copies; stop before anything is written."""
-    launched = int_env(os.environ, "WORLD_SIZE", 1)
+    launched = rank_and_world_size()[1]
     if launched > 1 and args.world_size != launched:
         raise DistributedEnvError(
             f"the launcher started {launched} processes (WORLD_SIZE) but training sees world size {args.world_size}; "

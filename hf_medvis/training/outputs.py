@@ -12,9 +12,15 @@ from typing import Any
 from transformers import PretrainedConfig, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from ..data.local_disk import format_size, free_bytes, mount_of
+from ..core.local_disk import format_size, free_bytes, mount_of
 from ..models.weights import saved_model_differences
-from .preemption import COMPLETE_MARKER, checkpoint_problem, is_complete, last_complete_checkpoint, numbered_checkpoints
+from .checkpoints import (
+    COMPLETE_MARKER,
+    checkpoint_problem,
+    is_complete,
+    last_complete_checkpoint,
+    numbered_checkpoints,
+)
 
 logger = logging.getLogger(__name__)
 

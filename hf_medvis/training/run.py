@@ -17,7 +17,8 @@ import datasets
 import transformers
 from transformers import TrainingArguments
 
-from ..data.storage import explain_storage_error
+from ..core.errors import one_line
+from ..core.storage import explain_storage_error
 from ..data.streaming import ShardReadError
 from ..infra.env import collect_env_report, format_env_report
 from .deepspeed_config import check_deepspeed_config
@@ -80,7 +81,7 @@ def recipe_errors() -> Iterator[None]:
     except Exception as err:
         message = explain_storage_error(err)  # refused credentials, bad names: the SDK's page reduced to one line
         if message is None and isinstance(err, _SETUP_INPUT_ERRORS):
-            message = " ".join(str(err).split()) or type(err).__name__
+            message = one_line(err)
         if message is None:
             raise
         raise one_line_exit(message) from None

@@ -18,14 +18,18 @@ from torch.utils.data import DataLoader
 from transformers import ProgressCallback, Trainer
 from transformers.trainer_utils import TrainOutput
 
+from ..core.local_disk import write_failure_kind
+from ..core.param_count import count_parameters
 from ..data.labels import MULTI_LABEL
-from ..data.local_disk import write_failure_kind
 from ..data.stream_plan import rank_batch_counts
 from ..data.streaming import StreamDataLoader, stream_control
 from ..data.transforms import SeededAugmentation, normalize_batch, normalize_unit_batch
 from ..models.param_groups import vit_param_groups
 from ..models.weights import WeightLoadError, load_saved_weights
+from .callbacks.checkpoint_commit import CheckpointCommitCallback
+from .callbacks.reporters import arrange_reporters
 from .callbacks.stream_state import StreamStateCallback
+from .checkpoints import is_complete, mark_incomplete
 from .deepspeed_config import prefer_torch_adam_without_cuda
 from .outputs import (
     ResumeMismatchError,
@@ -33,11 +37,10 @@ from .outputs import (
     describe_write_failure,
     newest_checkpoint_bytes,
 )
-from .preemption import CheckpointCommitCallback, is_complete, mark_incomplete, workers_ignore_sigterm
-from .reporting import arrange_reporters
 from .run import one_line_exit
 from .sample_trace import BATCH_KEY as TRACE_BATCH_KEY
 from .sample_trace import SampleTrace
+from .worker_signals import workers_ignore_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class MedVisTrainer(Trainer):
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
             logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
-        # Checkpoints count for resume only once marked complete (preemption.py); tracing is opt-in (sample_trace.py).
+        # Checkpoints count for resume only once marked complete (checkpoints.py); tracing is opt-in (sample_trace.py).
         if not any(isinstance(cb, CheckpointCommitCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(CheckpointCommitCallback())
         # The Trainer puts its reporters (--report_to) before our callbacks: the keys ours add to the logs (throughput,
@@ -192,7 +195,7 @@ class MedVisTrainer(Trainer):
 
     def _checkpoint_bytes_estimate(self) -> int:
         """Before the first checkpoint: the weights and Adam's two moments, in fp32."""
-        return 3 * 4 * sum(p.numel() for p in self.model.parameters())
+        return 3 * 4 * count_parameters(self.model)
 
     def _close_progress_bars(self) -> None:
         for callback in self.callback_handler.callbacks:

@@ -12,10 +12,10 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArgumen
 from ...data.streaming import stream_control
 from ...infra.jsonlog import install_json_log_handler
 from ..args import MonitoringArguments, parse_step_range
-from ..preemption import PreemptionCallback
 from .alerts import AlertCallback
 from .history import LossHistoryCallback
 from .optimizer_report import OptimizerReportCallback
+from .preemption import PreemptionCallback
 from .profiler import ProfilerCallback
 from .stream_state import StreamStateCallback
 from .structured_log import StructuredLogCallback

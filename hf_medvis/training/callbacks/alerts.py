@@ -50,7 +50,7 @@ class AlertCallback(TrainerCallback):
     the log (WARNING), output_dir/alerts.jsonl (main process), an optional webhook, and optionally stops training.
     An alert of one kind fires once, and again only after the condition has cleared. Each training log carries
     ``alerts_total`` (alerts fired so far on this process) and ``alert_<kind>: 1.0`` for each alert fired at its step,
-    as numbers the reporters chart (they run after this callback: ``reporting.arrange_reporters``)."""
+    as numbers the reporters chart (they run after this callback: ``reporters.arrange_reporters``)."""
 
     adds_to_logs = True  # run before the reporters, after ThroughputCallback whose keys the rules read
 

@@ -1,10 +1,10 @@
-"""Small helpers shared by the monitoring callbacks."""
+"""Small helpers shared by the callbacks: log records, and finding a callback on a Trainer."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState
 
 
 def is_training_log(logs: dict[str, Any]) -> bool:
@@ -22,3 +22,12 @@ def add_to_log(state: TrainerState, logs: dict[str, Any], metrics: dict[str, Any
     logs.update(metrics)
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
         state.log_history[-1].update(metrics)
+
+
+def find_callback(trainer: Trainer, kind: type) -> TrainerCallback | None:
+    """The first of ``trainer``'s callbacks that is a ``kind`` (transformers' ``pop_callback`` removes it; this does
+    not)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, kind):
+            return callback
+    return None

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ...data.storage import write_text_atomic
+from ...core.storage import write_text_atomic
 
 LOSS_HISTORY_FILE = "loss_history.jsonl"
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ...data import storage
+from ...core import storage
 from ...data.streaming import StreamControl, drive_epochs, resume_position, stream_control
 from ..outputs import ResumeMismatchError
 

@@ -64,10 +64,10 @@ def default_peak_tflops(precision: str) -> float | None:
 
 class ThroughputCallback(TrainerCallback):
     """Adds images_per_second, tflops_per_gpu, mfu and data_wait_pct to each training log (they reach the console,
-    trainer_state.json, the structured logs and, through ``reporting.arrange_reporters``, every ``--report_to``
+    trainer_state.json, the structured logs and, through ``reporters.arrange_reporters``, every ``--report_to``
     reporter) and writes a summary at the end."""
 
-    adds_to_logs = True  # run before the reporters (reporting.arrange_reporters)
+    adds_to_logs = True  # run before the reporters (reporters.arrange_reporters)
 
     def __init__(
         self,

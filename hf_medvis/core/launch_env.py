@@ -1,7 +1,10 @@
-"""Launcher variables -> one description of the process group: torchrun / ``accelerate launch`` and Azure ML's PyTorch
-distribution (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT) or an MPI launch
-(OMPI_COMM_WORLD_*, Azure ML's AZ_BATCH_MASTER_NODE / AZ_BATCHAI_MPI_MASTER_NODE). Shared by the recipes
-(``hf_medvis.training.distributed``) and ``hf-medvis nccl-check``, so both read a launch the same way."""
+"""The launcher's variables (torchrun, accelerate, Azure ML, MPI) -> this process's rank, world size, node and master.
+
+Torch-style launches (torchrun, ``accelerate launch``, Azure ML's PyTorch distribution: RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT) and MPI launches (OMPI_COMM_WORLD_*, Azure ML's
+AZ_BATCH_MASTER_NODE / AZ_BATCHAI_MPI_MASTER_NODE). The recipes (``hf_medvis.training.distributed``), shard streaming,
+per-rank logs and ``hf-medvis nccl-check`` all read a launch through it, so they agree on what it is.
+"""
 
 from __future__ import annotations
 
@@ -139,3 +142,9 @@ def normalize_distributed_env(environ: MutableMapping[str, str] | None = None) -
     for key, value in detected.torch_vars().items():
         env.setdefault(key, value)
     return detected
+
+
+def rank_and_world_size(environ: MutableMapping[str, str] | None = None) -> tuple[int, int]:
+    """This process's global rank and the world size: ``(0, 1)`` for a plain single process."""
+    detected = detect_distributed_env(environ)
+    return (0, 1) if detected is None else (detected.rank, detected.world_size)

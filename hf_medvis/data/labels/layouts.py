@@ -14,10 +14,14 @@ The patient comes from a column, or from the image path with ``patient_regex`` (
 
 from __future__ import annotations
 
+import argparse
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("nih", "wide", "auto")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
@@ -149,14 +153,32 @@ def canonicalize(columns: Sequence[str], rows: list[dict[str, str]], fmt: Labels
     return classes
 
 
+# The column flags take transformers' spelling (``--image_column_name``); the older ``--image-col`` / ``--group-col`` /
+# ``--label-col`` (``--image_col`` / ``--group_col`` in the recipes) still work, with a warning: new name -> old name.
+DEPRECATED_COLUMN_FLAGS = {"image_column_name": "image_col", "group_column_name": "group_col"}
+
+
+def column_flag(new: str | None, old: str | None, new_flag: str, old_flag: str) -> str | None:
+    """The value of a column flag given under its name (``new``) or its deprecated one (``old``): one warning naming
+    the new flag when the old one is used, a ``LabelFormatError`` when both are given with different values."""
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise LabelFormatError(f"{old_flag} '{old}' and {new_flag} '{new}' disagree: give {new_flag} only")
+    logger.warning("%s is deprecated: use %s", old_flag, new_flag)
+    return old
+
+
 def add_labels_format_arguments(parser: Any, label_names: bool = True) -> None:
     """The labels-file flags shared by ``split``, ``prepare`` and ``evaluate`` (the recipes take the same names with
     underscores)."""
     group = parser.add_argument_group("labels file layout (docs/data_plane.md)")
     group.add_argument("--labels-format", default="nih", choices=LAYOUTS, help="nih (default), wide (CheXpert/MIMIC: "
                        "one column per class, 1/0/-1/blank) or auto")  # fmt: skip
-    group.add_argument("--image-col", default=None, help="image column (default 'Image Index'; wide: 'Path')")
-    group.add_argument("--group-col", default=None, help="patient column (default 'Patient ID')")
+    group.add_argument("--image-column-name", default=None, help="image column (default 'Image Index'; wide: 'Path')")
+    group.add_argument("--group-column-name", default=None, help="patient column (default 'Patient ID')")
+    for old in DEPRECATED_COLUMN_FLAGS.values():  # accepted, not advertised
+        group.add_argument(f"--{old.replace('_', '-')}", dest=old, default=None, help=argparse.SUPPRESS)
     group.add_argument("--patient-regex", default=None, help="patient from the image path instead: first group, "
                        "e.g. 'patient(\\d+)'")  # fmt: skip
     group.add_argument("--uncertain", default="ignore", choices=UNCERTAIN_POLICIES,
@@ -169,12 +191,18 @@ def add_labels_format_arguments(parser: Any, label_names: bool = True) -> None:
                            "finding in the file)")  # fmt: skip
 
 
+def _cli_column(args: Any, new: str, old: str) -> str | None:
+    return column_flag(
+        getattr(args, new, None), getattr(args, old, None), f"--{new.replace('_', '-')}", f"--{old.replace('_', '-')}"
+    )
+
+
 def labels_format_from_args(args: Any) -> LabelsFormat:
     return LabelsFormat(
         layout=args.labels_format,
-        image_col=args.image_col,
-        group_col=args.group_col,
-        label_col=getattr(args, "label_col", None) or LABEL_COL,
+        image_col=_cli_column(args, "image_column_name", "image_col"),
+        group_col=_cli_column(args, "group_column_name", "group_col"),
+        label_col=_cli_column(args, "label_column_name", "label_col") or LABEL_COL,
         patient_regex=args.patient_regex,
         label_names=tuple(getattr(args, "label_names", None) or ()),
         uncertain=args.uncertain,

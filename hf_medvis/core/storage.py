@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import fsspec
 
+from .errors import first_sentence
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -157,16 +159,14 @@ def _leave_retries_to_us(fs: fsspec.AbstractFileSystem) -> None:
 def explain_storage_error(err: BaseException, url: str | None = None) -> str | None:
     """One line for a storage failure a user can fix (credentials, names, reachability); None for anything else. The
     Azure SDK's own message (a page of HTTP headers and XML) is reduced to its error code."""
-    try:
-        # The Azure SDK comes with adlfs, which only Azure users install.
-        from azure.core.exceptions import (
-            ClientAuthenticationError,
-            HttpResponseError,
-            ServiceRequestError,
-            ServiceResponseError,
-        )
-    except ImportError:  # pragma: no cover - azure is a base dependency through adlfs
-        return None
+    # Imported here, not at the top: the Azure SDK (a dependency, through adlfs) costs start-up time to every command.
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
     while err.__cause__ is not None and not isinstance(err, (HttpResponseError, ServiceRequestError)):
         err = err.__cause__  # adlfs wraps some SDK errors (ValueError ... from HttpResponseError)
     where = f"{describe(url)}: " if url else ""
@@ -200,8 +200,7 @@ def _code_name(code: object) -> str:
 
 
 def _first_sentence(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text.split(". ", 1)[0].split(" RequestId:", 1)[0].rstrip(".")[:200]
+    return first_sentence(err).split(" RequestId:", 1)[0]  # Azure appends the request's ids to the first sentence
 
 
 def join(base: str, *parts: str) -> str:
@@ -217,16 +216,12 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, (ValueError, RuntimeError)) and err.__cause__ is not None:
         return is_transient(err.__cause__)  # adlfs wraps some SDK errors ("Failed to fetch container properties")
-    try:
-        # The Azure SDK comes with adlfs, which only Azure users install.
-        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError  # start-up
 
-        if isinstance(err, (ClientAuthenticationError, ResourceNotFoundError)):
-            return False
-        if isinstance(err, HttpResponseError) and err.status_code is not None:
-            return err.status_code in (408, 429) or err.status_code >= 500
-    except ImportError:  # pragma: no cover - azure is a base dependency through adlfs
-        pass
+    if isinstance(err, (ClientAuthenticationError, ResourceNotFoundError)):
+        return False
+    if isinstance(err, HttpResponseError) and err.status_code is not None:
+        return err.status_code in (408, 429) or err.status_code >= 500
     return isinstance(err, (OSError, ConnectionError, TimeoutError)) or type(err).__name__ in (
         "ServiceRequestError",
         "ServiceResponseError",

@@ -10,24 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.tasks import CLASSIFICATION, MAE, TASKS, check_task  # noqa: F401  (TASKS: exported by hf_medvis.data)
 from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
 from .folder import group_key_hash, in_holdout, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
-from .sources import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from .streaming import find_manifest
-from .transforms import (
-    DeviceRandomResizedCrop,
-    SeededAugmentation,
-    build_eval_transform,
-    build_load_transform,
-    build_pretrain_transform,
-)
+from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
+from .transforms import DeviceRandomResizedCrop, SeededAugmentation, create_transform
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("mae", "classification")
 
 
 @dataclass
@@ -56,9 +49,7 @@ def build_datasets(
     """``task`` "mae" (``MAEDataArguments``): uint8 crops for masked-autoencoder pretraining, labels not needed.
     "classification" (``ClassificationDataArguments``): labelled images split by patient (``labelled.py``);
     ``label_names`` fixes the classes and their order."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
-    if task == "classification":
+    if check_task(task) == CLASSIFICATION:
         data = _classification_datasets(data_args, image_size, seed, label_names)
     else:
         data = _mae_datasets(data_args, image_size, seed)
@@ -76,15 +67,16 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
     augmentation = None
     device_augmentation = None
     if data_args.augment_on_device:  # the workers only resize; crops happen on the accelerator
-        train_transform = build_load_transform(round(image_size * 256 / 224))
+        train_transform = create_transform(MAE, True, image_size=image_size, load_size=round(image_size * 256 / 224))
         device_augmentation = DeviceRandomResizedCrop(image_size, data_args.crop_scale, hflip=data_args.hflip)
     else:  # drawn per sample, so a resumed run sees the crops it would have seen
-        augmentation = SeededAugmentation(
-            build_pretrain_transform(image_size, data_args.crop_scale, data_args.hflip), seed=seed
+        augmentation = create_transform(
+            MAE, True, image_size=image_size, crop_scale=data_args.crop_scale, hflip=data_args.hflip, seed=seed
         )
         train_transform = augmentation
     if hf_dataset_kind(data_args.train_data) is not None:
-        train, evaluation, source, info = _hf_mae_datasets(data_args, train_transform, build_eval_transform(image_size))
+        eval_transform = create_transform(MAE, False, image_size=image_size)
+        train, evaluation, source, info = _hf_mae_datasets(data_args, train_transform, eval_transform)
         return Datasets(train, evaluation, source, info, evaluation, augmentation=augmentation,
                         device_augmentation=device_augmentation)  # fmt: skip
     source = resolve_train_source(
@@ -98,7 +90,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         source,
         data_args.validation_data,
         train_transform=train_transform,
-        eval_transform=build_eval_transform(image_size),
+        eval_transform=create_transform(MAE, False, image_size=image_size),
         storage_options=data_args.parsed_storage_options(),
         holdout_percentage=data_args.validation_split_percentage,
         max_train_samples=data_args.max_train_samples,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from . import shard_format
 from .phantoms import ORIGIN_MARKER
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import datasets
 
-from . import shards as shard_format
-from . import storage
+from ..core import storage
+from . import shard_format
 from .streaming import DecodeStoredPixels, ShardReader, ShardReadError, find_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = ("image", "pixels", "height", "width", "bits")  # "pixels": format version 1

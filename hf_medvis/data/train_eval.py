@@ -6,7 +6,7 @@ validation location, a deterministic patient-level holdout is taken from the tra
 Prepared shards stream (``streaming.load_image_dataset``) for pretraining. There the split is a preparation step
 (``hf-medvis split`` then one ``prepare`` per split): a holdout filtered out of a stream would break its exact-once
 resume accounting, so evaluation on streamed shards needs ``--validation_data``. (Fine-tuning reads labelled shards as a
-map-style table instead: ``shard_table.py``.)
+map-style table instead: ``shard_dataset.py``.)
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.storage import has_glob
 from .folder import DataSourceError, build_folder_records, dataset_from_records, find_labels_file, in_holdout
-from .label_formats import LabelsFormat
-from .origin import data_origin, describe_origin
+from .labels.layouts import LabelsFormat
 from .phantoms import ensure_phantom_dataset
-from .storage import has_glob
+from .provenance import data_origin, describe_origin
 from .streaming import find_manifest, load_image_dataset, stream_control
 
 logger = logging.getLogger(__name__)
