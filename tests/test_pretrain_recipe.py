@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -219,10 +220,28 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(recipe, tmp_path, argv, 
 
 @pytest.mark.parametrize("name", ["pretrain_mae", "finetune_vit"])
 def test_help_lists_every_argument(name, capsys):
+    """Every field of the four argument dataclasses the recipe parses (so every TrainingArguments flag) is a flag."""
+    import dataclasses
+
+    from hf_medvis.data import ClassificationDataArguments, MAEDataArguments
+    from hf_medvis.models import ClassifierModelArguments, MAEModelArguments
+    from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, PretrainingArguments
+
+    parsed = {
+        "pretrain_mae": (MAEModelArguments, MAEDataArguments, PretrainingArguments, MonitoringArguments),
+        "finetune_vit": (
+            ClassifierModelArguments,
+            ClassificationDataArguments,
+            FinetuningArguments,
+            MonitoringArguments,
+        ),
+    }[name]
     with pytest.raises(SystemExit) as info:
         load_recipe(name).main(["--help"])
     assert info.value.code == 0
-    assert "--resume_from_checkpoint" in capsys.readouterr().out
+    shown = set(re.findall(r"(--[\w.]+)", capsys.readouterr().out))
+    fields = {f"--{f.name}" for cls in parsed for f in dataclasses.fields(cls) if f.init}
+    assert len(fields) > 100 and not sorted(fields - shown)
 
 
 def test_bad_config_key_and_empty_folder(recipe, tmp_path):

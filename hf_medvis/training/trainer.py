@@ -27,6 +27,7 @@ from ..data.transforms import SeededAugmentation, normalize_batch, normalize_uni
 from ..models.param_groups import vit_param_groups
 from ..models.weights import WeightLoadError, load_saved_weights
 from .callbacks.checkpoint_commit import CheckpointCommitCallback
+from .callbacks.common import find_callback
 from .callbacks.reporters import arrange_reporters
 from .callbacks.stream_state import StreamStateCallback
 from .checkpoints import is_complete, mark_incomplete
@@ -135,7 +136,7 @@ class MedVisTrainer(Trainer):
         if plugin is not None and prefer_torch_adam_without_cuda(plugin.deepspeed_config):
             logger.info("no CUDA: DeepSpeed uses torch's AdamW (torch_adam) instead of compiling its fused Adam")
         # Checkpoints count for resume only once marked complete (checkpoints.py); tracing is opt-in (sample_trace.py).
-        if not any(isinstance(cb, CheckpointCommitCallback) for cb in self.callback_handler.callbacks):
+        if find_callback(self, CheckpointCommitCallback) is None:
             self.add_callback(CheckpointCommitCallback())
         # The Trainer puts its reporters (--report_to) before our callbacks: the keys ours add to the logs (throughput,
         # alerts) must be there before MLflow or TensorBoard read them.
