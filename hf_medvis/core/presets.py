@@ -8,6 +8,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .tasks import CLASSIFICATION, check_task
+
 
 @cache
 def load_presets() -> dict[str, dict[str, Any]]:
@@ -18,3 +20,16 @@ def load_presets() -> dict[str, dict[str, Any]]:
 
 def preset_names() -> list[str]:
     return sorted(load_presets())
+
+
+def preset_fields(name: str, task: str) -> dict[str, Any]:
+    """A fresh copy of preset ``name``'s config fields for ``task``: a classifier has no MAE decoder (``decoder_*``).
+    A ValueError naming the presets for an unknown name."""
+    check_task(task)
+    presets = load_presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset '{name}' (choose from {', '.join(sorted(presets))})")
+    fields = dict(presets[name])
+    if task == CLASSIFICATION:
+        fields = {key: value for key, value in fields.items() if not key.startswith("decoder_")}
+    return fields

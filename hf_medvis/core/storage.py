@@ -212,10 +212,9 @@ def join(base: str, *parts: str) -> str:
 
 def is_transient(err: BaseException) -> bool:
     """Network hiccups, throttling and server errors are worth retrying; missing files and bad credentials are not."""
+    err = _unwrap_adlfs(err)
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageAccessError)):
         return False
-    if isinstance(err, (ValueError, RuntimeError)) and err.__cause__ is not None:
-        return is_transient(err.__cause__)  # adlfs wraps some SDK errors ("Failed to fetch container properties")
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError  # start-up
 
     if isinstance(err, (ClientAuthenticationError, ResourceNotFoundError)):
@@ -279,9 +278,16 @@ def with_retries(
         return result
 
 
+def _unwrap_adlfs(err: BaseException) -> BaseException:
+    """The error adlfs wrapped (a ValueError or RuntimeError raised from the SDK's error, e.g. "Failed to fetch
+    container properties"): the cause says what happened, the wrapper repeats it in a longer sentence."""
+    while isinstance(err, (ValueError, RuntimeError)) and not isinstance(err, StorageAccessError) and err.__cause__:
+        err = err.__cause__
+    return err
+
+
 def _error_summary(err: BaseException) -> str:
-    while isinstance(err, (ValueError, RuntimeError)) and err.__cause__ is not None:
-        err = err.__cause__  # adlfs' wrapper repeats the SDK's message in a longer sentence
+    err = _unwrap_adlfs(err)
     return f"{type(err).__name__}: {_first_sentence(err)}"
 
 

@@ -2,7 +2,7 @@
 
 Each resample is scored by ``metrics.metric_values``, the function that gives the point estimates. ``metrics_with_ci``
 (the recipes' final metrics, ``hf-medvis evaluate``) and the ``evaluate`` metric modules (``compute_for_module``) both
-go through ``metric_with_ci``: one computation, whichever way it is called.
+go through ``metrics_with_intervals``: one computation, whichever way it is called.
 """
 
 from __future__ import annotations
@@ -60,27 +60,31 @@ def bootstrap_confidence_intervals(
     }
 
 
-def metric_with_ci(
-    kind: str,
+def metrics_with_intervals(
+    kinds: Sequence[str],
     labels: np.ndarray,
     probs: np.ndarray,
     spec: LabelSpec,
     *,
+    ci_kinds: Sequence[str] | None = None,
     threshold: float = 0.5,
     groups: Sequence[Any] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
     per_class: bool = True,
 ) -> dict[str, float]:
-    """One metric family (``metrics.metric_values``) plus ``<metric>_ci95_low`` / ``_ci95_high`` from the patient
-    bootstrap when ``groups`` (a patient id per image) are given and ``n_resamples`` > 0: what each ``evaluate``
-    metric module returns."""
-    metrics = metric_values(kind, labels, probs, spec, threshold, per_class)
-    if groups is not None and n_resamples > 0:
+    """Metric families ``kinds`` (``metrics.metric_values``) plus ``<metric>_ci95_low`` / ``_ci95_high`` for those of
+    ``ci_kinds`` (default: all of ``kinds``) from one patient bootstrap, when ``groups`` (a patient id per image) are
+    given and ``n_resamples`` > 0. One family: what its ``evaluate`` metric module returns."""
+    metrics: dict[str, float] = {}
+    for kind in kinds:
+        metrics.update(metric_values(kind, labels, probs, spec, threshold, per_class))
+    ci_kinds = kinds if ci_kinds is None else [kind for kind in ci_kinds if kind in kinds]
+    if groups is not None and n_resamples > 0 and ci_kinds:
         if len(groups) != len(labels):
             raise ValueError(f"groups: {len(groups)} patient ids for {len(labels)} images")
         intervals = bootstrap_confidence_intervals(
-            labels, probs, groups, spec, n_resamples=n_resamples, seed=seed, kinds=(kind,), threshold=threshold
+            labels, probs, groups, spec, n_resamples=n_resamples, seed=seed, kinds=ci_kinds, threshold=threshold
         )
         for key, (low, high) in intervals.items():
             if key in metrics:
@@ -114,8 +118,8 @@ def compute_for_module(
         raise ValueError(f"problem_type must be '{MULTI_LABEL}' or '{SINGLE_LABEL}', got '{problem_type}'")
     if kind == "accuracy" and problem_type == MULTI_LABEL:
         raise ValueError("accuracy is for single-label classification (problem_type='single_label_classification')")
-    return metric_with_ci(
-        kind,
+    return metrics_with_intervals(
+        (kind,),
         labels,
         probs,
         LabelSpec(names, problem_type),
@@ -138,15 +142,20 @@ def metrics_with_ci(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Point estimates of every family of ``spec`` plus ``<metric>_ci95_low`` / ``_ci95_high`` (AUROC, accuracy) from
-    the patient bootstrap, each family as its ``evaluate`` module computes it (``metric_with_ci``) without importing
+    one patient bootstrap, as the ``evaluate`` modules compute them (``metrics_with_intervals``) without importing
     ``evaluate``; then the numbers of images and patients. The recipes' final metrics and ``hf-medvis evaluate``."""
     ids = [str(g) for g in groups]
-    metrics: dict[str, Any] = {}
-    for kind in kinds_for(spec):
-        n = n_resamples if kind in CI_KINDS else 0
-        metrics.update(
-            metric_with_ci(kind, labels, probs, spec, threshold=threshold, groups=ids, n_resamples=n, seed=seed)
-        )
+    metrics: dict[str, Any] = metrics_with_intervals(
+        kinds_for(spec),
+        labels,
+        probs,
+        spec,
+        ci_kinds=CI_KINDS,
+        threshold=threshold,
+        groups=ids,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
     metrics = ordered(metrics, spec.names)
     metrics["images"] = len(labels)
     metrics["patients"] = len(set(ids))

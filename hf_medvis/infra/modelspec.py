@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining
 
-from ..core.presets import load_presets, preset_names
-from ..core.tasks import CLASSIFICATION, MAE, check_task
+from ..core.presets import load_presets, preset_fields, preset_names
+from ..core.tasks import MAE, check_task
 
 
 def build_config(model: str, task: str, image_size: int | None = None, num_labels: int = 14) -> PretrainedConfig:
@@ -18,9 +18,7 @@ def build_config(model: str, task: str, image_size: int | None = None, num_label
     check_task(task)
     presets = load_presets()
     if model in presets:
-        fields: dict[str, Any] = dict(presets[model])
-        if task == CLASSIFICATION:  # the MAE decoder is not part of a classifier
-            fields = {key: value for key, value in fields.items() if not key.startswith("decoder_")}
+        fields: dict[str, Any] = preset_fields(model, task)  # a classifier without the MAE decoder
     else:
         path = Path(model)
         file = path / "config.json" if path.is_dir() else path

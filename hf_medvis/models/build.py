@@ -10,7 +10,8 @@ from typing import Any
 from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
 from ..core.errors import first_line
-from ..core.presets import load_presets
+from ..core.presets import preset_fields
+from ..core.tasks import MAE
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,14 @@ XRAY_STD = 0.252
 
 class ModelSetupError(ValueError):
     """A model specification that cannot be built or loaded."""
+
+
+def model_preset_fields(preset: str, task: str) -> dict[str, Any]:
+    """``core.presets.preset_fields`` with an unknown name as the recipes' one-line ``--model_preset`` error."""
+    try:
+        return preset_fields(preset, task)
+    except ValueError as err:
+        raise ModelSetupError(f"--model_preset: {err}") from None
 
 
 def apply_config_overrides(config: PretrainedConfig, text: str | None) -> None:
@@ -45,10 +54,7 @@ def build_mae_config(
     norm_pix_loss: bool = True,
     overrides: str | None = None,
 ) -> ViTMAEConfig:
-    presets = load_presets()
-    if preset not in presets:
-        raise ModelSetupError(f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})")
-    spec = dict(presets[preset])
+    spec = model_preset_fields(preset, MAE)
     if image_size:
         spec["image_size"] = image_size
     if patch_size:

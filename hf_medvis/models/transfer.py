@@ -18,9 +18,9 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, ViTConfig, ViTForImageClassification
 
 from ..core.errors import first_line
-from ..core.presets import load_presets
+from ..core.tasks import CLASSIFICATION
 from ..core.text import short_list
-from .build import ModelSetupError, apply_config_overrides
+from .build import ModelSetupError, apply_config_overrides, model_preset_fields
 from .modeling_hf_medvis_vit import MODEL_TYPE, MeanPoolViTConfig, MeanPoolViTForImageClassification
 from .weights import own_load_report
 
@@ -161,12 +161,7 @@ def build_vit_config(
         if num_channels and num_channels != spec["num_channels"]:
             raise ModelSetupError(f"--num_channels {num_channels} differs from the checkpoint's {spec['num_channels']}")
     else:
-        presets = load_presets()
-        if preset not in presets:
-            raise ModelSetupError(
-                f"--model_preset: unknown preset '{preset}' (choose from {', '.join(sorted(presets))})"
-            )
-        spec = {k: v for k, v in presets[preset].items() if not k.startswith("decoder_")}
+        spec = model_preset_fields(preset, CLASSIFICATION)
         spec["num_channels"] = num_channels or 3
         if patch_size:
             spec["patch_size"] = patch_size
