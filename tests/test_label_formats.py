@@ -92,8 +92,8 @@ def test_wide_rows_under_each_policy(tmp_path):
     np.testing.assert_allclose(positive_weights(matrix), [1.0, 2.0])  # negatives / positives over known labels
 
     bad = tmp_path / "bad.csv"
-    bad.write_text("Path,Patient,Edema\na.jpg,7,1\nb.jpg,8,yes\n")
-    with pytest.raises(LabelError, match=r"bad.csv line 3, column 'Edema': 'yes' is not 1, 0, -1 or blank"):
+    bad.write_text("Path,Patient,Edema\na.jpg,7,1\nb.jpg,8,maybe\n")
+    with pytest.raises(LabelError, match=r"bad.csv line 3, column 'Edema': 'maybe' is not 1, 0, -1, blank, YES/NO"):
         read_labels_table(bad, labels_format=LabelsFormat(layout="wide", group_col="Patient", label_names=("Edema",)))
     no_patient = tmp_path / "no_patient.csv"
     no_patient.write_text("Path,Edema\na.jpg,1\n")

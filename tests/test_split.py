@@ -161,7 +161,7 @@ def test_excel_csv_mixed_patient_spellings_and_empty_labels(tmp_path, caplog):
     path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
     assert cli_main(["split", str(path), "--out", str(tmp_path / "o"), "--val", "0.2", "--test", "0.2"]) == 0
     assert "'Patient ID' written in several ways for 1 patient(s) (e.g. '007', '7', '7.0')" in caplog.text
-    assert "2 row(s) with an empty 'Finding Labels' are unlabelled" in caplog.text
+    assert "2 image(s) with an empty 'Finding Labels' are unlabelled" in caplog.text
     split_of = {}
     for name in ("train", "val", "test"):
         raw = (tmp_path / "o" / f"{name}.csv").read_bytes()

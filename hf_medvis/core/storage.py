@@ -7,7 +7,8 @@ workload identity, Azure CLI login). Secrets never appear in messages: use ``red
 
 ``with_retries`` is the one retry layer (the Azure SDK's own is switched off in ``filesystem``, its request log kept at
 WARNING): transient errors are retried for ``retry_budget()`` seconds, then one line names the location and what to
-check. Small remote metadata files (manifest, origin marker, card) are read once per process (``read_metadata``).
+check. Small metadata files (manifest, origin marker, card) are read once per process (``read_metadata``; a local
+one again when it changed).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 import fsspec
 
@@ -302,28 +303,44 @@ def read_bytes(url: str, storage_options: dict | str | None = None, retries: boo
     return with_retries(read, f"reading {describe(url)}") if retries and protocol_of(url) != "file" else read()
 
 
-# (URL, storage options) -> bytes of a small remote metadata file, or None where it was absent.
-_metadata_reads: dict[tuple[str, str], bytes | None] = {}
+# (URL, storage options) -> (version, bytes) of a small metadata file: version is None on remote storage (bytes None
+# where it was absent), a local file's identity and change times (``_local_version``).
+_metadata_reads: dict[tuple[str, str], tuple[tuple[int, ...] | None, bytes | None]] = {}
 
 
 def read_metadata(url: str, storage_options: dict | str | None = None) -> bytes:
-    """A small metadata file (manifest.json, the phantoms.json origin marker, a dataset card): on remote storage read
-    once per process, found or absent (FileNotFoundError), however many steps of a run ask for it; forgotten when this
-    process writes that URL (``write_bytes_atomic``) or calls ``forget_cached_reads``. Local files are read every time:
-    cheap, and other processes may change them."""
-    if protocol_of(url) == "file":
-        return read_bytes(url, storage_options)
+    """A small metadata file (manifest.json, the phantoms.json origin marker, a dataset card), read once per process
+    however many steps of a run ask for it. Remote: found or absent (FileNotFoundError), until this process writes that
+    URL (``write_bytes_atomic``) or calls ``forget_cached_reads``. Local: read again whenever the file changed (another
+    inode, size or change time: a re-prepare, another process's write); a missing file is never remembered."""
     options = storage_options_for(url, storage_options)
     key = (_cache_url(url), json.dumps(options, sort_keys=True, default=repr))
-    if key not in _metadata_reads:
+    version = None
+    if protocol_of(url) == "file":
         try:
-            _metadata_reads[key] = read_bytes(url, options)
+            version = _local_version(filesystem(url, options)[1])
+        except OSError:
+            _metadata_reads.pop(key, None)
+            raise
+    cached = _metadata_reads.get(key)
+    if cached is None or cached[0] != version:
+        try:
+            cached = (version, read_bytes(url, options))
         except FileNotFoundError:
-            _metadata_reads[key] = None
-    data = _metadata_reads[key]
-    if data is None:
+            if version is not None:  # removed between stat and read
+                raise
+            cached = (None, None)
+        _metadata_reads[key] = cached
+    if cached[1] is None:
         raise FileNotFoundError(errno.ENOENT, "no such file", describe(url))
-    return data
+    return cached[1]
+
+
+def _local_version(path: str) -> tuple[int, ...]:
+    """What changes when a local file is replaced (our atomic writes rename a new inode over it) or rewritten in place
+    (size, modification and change times, in ns)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def forget_cached_reads(url: str | None = None) -> None:
@@ -344,6 +361,27 @@ def _cache_url(url: str) -> str:
     return f"{scheme.lower()}{sep}{rest.rstrip('/')}" if sep else url
 
 
+@contextlib.contextmanager
+def open_local_atomic(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """A local file written through a temp name in the same folder, then ``os.replace``: it appears complete or not
+    at all. For files written in parts (a large CSV) rather than from one buffer."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
+    try:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    forget_cached_reads(path)
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None = None) -> None:
     """The object appears under ``url`` complete or not at all.
 
@@ -351,20 +389,9 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None
     commits atomically (a blob becomes visible only when its block list is committed).
     """
     if protocol_of(url) == "file":
-        path = url.removeprefix("file://")
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open_local_atomic(url.removeprefix("file://")) as handle:
+            handle.write(data)
+        forget_cached_reads(url)
         return
 
     def upload() -> None:
@@ -372,7 +399,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | str | None
         fs.pipe_file(path, data)
 
     with_retries(upload, f"writing {describe(url)}")
-    forget_cached_reads(url)  # this process reads back what it wrote (local files are never cached)
+    forget_cached_reads(url)  # this process reads back what it wrote
 
 
 def write_text_atomic(url: str | os.PathLike, text: str, storage_options: dict | str | None = None) -> None:

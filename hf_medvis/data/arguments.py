@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.storage import parse_storage_options
-from .labels.layouts import DEPRECATED_COLUMN_FLAGS, LabelsFormat, column_flag
+from .labels.layouts import DEPRECATED_COLUMN_FLAGS, LABEL_COL, LabelsFormat, column_flag
 
 
 @dataclass
@@ -34,7 +34,8 @@ class DataArguments:
     labels_format: str = field(
         default="nih",
         metadata={
-            "help": "Labels file layout: nih, wide (CheXpert/MIMIC: one column per class, 1/0/-1/blank) or auto."
+            "help": "Labels file layout: nih, wide (CheXpert/MIMIC: one column per class, 1/0/-1/blank or YES/NO), "
+            "list (PadChest: list text), long (VinDr: one row per finding, box or reader) or auto."
         },
     )
     image_col: str | None = field(default=None, metadata={"help": "Deprecated spelling of --image_column_name."})
@@ -47,6 +48,22 @@ class DataArguments:
         metadata={"help": "Wide layout, -1: ignore (masked out of loss and metrics), zeros or ones (CheXpert U-*)."},
     )
     blank: str = field(default="negative", metadata={"help": "Wide layout, an empty cell: negative or ignore."})
+    reader_col: str | None = field(
+        default=None, metadata={"help": "Long layout: the reader of each row (VinDr: rad_id)."}
+    )
+    readers: str = field(
+        default="majority",
+        metadata={"help": "Long layout with --reader_col: a finding counts when more than half of the image's readers "
+                  "name it (majority) or any does (any)."},
+    )  # fmt: skip
+    duplicates: str = field(
+        default="error",
+        metadata={"help": "Several rows of one image: error, or merge (a class is positive when any row says so)."},
+    )
+    negative_label: str = field(
+        default="No Finding",
+        metadata={"help": "The finding that means none of the classes (PadChest: normal); case-insensitive."},
+    )
     image_column_name: str | None = field(
         default=None,
         metadata={"help": "Image column: of the labels file (default 'Image Index'; wide: 'Path'), or of a datasets "
@@ -54,8 +71,8 @@ class DataArguments:
     )  # fmt: skip
     label_column_name: str | None = field(
         default=None,
-        metadata={"help": "A datasets --train_data: its label column (ClassLabel, list of ClassLabel or text; "
-                  "default 'label')."},
+        metadata={"help": "Findings column: of the labels file (nih, list, long; default 'Finding Labels'), or of a "
+                  "datasets --train_data (ClassLabel, list of ClassLabel or text; default 'label')."},
     )  # fmt: skip
     group_column_name: str | None = field(
         default=None,
@@ -84,9 +101,14 @@ class DataArguments:
             layout=self.labels_format,
             image_col=self.image_column_name,
             group_col=self.group_column_name,
+            label_col=self.label_column_name or LABEL_COL,
             patient_regex=self.patient_regex,
             uncertain=self.uncertain,
             blank=self.blank,
+            reader_col=self.reader_col,
+            readers=self.readers,
+            duplicates=self.duplicates,
+            negative_label=self.negative_label,
         )
 
     def __post_init__(self) -> None:
@@ -99,16 +121,20 @@ class DataArguments:
             raise ValueError(
                 f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"
             )
-        if self.storage_options:
-            try:
-                parse_storage_options(self.storage_options)
-            except ValueError:  # never echo the value: it usually holds credentials
-                raise ValueError("--storage_options must be a JSON object (value not shown)") from None
+        try:  # parsed once, here: parsed_storage_options hands out this dict
+            self._storage_options_parsed = (self.storage_options, parse_storage_options(self.storage_options) or None)
+        except ValueError:  # never echo the value: it usually holds credentials
+            raise ValueError("--storage_options must be a JSON object (value not shown)") from None
         if self.phantom_patients < 2:
             raise ValueError(f"--phantom_patients must be >= 2, got {self.phantom_patients}")
 
     def parsed_storage_options(self) -> dict | None:
-        return parse_storage_options(self.storage_options) or None
+        """``--storage_options`` as a dict (None without any): parsed once, again only if the text was changed since."""
+        text, parsed = getattr(self, "_storage_options_parsed", (None, None))
+        if text != self.storage_options:
+            parsed = parse_storage_options(self.storage_options) or None
+            self._storage_options_parsed = (self.storage_options, parsed)
+        return dict(parsed) if parsed else None  # a copy: a caller's change never reaches the next caller
 
 
 @dataclass

@@ -53,10 +53,12 @@ def build_datasets(
         data = _classification_datasets(data_args, image_size, seed, label_names)
     else:
         data = _mae_datasets(data_args, image_size, seed)
-    found = find_manifest(data_args.train_data, data_args.parsed_storage_options()) if data_args.train_data else None
+    found = data.source.shards
+    if found is None and data_args.train_data:  # a source resolved elsewhere (labelled.py): shards or not
+        found = find_manifest(data_args.train_data, data_args.parsed_storage_options())
     if found is not None:  # prepared shards say what they hold
-        preprocessing = found[1]["preprocessing"]
-        data.normalization = found[1].get("normalization")
+        preprocessing = found.manifest["preprocessing"]
+        data.normalization = found.manifest.get("normalization")
         windows = [list(w) for w in preprocessing.get("windows") or []]
         if int(preprocessing.get("channels", 1)) == 3 or windows:
             data.image_input = {"channels": int(preprocessing.get("channels", 1)), "windows": windows}
@@ -79,11 +81,9 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         train, evaluation, source, info = _hf_mae_datasets(data_args, train_transform, eval_transform)
         return Datasets(train, evaluation, source, info, evaluation, augmentation=augmentation,
                         device_augmentation=device_augmentation)  # fmt: skip
+    options = data_args.parsed_storage_options()
     source = resolve_train_source(
-        data_args.train_data,
-        data_args.labels_file,
-        data_args.phantom_patients,
-        storage_options=data_args.parsed_storage_options(),
+        data_args.train_data, data_args.labels_file, data_args.phantom_patients, storage_options=options
     )
     skipped: list[dict[str, str]] = []
     train, evaluation, info = build_train_eval_datasets(
@@ -91,7 +91,7 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         data_args.validation_data,
         train_transform=train_transform,
         eval_transform=create_transform(MAE, False, image_size=image_size),
-        storage_options=data_args.parsed_storage_options(),
+        storage_options=options,
         holdout_percentage=data_args.validation_split_percentage,
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,

@@ -32,7 +32,7 @@ from .labels.layouts import LabelsFormat
 from .provenance import data_origin, describe_origin
 from .shard_dataset import load_shard_table, make_shard_transform, shard_metadata
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
-from .streaming import find_manifest
+from .streaming import ShardLocation, find_manifest
 from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from .transforms import SeededAugmentation, create_transform
 
@@ -126,9 +126,12 @@ def build_labelled_data(
         hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
         source, train, evaluation, info = _build_hf_datasets(data_args, image_size, hooks, augmentation)
         return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
-    if data_args.train_data is not None and find_manifest(data_args.train_data, options) is not None:
+    shards = find_manifest(data_args.train_data, options) if data_args.train_data is not None else None
+    if shards is not None:  # looked up once, carried through
         hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
-        source, train, evaluation, info = _build_shard_datasets(data_args, image_size, hooks, options, augmentation)
+        source, train, evaluation, info = _build_shard_datasets(
+            data_args, image_size, hooks, options, augmentation, shards
+        )
         return _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
     source = resolve_train_source(
         data_args.train_data,
@@ -293,25 +296,28 @@ def _build_shard_datasets(
     hooks: _LabelledRecords,
     options: dict | None,
     train_transform: SeededAugmentation,
+    shards: ShardLocation,
 ) -> tuple[ResolvedSource, Any, Any | None, dict[str, Any]]:
     """Prepared shards -> map-style train/validation datasets; the split and label logic is the folders' (hooks)."""
-    train_table = load_shard_table(data_args.train_data, options)
+    train_table = load_shard_table(data_args.train_data, options, shards=shards)
     origin = data_origin(data_args.train_data, options)
     source = ResolvedSource(
         data_args.train_data,
         data_args.labels_file,
         f"{describe_origin(origin)} (prepared shards)",
         synthetic=bool(origin and origin.get("synthetic")),
+        shards=shards,
     )
     fmt = data_args.parsed_labels_format()
     records = hooks(_shard_records(train_table, data_args.labels_file, "--train_data", fmt))
     eval_table, eval_records = None, None
     if data_args.validation_data is not None:
-        if find_manifest(data_args.validation_data, options) is None:
+        validation_shards = find_manifest(data_args.validation_data, options)
+        if validation_shards is None:
             raise LabelError(
                 "--validation_data must be prepared shards too when --train_data is (run `hf-medvis prepare`)"
             )
-        eval_table = load_shard_table(data_args.validation_data, options)
+        eval_table = load_shard_table(data_args.validation_data, options, shards=validation_shards)
         eval_records = hooks(_shard_records(eval_table, data_args.validation_labels_file, "--validation_data", fmt))
     elif data_args.validation_split_percentage > 0:
         records, eval_records = hooks.split(records)

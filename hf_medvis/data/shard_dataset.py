@@ -20,19 +20,23 @@ import datasets
 
 from ..core import storage
 from . import shard_format
-from .streaming import DecodeStoredPixels, ShardReader, ShardReadError, find_manifest
+from .streaming import DecodeStoredPixels, ShardLocation, ShardReader, ShardReadError, find_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = ("image", "pixels", "height", "width", "bits")  # "pixels": format version 1
 TABLE_METADATA_COLUMNS: tuple[str, ...] = ("key", "group", "finding_labels")
 
 
 def load_shard_table(
-    source: str, storage_options: dict | str | None = None, cache_dir: str | None = None
+    source: str,
+    storage_options: dict | str | None = None,
+    cache_dir: str | None = None,
+    shards: ShardLocation | None = None,
 ) -> datasets.Dataset:
     """Every sample of the prepared-shard location ``source`` (a folder / URL or its manifest.json) as a map-style
     ``datasets.Dataset`` with the shard schema's columns (``key``, ``group``, ``finding_labels``, ``view_position``,
-    ``image`` (PGM bytes, undecoded), ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest."""
-    found = find_manifest(source, storage_options)
+    ``image`` (PGM bytes, undecoded), ``height``, ``width``, ``bits``, ...). Raises ValueError if ``source`` holds no shard manifest.
+    ``shards``: ``find_manifest(source)`` when the caller has it already (the manifest is not read again)."""
+    found = shards if shards is not None else find_manifest(source, storage_options)
     if found is None:
         raise ValueError(
             f"{storage.describe(source)} is not a prepared-shard location (no {shard_format.MANIFEST_NAME})"

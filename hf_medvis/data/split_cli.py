@@ -18,16 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per class and split the positives/negatives and the expected SE and 95%% CI half-width of AUROC "
         "(Hanley-McNeil) and accuracy (binomial).",
     )
-    parser.add_argument("labels_csv", help="labels CSV, one row per image (NIH layout, or --labels-format wide)")
+    parser.add_argument("labels_csv", help="labels CSV (NIH layout, or another with --labels-format)")
     parser.add_argument("--out", required=True, help="output folder")
     add_labels_format_arguments(parser, label_names=False)
-    parser.add_argument(
-        "--label-column-name",
-        default=None,
-        help="label column, '|'-separated; an empty cell is unlabelled, 'No Finding' the negative "
-        "(default 'Finding Labels')",
-    )
-    parser.add_argument("--label-col", dest="label_col", default=None, help=argparse.SUPPRESS)  # deprecated spelling
     parser.add_argument("--val", type=float, default=0.1, help="fraction of images for validation (default 0.1)")
     parser.add_argument("--test", type=float, default=0.2, help="fraction of images for test (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,6 @@ the split's sizes, and optionally the validation size that reaches a target 95% 
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -23,15 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from ..core.storage import write_json_atomic, write_text_atomic
+from ..core.storage import open_local_atomic, write_json_atomic
 from .labels import (
     LABEL_COL,
     PATIENT_COL,
     LabelSpec,
-    encode_labels,
     infer_label_spec,
     is_labelled,
-    label_matrix,
+    label_array,
     read_labels_table,
 )
 from .labels.layouts import LabelsFormat
@@ -53,39 +51,37 @@ def stratified_group_assignment(
         raise SplitError(f"split fractions must be >= 0 and sum to 1, got {fractions.tolist()}")
     group_ids, row_group = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     n_groups = len(group_ids)
-    counts = np.zeros((n_groups, matrix.shape[1]))
+    counts = np.zeros((n_groups, matrix.shape[1]), dtype=np.int32)
     np.add.at(counts, row_group, matrix == 1)  # positives per group (-1, an unknown label, is not one)
     sizes = np.bincount(row_group, minlength=n_groups).astype(float)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_groups)  # random tie-breaking, fixed by the seed
     demand_size = fractions * sizes.sum()
-    demand_label = fractions[:, None] * counts.sum(axis=0)[None, :]
+    left = counts.sum(axis=0)  # positives per label not placed yet
+    demand_label = fractions[:, None] * left[None, :]
     assignment = np.full(n_groups, -1)
     remaining = np.ones(n_groups, dtype=bool)
+    usable = [s for s in range(len(fractions)) if fractions[s] > 0]
 
     def place(group: int, label: int | None) -> None:
         keys = [
             (demand_label[s, label] if label is not None else 0.0, demand_size[s], rng.random())
             for s in range(len(fractions))
         ]
-        usable = [s for s in range(len(fractions)) if fractions[s] > 0]
         split = max(usable, key=lambda s: keys[s])
         assignment[group] = split
         remaining[group] = False
         demand_label[split] -= counts[group]
         demand_size[split] -= sizes[group]
+        left[:] -= counts[group]
 
-    while True:
-        left = counts[remaining].sum(axis=0)
-        if not np.any(left > 0):
-            break
-        label = int(np.argmin(np.where(left > 0, left, np.inf)))  # the rarest label still unplaced
-        for group in order:
-            if remaining[group] and counts[group, label] > 0:
-                place(group, label)
-    for group in order:
-        if remaining[group]:
-            place(group, None)
+    while np.any(left > 0):
+        label = int(np.argmin(np.where(left > 0, left, np.iinfo(left.dtype).max)))  # the rarest label still unplaced
+        # Its unplaced groups, in the seeded order (placing one group changes no other group's eligibility).
+        for group in order[remaining[order] & (counts[order, label] > 0)]:
+            place(int(group), label)
+    for group in order[remaining[order]]:
+        place(int(group), None)
     return assignment[row_group]
 
 
@@ -272,7 +268,8 @@ def split_labels_csv(
     target_ci: float | None = None,
 ) -> SplitResult:
     """Writes ``train.csv``, ``val.csv``, ``test.csv`` (the input's columns and rows, as ``read_labels_table`` reads
-    them: UTF-8 without a byte-order mark, values stripped, patient ids normalised) and ``split_report.json``.
+    them: UTF-8 without a byte-order mark, values stripped, patient ids normalised; every row of an image in the split
+    of that image) and ``split_report.json``.
 
     Rows with an empty label cell are unlabelled: they go with their patient into one split (an MAE pretraining on
     train.csv still sees them) but count neither as positives nor as negatives in the report."""
@@ -293,13 +290,10 @@ def split_labels_csv(
     labelled = np.array([is_labelled(row[label_col]) for row in rows])
     if not labelled.any():
         raise SplitError(f"every label of {table.path.name} is empty: nothing to stratify on")
-    spec = infer_label_spec(
-        [row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], label_names, problem_type
-    )
-    matrix = np.zeros((len(rows), len(spec.names)), dtype=np.float32)
-    matrix[labelled] = label_matrix(
-        encode_labels([row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok], spec), spec
-    )
+    texts = [row[label_col] for row, ok in zip(rows, labelled, strict=True) if ok]
+    spec = infer_label_spec(texts, label_names, problem_type)
+    matrix = np.zeros((len(rows), len(spec.names)), dtype=np.int8)
+    matrix[labelled] = label_array(texts, spec)
     groups = [row[group_col] for row in rows]
     n_groups = len(set(groups))
     needed = 1 + (val > 0) + (test > 0)
@@ -318,7 +312,7 @@ def split_labels_csv(
     )
     report["source"] = {
         "file": table.path.name,
-        "labels_format": fmt.resolve(columns),
+        "labels_format": table.layout,
         "group_col": fmt.patient_regex and f"regex {fmt.patient_regex}" or fmt.group_column(),
         "label_col": ", ".join(table.classes) if table.classes else fmt.label_col,
         "uncertain": fmt.uncertain if table.classes else None,
@@ -330,12 +324,13 @@ def split_labels_csv(
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for index, name in enumerate(SPLIT_NAMES):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(row for row, split in zip(rows, assignment, strict=True) if split == index)
         paths[name] = out / f"{name}.csv"
-        write_text_atomic(paths[name], text.getvalue())
+        with open_local_atomic(paths[name], "w", encoding="utf-8", newline="") as handle:  # streamed: no copy in memory
+            writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+            writer.writeheader()
+            for image_rows, split in zip(table.input_rows, assignment, strict=True):
+                if split == index:  # every row of the image (long layout, merged duplicates), as the file has them
+                    writer.writerows(image_rows)
     paths["report"] = out / "split_report.json"
     write_json_atomic(paths["report"], report)
     return SplitResult(paths, report)

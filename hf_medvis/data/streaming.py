@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -47,7 +47,15 @@ class ShardReadError(RuntimeError):
     """A shard that stayed unreadable after retries, or whose bytes do not match the manifest checksum."""
 
 
-def find_manifest(source: str, storage_options: dict | str | None = None) -> tuple[str, dict] | None:
+class ShardLocation(NamedTuple):
+    """A prepared-shard location, resolved: its base URL and its manifest. Found once per source (``find_manifest``)
+    and handed on, so no later step reads the manifest again."""
+
+    base: str
+    manifest: dict
+
+
+def find_manifest(source: str, storage_options: dict | str | None = None) -> ShardLocation | None:
     """(base URL, manifest) when ``source`` is a prepared-shard location (or its manifest.json), else None."""
     if storage.has_glob(source):
         return None
@@ -58,7 +66,7 @@ def find_manifest(source: str, storage_options: dict | str | None = None) -> tup
     )
     url = storage.join(base, shard_format.MANIFEST_NAME)
     try:
-        data = storage.read_metadata(url, storage_options)  # asked for several times per run: read once
+        data = storage.read_metadata(url, storage_options)  # read once per process while the file is unchanged
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
@@ -70,7 +78,7 @@ def find_manifest(source: str, storage_options: dict | str | None = None) -> tup
         raise ValueError(f"{storage.describe(url)} is not an hf_medvis shard manifest")
     if manifest.get("version", 0) > shard_format.FORMAT_VERSION:
         raise ValueError(f"{storage.describe(url)} has format version {manifest['version']}; upgrade hf_medvis")
-    return base, manifest
+    return ShardLocation(base, manifest)
 
 
 @dataclass

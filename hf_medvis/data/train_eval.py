@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .folder import DataSourceError, build_folder_records, dataset_from_records,
 from .labels.layouts import LabelsFormat
 from .phantoms import ensure_phantom_dataset
 from .provenance import data_origin, describe_origin
-from .streaming import find_manifest, load_image_dataset, stream_control
+from .streaming import ShardLocation, find_manifest, load_image_dataset, load_shard_stream, stream_control
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class ResolvedSource:
     labels_file: str | None
     description: str  # safe for model cards and logs: no paths, no credentials
     synthetic: bool = False  # phantoms, not patient images (cards say so)
+    # Prepared shards: the location and its manifest, read once (``find_manifest``) and used by every later step.
+    shards: ShardLocation | None = field(default=None, repr=False)
 
 
 def resolve_train_source(
@@ -59,7 +61,11 @@ def resolve_train_source(
     labels = labels_file or (str(find_labels_file(train_data)) if find_labels_file(train_data) else None)
     origin = data_origin(train_data, storage_options)
     return ResolvedSource(
-        train_data, labels, describe_origin(origin), synthetic=bool(origin and origin.get("synthetic"))
+        train_data,
+        labels,
+        describe_origin(origin),
+        synthetic=bool(origin and origin.get("synthetic")),
+        shards=find_manifest(train_data, storage_options),
     )
 
 
@@ -98,9 +104,10 @@ def build_train_eval_datasets(
     Raw-folder images that cannot be decoded are left out and added to ``skipped`` (``folder.check_image_files``).
     """
     skipped = [] if skipped is None else skipped
-    if find_manifest(train.location, storage_options) is not None:
+    shards = train.shards if train.shards is not None else find_manifest(train.location, storage_options)
+    if shards is not None:
         return _build_stream_datasets(
-            train,
+            shards,
             validation_data,
             train_transform,
             eval_transform,
@@ -152,7 +159,7 @@ def build_train_eval_datasets(
 
 
 def _build_stream_datasets(
-    train: ResolvedSource,
+    train: ShardLocation,
     validation_data: str | None,
     train_transform: Callable,
     eval_transform: Callable,
@@ -163,15 +170,16 @@ def _build_stream_datasets(
 ) -> tuple[Any, Any | None, dict[str, Any]]:
     # Split by node here (RANK / WORLD_SIZE), the split StreamStateCallback's twin replays on resume; MedVisTrainer
     # then keeps accelerate from sharding this stream a second time (trainer.py, get_train_dataloader).
-    train_ds = load_image_dataset(
-        train.location,
+    train_ds = load_shard_stream(
+        train.base,
+        train.manifest,
         image_transform=train_transform,
         storage_options=storage_options,
         shuffle=True,
         seed=seed,
         split_by_node=True,
     )
-    _, manifest = find_manifest(train.location, storage_options)
+    manifest = train.manifest
     info: dict[str, Any] = {"train_images": int(manifest["totals"]["written"]), "train_shards": len(manifest["shards"])}
     if max_train_samples is not None:
         control = stream_control(train_ds)
@@ -180,17 +188,15 @@ def _build_stream_datasets(
         info["train_images"] = min(info["train_images"], max_train_samples)
     eval_ds = None
     if validation_data is not None:
-        eval_ds = load_image_dataset(
-            validation_data,
-            image_transform=eval_transform,
-            storage_options=storage_options,
-            shuffle=False,
-            split_by_node=False,
-        )
+        found = find_manifest(validation_data, storage_options)
+        common = {"image_transform": eval_transform, "storage_options": storage_options, "shuffle": False}
+        if found is not None:  # streamed from the manifest found here
+            eval_ds = load_shard_stream(found.base, found.manifest, **common, split_by_node=False)
+        else:  # a raw folder
+            eval_ds = load_image_dataset(validation_data, **common, split_by_node=False)
         if max_eval_samples is not None:
             eval_ds = eval_ds.take(max_eval_samples)
-        found = find_manifest(validation_data, storage_options)
-        info["eval_images"] = int(found[1]["totals"]["written"]) if found else "?"
+        info["eval_images"] = int(found.manifest["totals"]["written"]) if found else "?"
     else:
         logger.warning("prepared shards without --validation_data: training without evaluation (split before prepare)")
     return train_ds, eval_ds, info

@@ -19,14 +19,17 @@ LIMITATIONS = "## Intended use and limitations"
 HEADLINES = (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", "average_precision"))
 
 
-def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str) -> list[EvalResult]:
+def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str, classes: int) -> list[EvalResult]:
     results = []
+    not_evaluated = metrics.get("not_evaluated") or []
     for key, metric_type in HEADLINES:
         if metrics.get(key) is None:
             continue
         ci = ""
         if metrics.get(f"{key}_ci95_low") is not None:
             ci = f" (95% CI {metrics[f'{key}_ci95_low']:.3f}-{metrics[f'{key}_ci95_high']:.3f}, patient bootstrap)"
+        if not_evaluated and key.endswith("_macro"):  # the data labels some classes only: say over which
+            ci = f" over {classes - len(not_evaluated)} of {classes} classes{ci}"
         results.append(
             EvalResult(
                 task_type="image-classification",
@@ -39,6 +42,18 @@ def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str)
             )
         )
     return results
+
+
+def _not_evaluated_lines(metrics: dict[str, Any]) -> list[str]:
+    """The classes the test data does not label (``evaluate --label-map``): no number for them, none in the macros."""
+    names = metrics.get("not_evaluated") or []
+    if not names:
+        return []
+    return [
+        "",
+        f"Not evaluated (the test data does not label them): {', '.join(names)}. The macro averages are over the other "
+        "classes.",
+    ]
 
 
 def record_test_results(
@@ -56,7 +71,7 @@ def record_test_results(
     card = ModelCard.load(path) if path.is_file() else ModelCard("---\nlibrary_name: transformers\n---\n")
     name = f"held-out test patients ({data_description})"
     kept = [r for r in (card.data.eval_results or []) if r.dataset_split != TEST_SPLIT]
-    card.data.eval_results = kept + _eval_results(metrics, name, dataset_id or "private")
+    card.data.eval_results = kept + _eval_results(metrics, name, dataset_id or "private", len(spec.names))
     if card.data.eval_results and not card.data.model_name:
         card.data.model_name = Path(model_dir).resolve().name
     section = "\n".join(
@@ -70,6 +85,7 @@ def record_test_results(
             "```",
             format_metrics_table(metrics, spec),
             "```",
+            *_not_evaluated_lines(metrics),
             END,
         ]
     )

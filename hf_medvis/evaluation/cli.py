@@ -9,9 +9,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.labels.layouts import add_labels_format_arguments, labels_format_from_args
+
+if TYPE_CHECKING:
+    from ..data.labels import LabelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not write the result into the model folder's README.md (by default it is added as the test split)",
     )
     add_labels_format_arguments(ev)
+    ev.add_argument(
+        "--label-map",
+        default=None,
+        help="external validation: YAML or JSON mapping the dataset's finding names (any case) to the model's classes "
+        "(null: ignore the finding), or 'public' for the shipped map of the public chest X-ray datasets; a model class "
+        "the dataset does not label is reported as not evaluated (docs/data_plane.md)",
+    )
     ev.set_defaults(func=run_evaluate)
 
     pr = subparsers.add_parser(
@@ -62,6 +74,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..core.storage import parse_storage_options, write_json_atomic
     from ..data.folder import build_folder_records, find_labels_file, write_skipped_images
     from ..data.labels import (
+        LabelSpec,
         check_file_classes,
         encode_labels,
         is_labelled,
@@ -70,6 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         parse_unknown_labels,
         read_labels_table,
     )
+    from ..data.labels.label_map import load_label_map
     from .bootstrap import metrics_with_ci
     from .metrics import format_metrics_table, per_class_table
     from .plots import save_confusion_plot, save_roc_plot
@@ -78,6 +92,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not 0 < args.threshold < 1:
         raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     storage_options = parse_storage_options(args.storage_options) or None
+    label_map = load_label_map(args.label_map) if args.label_map else None  # a bad map fails before the model loads
     predictor = Predictor(args.model)
     spec = predictor.spec
     labels_file = args.labels or find_labels_file(args.data)
@@ -92,7 +107,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"none of the images in {args.data} has a label in {Path(labels_file).name}")
     # The file's classes must be the model's, before anything is scored or written (metrics, plots, the card).
     chosen = list(labels_format.label_names)
-    if chosen and not table.classes:  # nih: --label-names picks the classes to score; others are left aside
+    not_evaluated: list[str] = []  # model classes the file does not label (--label-map)
+    if label_map is not None:  # the file's names renamed onto the model's classes, in place
+        keep, not_evaluated = _apply_label_map(
+            records["finding_labels"], keep, table.classes, chosen, spec, label_map, Path(labels_file).name
+        )
+    elif chosen and not table.classes:  # nih: --label-names picks the classes to score; others are left aside
         if not spec.multi_label:  # an image of another class has no right answer among the model's
             scored = [i for i in keep if set(parse_finding_labels(records["finding_labels"][i])) <= set(chosen)]
             if not scored:
@@ -108,11 +128,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         texts = [records["finding_labels"][i] for i in keep]
         file_classes = {n for text in texts for n in parse_finding_labels(text) + parse_unknown_labels(text)}
-    notes = check_file_classes(
-        spec, file_classes, Path(labels_file).name, every_class_listed=bool(chosen or table.classes)
-    )
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    if label_map is None:
+        notes = check_file_classes(
+            spec, file_classes, Path(labels_file).name, every_class_listed=bool(chosen or table.classes)
+        )
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     blank = sum(1 for v in records["finding_labels"] if v is not None and not is_labelled(v))
     if blank:
         print(f"skipping {blank} image(s) with an empty Finding Labels (unlabelled)", file=sys.stderr)
@@ -122,19 +143,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
     truth = label_matrix(encoded, spec)
     print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
     probs = predictor.predict(paths, batch_size=args.batch_size, storage_options=storage_options)
+    columns, scored_spec = list(range(len(spec.names))), spec
+    if not_evaluated and spec.multi_label:
+        truth[:, [spec.label2id[name] for name in not_evaluated]] = -1  # unknown, not negative: masked everywhere
+        # Scored without those columns, so that no metric (F1 included) and no macro average counts them.
+        columns = [c for c, name in enumerate(spec.names) if name not in not_evaluated]
+        scored_spec = LabelSpec(tuple(spec.names[c] for c in columns), spec.problem_type)
     metrics = metrics_with_ci(
-        truth, probs, groups, spec, threshold=args.threshold, n_resamples=args.bootstrap, seed=args.seed
+        truth[:, columns],
+        probs[:, columns],
+        groups,
+        scored_spec,
+        threshold=args.threshold,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
     )
     metrics["problem_type"] = spec.problem_type
+    if not_evaluated:
+        metrics["not_evaluated"] = not_evaluated
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "per_class.json", per_class_table(metrics, spec))
+    per_class = per_class_table(metrics, spec)
+    for row in per_class:
+        if row["class"] in not_evaluated:
+            row["evaluated"] = False
+    write_json_atomic(out / "per_class.json", per_class)
     write_skipped_images(out, skipped)
     save_roc_plot(out / "roc.png", truth, probs, spec)
     if not spec.multi_label:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)
     print(format_metrics_table(metrics, spec))
+    if not_evaluated:
+        print(f"not evaluated (the dataset does not label them): {', '.join(not_evaluated)}")
     print(f"wrote metrics.json, per_class.json, roc.png{'' if spec.multi_label else ', confusion.png'} to {out}")
     if args.update_card and Path(args.model).is_dir():
         from ..data.provenance import data_origin, describe_origin
@@ -150,6 +191,66 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
         print(f"added the test result to the model card {card}")
     return 0
+
+
+def _apply_label_map(
+    texts: list[str | None],
+    keep: list[int],
+    file_columns: Sequence[str],
+    chosen: Sequence[str],
+    spec: LabelSpec,
+    label_map: Mapping[str, str | None],
+    file_name: str,
+) -> tuple[list[int], list[str]]:
+    """``--label-map``: the texts of the images ``keep`` renamed onto the model's classes, in place (``texts`` is the
+    records' ``finding_labels``). Returns the images to score and the model classes that no name of the file maps to
+    (not evaluated). The file's names are its class columns (wide), ``--label-names`` (nih: the findings to score,
+    the others ignored), or the findings its rows name. One note lists the names that count for no model class."""
+    from collections import Counter
+
+    from ..core.text import short_list
+    from ..data.labels import LabelError, parse_finding_labels, parse_unknown_labels
+    from ..data.labels.label_map import map_class_name, map_finding_labels, mapped_classes
+    from ..data.labels.layouts import finding_key
+
+    label_map = dict(label_map)
+    seen = dict.fromkeys(n for i in keep for n in parse_finding_labels(texts[i]) + parse_unknown_labels(texts[i]))
+    if file_columns:
+        names = list(file_columns)
+    elif chosen:
+        names = list(chosen)
+        wanted = {finding_key(name) for name in chosen}
+        label_map.update({finding_key(n): None for n in seen if finding_key(n) not in wanted})
+    else:
+        names = list(seen)
+    classes = set(spec.names)
+    provided = mapped_classes(names, label_map, classes)
+    if not provided:
+        raise LabelError(
+            f"--label-map: none of the findings of {file_name} ({short_list(names, empty='none')}) maps to a class "
+            f"of the model ({', '.join(spec.names)})"
+        )
+    ignored: Counter = Counter({name.strip(): 0 for name in names if map_class_name(name, label_map, classes) is None})
+    for i in keep:
+        texts[i] = map_finding_labels(texts[i], label_map, classes, ignored)
+    if ignored:
+        shown = [
+            f"{name}{f' -> {label_map[finding_key(name)]}' if label_map.get(finding_key(name)) else ''} ({count})"
+            for name, count in sorted(ignored.items(), key=lambda item: (-item[1], item[0]))
+        ]
+        print(f"note: {file_name}: findings that count for none of the model's classes, ignored (images): "
+              f"{short_list(shown, limit=12)}", file=sys.stderr)  # fmt: skip
+    if not spec.multi_label:  # one class per image: an image of none (or several) of the model's has no right answer
+        scored = [i for i in keep if len(parse_finding_labels(texts[i])) == 1 or parse_unknown_labels(texts[i])]
+        if not scored:
+            raise LabelError(
+                f"--label-map: none of the labelled images of {file_name} is of one of the model's classes"
+            )
+        if len(scored) < len(keep):
+            print(f"skipping {len(keep) - len(scored)} image(s) of none or several of the model's classes after "
+                  "--label-map", file=sys.stderr)  # fmt: skip
+        keep = scored
+    return keep, [name for name in spec.names if name not in provided]
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -102,9 +102,11 @@ def metric_values(
         out["accuracy"] = float(np.mean(labels.argmax(axis=1) == probs.argmax(axis=1)))
     elif kind == "f1" and spec.multi_label:
         f1 = _f1(positive, (labels >= 0) & (probs >= threshold))  # an unknown label is neither a hit nor a miss
-        out["f1_macro"] = float(np.mean(f1))
+        scored = (labels >= 0).any(axis=0)  # a class no image labels (a source that does not grade it) has no F1
+        if scored.any():
+            out["f1_macro"] = float(np.mean(f1[scored]))
         if per_class:
-            out.update({f"f1_{name}": float(v) for name, v in zip(spec.names, f1, strict=True)})
+            out.update({f"f1_{n}": float(v) for n, v, ok in zip(spec.names, f1, scored, strict=True) if ok})
     elif kind == "f1":  # macro F1 of the argmax, every class counted
         one_hot = np.eye(len(spec.names), dtype=bool)
         out["f1_macro"] = float(np.mean(_f1(one_hot[labels.argmax(axis=1)], one_hot[probs.argmax(axis=1)])))

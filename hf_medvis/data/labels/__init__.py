@@ -1,5 +1,6 @@
-"""Labels: finding-label strings (``findings``), labels CSV files (``table``) and their layouts (``layouts``: NIH,
-CheXpert-style wide files). The public names of the three modules are importable from here."""
+"""Labels: finding-label strings (``findings``), labels CSV files (``table``), their layouts (``layouts``: NIH,
+wide, list, long) and maps between datasets' finding names (``label_map``). The public names of the modules are
+importable from here."""
 
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ _EXPORTS = {
     "encode_labels": "findings",
     "infer_label_spec": "findings",
     "is_labelled": "findings",
+    "label_array": "findings",
     "label_matrix": "findings",
     "parse_finding_labels": "findings",
     "parse_unknown_labels": "findings",
@@ -28,6 +30,14 @@ _EXPORTS = {
     "VIEW_COL": "layouts",
     "LabelFormatError": "layouts",
     "LabelsFormat": "layouts",
+    "CANONICAL_FINDINGS": "label_map",
+    "PUBLIC_FINDING_NAMES": "label_map",
+    "default_label_map": "label_map",
+    "load_label_map": "label_map",
+    "map_class_name": "label_map",
+    "map_finding_labels": "label_map",
+    "mapped_classes": "label_map",
+    "read_label_map": "label_map",
     "IMAGE_EXTENSIONS": "table",
     "LabelsTable": "table",
     "normalize_patient_id": "table",
@@ -45,6 +55,7 @@ __all__ = [
     "encode_labels",
     "infer_label_spec",
     "is_labelled",
+    "label_array",
     "label_matrix",
     "parse_finding_labels",
     "parse_unknown_labels",
@@ -57,6 +68,14 @@ __all__ = [
     "VIEW_COL",
     "LabelFormatError",
     "LabelsFormat",
+    "CANONICAL_FINDINGS",
+    "PUBLIC_FINDING_NAMES",
+    "default_label_map",
+    "load_label_map",
+    "map_class_name",
+    "map_finding_labels",
+    "mapped_classes",
+    "read_label_map",
     "IMAGE_EXTENSIONS",
     "LabelsTable",
     "normalize_patient_id",
@@ -77,10 +96,21 @@ if TYPE_CHECKING:
         encode_labels,
         infer_label_spec,
         is_labelled,
+        label_array,
         label_matrix,
         parse_finding_labels,
         parse_unknown_labels,
         positive_weights,
+    )
+    from .label_map import (
+        CANONICAL_FINDINGS,
+        PUBLIC_FINDING_NAMES,
+        default_label_map,
+        load_label_map,
+        map_class_name,
+        map_finding_labels,
+        mapped_classes,
+        read_label_map,
     )
     from .layouts import (
         IMAGE_COL,

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .findings import LabelError, is_labelled
-from .layouts import IMAGE_COL, LABEL_COL, NO_FINDING, PATIENT_COL, LabelsFormat, canonicalize
+from .layouts import (
+    IMAGE_COL,
+    LABEL_COL,
+    PATIENT_COL,
+    VIEW_ALIASES,
+    VIEW_COL,
+    LabelsFormat,
+    image_labels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +46,12 @@ _AMBIGUOUS: dict[str, str] = {}
 
 @dataclass
 class LabelsTable:
-    """The rows of a labels CSV (one row per image), read once with one set of rules for every command, each with the
-    canonical ``Image Index``, ``Patient ID`` and ``Finding Labels`` of its layout (``layouts``).
+    """The images of a labels CSV, read once with one set of rules for every command: one row per image with the
+    canonical ``Image Index``, ``Patient ID`` and ``Finding Labels`` of its layout (``layouts``), and the file's own
+    rows of each image (``input_rows``: one, or several in the long layout or with ``duplicates="merge"``).
 
-    Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8") and any line ending; the image column must
-    name each image once; patient ids are normalised (``normalize_patient_id``); values are stripped."""
+    Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8") and any line ending; patient ids are
+    normalised (``normalize_patient_id``) in the file's rows too; values are stripped."""
 
     path: Path
     columns: list[str]
@@ -50,6 +59,8 @@ class LabelsTable:
     image_col: str = IMAGE_COL
     warnings: list[str] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  # a wide file's class columns
+    layout: str = "nih"
+    input_rows: list[list[dict[str, str]]] = field(default_factory=list)
     _index: dict[str, dict[str, str]] | None = field(default=None, repr=False)
 
     def match(self, path: str) -> dict[str, str] | None:
@@ -119,68 +130,45 @@ def _read_labels_table(
     path: Path, _mtime_ns: int, _size: int, required: tuple[str, ...], fmt: LabelsFormat
 ) -> LabelsTable:
     name = path.name
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LabelError(
-            f"{name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as "
-            "'CSV UTF-8'"
-        ) from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    columns = [column.strip() for column in reader.fieldnames or []]
-    reader.fieldnames = columns
-    layout = fmt.resolve(columns)
+    columns, rows, lines = _read_csv_rows(path)
+    layout = fmt.resolve(columns, rows)
     image_col, group_col = fmt.image_column(layout, columns), fmt.group_column()
+    label_source = fmt.label_col if layout != "wide" else None
     provided = {  # canonical column -> the file's column that gives it (None: the layout derives it)
         IMAGE_COL: image_col,
         PATIENT_COL: None if fmt.patient_regex else group_col,
-        LABEL_COL: None if layout == "wide" else fmt.label_col,
+        LABEL_COL: label_source,
     }
-    for column in (IMAGE_COL, *required):
+    for column in (IMAGE_COL, *required, *([fmt.reader_col] if fmt.reader_col else [])):
         source = provided.get(column, column)
         if source is not None and source not in columns:
             hint = " (or pass --group-column-name / --patient-regex)" if column == PATIENT_COL else ""
             raise LabelError(f"{name} has no column '{source}'{hint} (columns: {', '.join(columns) or 'none'})")
-    rows: list[dict[str, str]] = []
-    first_line: dict[str, int] = {}
-    duplicates: list[str] = []
-    for row in reader:
-        line = reader.line_num
-        clean = {key: (value or "").strip() for key, value in row.items() if key is not None}
-        image = clean.get(image_col, "")
-        if not image:
-            if not any(clean.values()):
-                continue  # a blank line
+    for row, line in zip(rows, lines, strict=True):
+        if not row.get(image_col):
             raise LabelError(f"{name} line {line}: empty '{image_col}'")
-        if image in first_line:
-            duplicates.append(f"{image} (lines {first_line[image]} and {line})")
-        first_line.setdefault(image, line)
-        rows.append(clean)
-    if duplicates:
-        shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)" if len(duplicates) > 3 else "")
-        raise LabelError(f"{name}: the same '{image_col}' is listed more than once: {shown}")
-    # ``a.png`` and ``a.dcm`` would be one sample (key ``a``, and either file matches either row): refused, not guessed.
-    by_key: dict[str, str] = {}
-    for image in first_line:
-        other = by_key.setdefault(sample_key(image), image)
-        if other != image:
-            raise LabelError(
-                f"{name}: '{other}' (line {first_line[other]}) and '{image}' (line {first_line[image]}) differ only in "
-                "the image extension, so they name one sample: keep one row per image"
-            )
+    images = _rows_by_image(rows, lines, image_col, fmt.groups_rows(layout), name)
+    patients, spellings = _patients(rows, images, lines, image_col, group_col, fmt, name)
     try:
-        classes = canonicalize(columns, rows, fmt, name)
+        texts, classes = image_labels(columns, rows, images, lines, fmt, layout, name)
     except ValueError as err:
         raise LabelError(str(err)) from None
-    spellings: dict[str, set[str]] = {}
-    for row in rows:
-        if row.get(PATIENT_COL):
-            raw = row[PATIENT_COL]
-            row[PATIENT_COL] = normalize_patient_id(raw)
-            if group_col in row and not fmt.patient_regex:
-                row[group_col] = row[PATIENT_COL]  # split writes the file's own columns, normalised
-            spellings.setdefault(row[PATIENT_COL], set()).add(raw)
-    table = LabelsTable(path, columns, rows, IMAGE_COL, classes=classes)
+    # The canonical columns go into a copy where they would overwrite one of the file's own (split writes those).
+    overwrites = any(column in columns and source != column for column, source in provided.items())
+    out_rows, input_rows = [], []
+    for members, patient, text in zip(images, patients, texts, strict=True):
+        first = rows[members[0]]
+        row = dict(first) if overwrites or len(members) > 1 else first
+        row[IMAGE_COL], row[LABEL_COL] = first[image_col], text
+        if patient is not None:
+            row[PATIENT_COL] = patient
+        if VIEW_COL not in row:
+            view = next((row[alias] for alias in VIEW_ALIASES if row.get(alias)), None)
+            if view:
+                row[VIEW_COL] = view
+        out_rows.append(row)
+        input_rows.append([rows[i] for i in members])
+    table = LabelsTable(path, columns, out_rows, IMAGE_COL, classes=classes, layout=layout, input_rows=input_rows)
     merged = {pid: forms for pid, forms in spellings.items() if len(forms) > 1}
     if merged:
         example = ", ".join(repr(f) for f in sorted(next(iter(merged.values()))))
@@ -188,12 +176,119 @@ def _read_labels_table(
             f"{name}: '{group_col}' written in several ways for {len(merged)} patient(s) (e.g. {example}); read as one "
             "patient each (numeric ids compared as numbers)"
         )
-    unlabelled = sum(1 for row in rows if LABEL_COL in row and not is_labelled(row[LABEL_COL]))
+    unlabelled = sum(1 for text in texts if not is_labelled(text))
     if unlabelled:
         table.warnings.append(
-            f"{name}: {unlabelled} row(s) with an empty '{LABEL_COL}' are unlabelled (not negatives: write "
-            f"'{NO_FINDING}' for those); they are left out wherever labels are needed"
+            f"{name}: {unlabelled} image(s) with an empty '{label_source or LABEL_COL}' are unlabelled (not "
+            f"negatives: write '{fmt.negative_label}' for those); they are left out wherever labels are needed"
         )
     for warning in table.warnings:
         logger.warning("%s", warning)
     return table
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """The file's columns, its non-blank rows (values stripped) and each row's line number. Streamed: a large file is
+    never held twice (as text and as rows)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = [column.strip() for column in reader.fieldnames or []]
+            reader.fieldnames = columns
+            rows: list[dict[str, str]] = []
+            lines: list[int] = []
+            # One object per distinct short value: most columns repeat a few values ("PA", "CR", "0"), and a
+            # PadChest-sized file (160k rows x 34 columns) would otherwise hold 5 million strings.
+            shared: dict[str, str] = {}
+            for row in reader:
+                clean = {
+                    key: shared.setdefault(text, text) if len(text := (value or "").strip()) < 48 else text
+                    for key, value in row.items()
+                    if key is not None
+                }
+                if any(clean.values()):  # a blank line is skipped
+                    rows.append(clean)
+                    lines.append(reader.line_num)
+    except UnicodeDecodeError:
+        try:  # the offset in the whole file, for the message
+            path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise LabelError(
+                f"{path.name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it "
+                "as 'CSV UTF-8'"
+            ) from None
+        raise
+    return columns, rows, lines
+
+
+def _rows_by_image(
+    rows: list[dict[str, str]], lines: list[int], image_col: str, grouped: bool, name: str
+) -> list[list[int]]:
+    """The row indices of each image, in the file's order; several rows of one image are an error unless the layout
+    groups them. Two images whose names differ only in the extension are one sample: refused, not guessed."""
+    first: dict[str, list[int]] = {}
+    duplicates: list[str] = []
+    for index, row in enumerate(rows):
+        members = first.setdefault(row[image_col], [])
+        if members and not grouped:
+            duplicates.append(f"{row[image_col]} (lines {lines[members[0]]} and {lines[index]})")
+        members.append(index)
+    if duplicates:
+        shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)" if len(duplicates) > 3 else "")
+        raise LabelError(
+            f"{name}: the same '{image_col}' is listed more than once: {shown} (one row per finding or per reader: "
+            "--labels-format long; one row per box: --duplicates merge)"
+        )
+    by_key: dict[str, str] = {}
+    for image, members in first.items():
+        other = by_key.setdefault(sample_key(image), image)
+        if other != image:
+            raise LabelError(
+                f"{name}: '{other}' (line {lines[first[other][0]]}) and '{image}' (line {lines[members[0]]}) differ "
+                "only in the image extension, so they name one sample: keep one row per image"
+            )
+    return list(first.values())
+
+
+def _patients(
+    rows: list[dict[str, str]],
+    images: list[list[int]],
+    lines: list[int],
+    image_col: str,
+    group_col: str,
+    fmt: LabelsFormat,
+    name: str,
+) -> tuple[list[str | None], dict[str, set[str]]]:
+    """Each image's normalised patient id (None: the file gives none), written back into the file's patient column so
+    that split writes it normalised; and the spellings of each id. The rows of one image must name one patient."""
+    pattern = re.compile(fmt.patient_regex) if fmt.patient_regex else None
+    patients: list[str | None] = []
+    spellings: dict[str, set[str]] = {}
+    for members in images:
+        found: str | None = None
+        for index in members:
+            row = rows[index]
+            if pattern is not None:
+                match = pattern.search(row[image_col])
+                if match is None:
+                    raise LabelError(
+                        f"{name} line {lines[index]}: --patient-regex finds no patient in '{row[image_col]}'"
+                    )
+                raw = match.group(1)
+            elif group_col in row:
+                raw = row[group_col]
+                if group_col != image_col:  # an image column that names the patient too (RSNA) stays as written
+                    row[group_col] = normalize_patient_id(raw)
+            else:
+                continue
+            patient = normalize_patient_id(raw)
+            if raw:
+                spellings.setdefault(patient, set()).add(raw)
+            if found is not None and patient != found:
+                raise LabelError(
+                    f"{name} line {lines[index]}: image '{row[image_col]}' is listed with patients '{found}' and "
+                    f"'{patient}': the rows of one image must name one patient"
+                )
+            found = patient
+        patients.append(found)
+    return patients, spellings
