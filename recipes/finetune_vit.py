@@ -24,6 +24,7 @@ from hf_medvis.core.storage import describe, write_json_atomic
 from hf_medvis.data import ClassificationDataArguments, build_datasets
 from hf_medvis.data.folder import write_skipped_images
 from hf_medvis.data.labelled import positive_class_weights
+from hf_medvis.data.mix import source_names
 from hf_medvis.evaluation import (
     build_compute_metrics,
     format_metrics_table,
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_dataset=data.eval_during_training,
         data_collator=collate_classification,
         processing_class=build_image_processor(model.config.image_size, mean, std),
-        compute_metrics=build_compute_metrics(spec, data_args.threshold),
+        compute_metrics=build_compute_metrics(spec, data_args.threshold, source_names(data.eval_during_training)),
         callbacks=build_recipe_callbacks(training_args, monitoring_args),
         image_mean=mean,
         image_std=std,
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 threshold=data_args.threshold,
                 n_resamples=data_args.ci_bootstrap_samples,
                 seed=training_args.seed,
+                sources=source_names(data.eval),  # a data mix: each source's figures too
             )
             metrics.update({f"eval_{k}": v for k, v in final.items()})
             metrics["eval_loss"] = prediction.metrics.get("eval_loss")

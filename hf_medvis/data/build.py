@@ -5,17 +5,18 @@ and the augmentation objects the Trainer drives."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.tasks import CLASSIFICATION, MAE, TASKS, check_task  # noqa: F401  (TASKS: exported by hf_medvis.data)
 from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
-from .folder import group_key_hash, in_holdout, only_listed_images
+from .folder import dataset_from_records, group_key_hash, in_holdout, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
+from .mix import concat, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix, weighted_concat
 from .streaming import find_manifest
 from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from .transforms import DeviceRandomResizedCrop, SeededAugmentation, create_transform
@@ -82,6 +83,8 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         return Datasets(train, evaluation, source, info, evaluation, augmentation=augmentation,
                         device_augmentation=device_augmentation)  # fmt: skip
     options = data_args.parsed_storage_options()
+    if is_data_mix(data_args.train_data):
+        return _mae_mix_datasets(data_args, image_size, seed, train_transform, augmentation, device_augmentation)
     source = resolve_train_source(
         data_args.train_data, data_args.labels_file, data_args.phantom_patients, storage_options=options
     )
@@ -111,6 +114,46 @@ def _mae_datasets(data_args: MAEDataArguments, image_size: int, seed: int) -> Da
         device_augmentation=device_augmentation,
         skipped_images=skipped,
     )
+
+
+def _mae_mix_datasets(
+    data_args: MAEDataArguments,
+    image_size: int,
+    seed: int,
+    train_transform: Callable,
+    augmentation: Any,
+    device_augmentation: Any,
+) -> Datasets:
+    """``--train_data mix.yaml`` for pretraining: every source's images (labels not needed), a patient holdout per
+    source, training images weighted per source."""
+    if data_args.validation_data is not None or data_args.labels_file is not None:
+        raise ValueError("--validation_data / --labels_file with a data mix: each source names its own in the mix file")
+    options = data_args.parsed_storage_options()
+    mix = read_data_mix(data_args.train_data)
+    skipped: list[dict[str, str]] = []
+    per_source, sources = mix_records(mix, options, skipped, labelled=False)
+    trains, evals, _ = split_mix(per_source, None, data_args.validation_split_percentage / 100, seed)
+    for train, evaluation, entry in zip(trains, evals, sources.values(), strict=True):
+        entry.update(train_images=len(train["group"]), eval_images=len(evaluation["group"]))
+    train_records = weighted_concat(trains, [source.weight for source in mix.sources], seed)
+    eval_records = concat(evals)
+    if data_args.max_train_samples is not None:
+        train_records = {k: v[: data_args.max_train_samples] for k, v in train_records.items()}
+    if data_args.max_eval_samples is not None:
+        eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
+    info: dict[str, Any] = {
+        "train_images": len(train_records["group"]),
+        "train_patients": len(set(train_records["group"])),
+        "sources": sources,
+    }
+    evaluation = None
+    if eval_records["group"]:
+        info.update(eval_images=len(eval_records["group"]), eval_patients=len(set(eval_records["group"])))
+        evaluation = dataset_from_records(eval_records, create_transform(MAE, False, image_size=image_size), options)
+    source = resolve_mix_source(mix, options)
+    train = dataset_from_records(train_records, train_transform, options)
+    return Datasets(train, evaluation, source, info, eval_during_training=evaluation, augmentation=augmentation,
+                    device_augmentation=device_augmentation, skipped_images=skipped)  # fmt: skip
 
 
 def _classification_datasets(

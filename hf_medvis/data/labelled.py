@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.tasks import CLASSIFICATION
 from .arguments import ClassificationDataArguments
+from .folder import dataset_from_records
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labels import (
     IMAGE_COL,
@@ -29,6 +30,15 @@ from .labels import (
     sample_key,
 )
 from .labels.layouts import LabelsFormat
+from .mix import (
+    concat,
+    is_data_mix,
+    mix_records,
+    read_data_mix,
+    resolve_mix_source,
+    split_mix,
+    weighted_concat,
+)
 from .provenance import data_origin, describe_origin
 from .shard_dataset import load_shard_table, make_shard_transform, shard_metadata
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
@@ -122,6 +132,8 @@ def build_labelled_data(
         hflip=data_args.hflip,
         seed=seed,
     )
+    if is_data_mix(data_args.train_data):
+        return _build_mix_data(data_args, image_size, seed, label_names, augmentation)
     if hf_dataset_kind(data_args.train_data) is not None:
         hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=label_names)
         source, train, evaluation, info = _build_hf_datasets(data_args, image_size, hooks, augmentation)
@@ -171,6 +183,67 @@ def build_labelled_data(
         labels_format=data_args.parsed_labels_format(),
         skipped=skipped,
     )
+    data = _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
+    data.skipped_images = skipped
+    return data
+
+
+def _build_mix_data(
+    data_args: ClassificationDataArguments,
+    image_size: int,
+    seed: int,
+    label_names: Sequence[str] | None,
+    augmentation: SeededAugmentation,
+) -> LabelledData:
+    """``--train_data mix.yaml``: every source read with its layout and names onto the mix's labels, split by patient
+    on its own, its training images weighted; one training and one validation set carrying each image's ``source``."""
+    if data_args.validation_data is not None:
+        raise LabelError(
+            "--validation_data with a data mix: each source is split by patient (--validation_split_percentage); "
+            "score another dataset with `hf-medvis evaluate --label-map`"
+        )
+    if data_args.labels_file is not None:
+        raise LabelError("--labels_file with a data mix: give each source its labels_file in the mix file")
+    mix = read_data_mix(data_args.train_data)
+    if label_names and tuple(label_names) != mix.labels:
+        raise LabelError(f"--classes {', '.join(label_names)} differ from the mix's labels {', '.join(mix.labels)}")
+    options = data_args.parsed_storage_options()
+    skipped: list[dict[str, str]] = []
+    per_source, sources = mix_records(mix, options, skipped)
+    fraction = data_args.validation_split_percentage / 100
+    hooks = _LabelledRecords(data_args, explicit_labels=True, seed=seed, label_names=mix.labels)
+    hooks.spec = mix.spec
+    evals = None
+    if fraction > 0:
+        per_source, evals, reports = split_mix(per_source, mix.spec, fraction, seed)
+        hooks.report = {"sources": reports}
+        for name, report in reports.items():
+            for warning in report["warnings"]:
+                logger.warning("mix source '%s': %s", name, warning)
+    for records, entry in zip(per_source, sources.values(), strict=True):
+        entry.update(train_images=len(records["group"]), train_patients=len(set(records["group"])))
+    for records, entry in zip(evals or [], sources.values(), strict=True):
+        entry.update(eval_images=len(records["group"]), eval_patients=len(set(records["group"])))
+    train_records = weighted_concat(per_source, [source.weight for source in mix.sources], seed)
+    if data_args.max_train_samples is not None:
+        train_records = {k: v[: data_args.max_train_samples] for k, v in train_records.items()}
+    info: dict[str, Any] = {
+        "train_images": len(train_records["group"]),
+        "train_patients": len(set(train_records["group"])),
+        "sources": sources,
+    }
+    evaluation = None
+    if evals is not None:
+        eval_records = concat(evals)
+        if data_args.max_eval_samples is not None:
+            eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
+        info.update(eval_images=len(eval_records["group"]), eval_patients=len(set(eval_records["group"])))
+        eval_transform = create_transform(CLASSIFICATION, False, image_size=image_size)
+        evaluation = dataset_from_records(eval_records, eval_transform, options)
+    if skipped:
+        info["skipped_images"] = len(skipped)
+    source = resolve_mix_source(mix, options)
+    train = dataset_from_records(train_records, augmentation, options)
     data = _finish_classification_data(data_args, seed, source, train, evaluation, info, hooks, augmentation)
     data.skipped_images = skipped
     return data

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..data.labels import MULTI_LABEL, SINGLE_LABEL, LabelSpec
-from .metrics import kinds_for, metric_values, ordered
+from .metrics import kinds_for, metric_values, ordered, per_source
 
 # The metrics whose CIs the recipes and `hf-medvis evaluate` report (the metric modules can give AP and F1 CIs too).
 CI_KINDS = ("auroc", "accuracy")
@@ -140,10 +140,21 @@ def metrics_with_ci(
     threshold: float = 0.5,
     n_resamples: int = 1000,
     seed: int = 0,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Point estimates of every family of ``spec`` plus ``<metric>_ci95_low`` / ``_ci95_high`` (AUROC, accuracy) from
     one patient bootstrap, as the ``evaluate`` modules compute them (``metrics_with_intervals``) without importing
-    ``evaluate``; then the numbers of images and patients. The recipes' final metrics and ``hf-medvis evaluate``."""
+    ``evaluate``; then the numbers of images and patients. With ``sources`` (a data mix: each image's source), the same
+    again for each source's images, keys prefixed ``<source>_``. The recipes' final metrics and ``hf-medvis
+    evaluate``."""
+    if sources is not None:
+        labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray([str(g) for g in groups])
+        common = {"threshold": threshold, "n_resamples": n_resamples, "seed": seed}
+        metrics = metrics_with_ci(labels, probs, groups, spec, **common)
+        metrics.update(
+            per_source(lambda rows: metrics_with_ci(labels[rows], probs[rows], groups[rows], spec, **common), sources)
+        )
+        return metrics
     ids = [str(g) for g in groups]
     metrics: dict[str, Any] = metrics_with_intervals(
         kinds_for(spec),

@@ -154,15 +154,34 @@ def label_targets(label_ids: np.ndarray, spec: LabelSpec) -> np.ndarray:
     return onehot
 
 
-def build_compute_metrics(spec: LabelSpec, threshold: float = 0.5) -> Callable[[EvalPrediction], dict[str, float]]:
-    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ... Plain numpy: the
-    training processes never import ``evaluate`` (see ``metric_modules``)."""
+def per_source(score: Callable[[np.ndarray], dict[str, Any]], sources: Sequence[str]) -> dict[str, Any]:
+    """``score`` of each source's rows (an index array), its keys prefixed ``<source>_``: a data mix's figures per
+    source (``eval_nih_auroc_macro``) beside the overall ones."""
+    names = np.asarray(sources)
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(sources):
+        out.update({f"{name}_{key}": value for key, value in score(np.flatnonzero(names == name)).items()})
+    return out
+
+
+def build_compute_metrics(
+    spec: LabelSpec, threshold: float = 0.5, sources: Sequence[str] | None = None
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """``compute_metrics`` for the Trainer: keys become ``eval_auroc_macro``, ``eval_accuracy``, ... and, with the
+    evaluation set's ``sources`` (a data mix), ``eval_<source>_auroc_macro``, ... Plain numpy: the training processes
+    never import ``evaluate`` (see ``metric_modules``)."""
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return classification_metrics(
-            label_targets(eval_pred.label_ids, spec), probabilities(logits, spec), spec, threshold=threshold
-        )
+        labels, probs = label_targets(eval_pred.label_ids, spec), probabilities(logits, spec)
+        metrics = classification_metrics(labels, probs, spec, threshold=threshold)
+        if sources is not None:
+            if len(sources) != len(labels):
+                raise ValueError(f"{len(labels)} predictions for an evaluation set of {len(sources)} images")
+            metrics.update(
+                per_source(lambda rows: classification_metrics(labels[rows], probs[rows], spec, threshold), sources)
+            )
+        return metrics
 
     return compute_metrics
 

@@ -55,6 +55,26 @@ def write_model_card(output_dir: str | os.PathLike, content: str) -> Path:
     return path
 
 
+def _sources_row(data_info: dict, metrics: dict) -> dict[str, str]:
+    """A data mix's sources (``--train_data mix.yaml``): images and patients per source (train / validation, weighted
+    training images), the classes a source does not label, its validation AUROC (macro) where measured."""
+    sources = data_info.get("sources")
+    if not sources:
+        return {}
+    parts = []
+    for name, entry in sources.items():
+        text = (
+            f"{name}: {entry.get('train_images', '?')} / {entry.get('eval_images', 0)} images, "
+            f"{entry.get('patients', '?')} patients"
+        )
+        if entry.get("not_labelled"):
+            text += f", does not label {', '.join(entry['not_labelled'])} (masked)"
+        if f"{name}_auroc_macro" in metrics:
+            text += f", validation AUROC (macro) {_metric(metrics[f'{name}_auroc_macro'])}"
+        parts.append(text)
+    return {"sources (train / validation)": "; ".join(parts)}
+
+
 def mae_model_card(
     model: PreTrainedModel,
     model_args: MAEModelArguments,
@@ -80,6 +100,7 @@ def mae_model_card(
         "objective": f"masked autoencoding, mask ratio {config.mask_ratio}, norm_pix_loss {config.norm_pix_loss}",
         "data": data_description,
         "images (train / held-out)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
+        **_sources_row(data_info, {}),
         "augmentation": f"RandomResizedCrop scale {tuple(data_args.crop_scale)}"
         + (", horizontal flip" if data_args.hflip else ""),
         "learning rate": lr_line,
@@ -195,6 +216,7 @@ def classifier_model_card(
         "images (train / validation)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
         "patients (train / validation)": f"{data_info.get('train_patients', '?')} / {data_info.get('eval_patients', 0)}"
         " (patient-disjoint)",
+        **_sources_row(data_info, metrics),
         "loss": loss,
         "augmentation": augmentation,
         "learning rate": lr_line,

@@ -81,6 +81,13 @@ def read_label_map(path: str | os.PathLike) -> LabelMap:
     inner = next((v for k, v in pairs if k == "map"), None)
     if isinstance(inner, _Pairs):  # public_names.json's shape: the map under "map", documentation beside it
         pairs = inner
+    return parse_label_map(pairs, f"label map {name}")
+
+
+def parse_label_map(pairs: Iterable[tuple[Any, Any]], where: str) -> LabelMap:
+    """``(finding name, class or None)`` pairs, as a file or a data-mix entry gives them, -> a label map; ``where``
+    names them in the one-line ``LabelError`` for a bad entry."""
+    name = where.removeprefix("label map ")
     label_map: LabelMap = {}
     spelling: dict[str, str] = {}
     for key, value in pairs:
