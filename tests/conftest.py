@@ -228,4 +228,5 @@ def launch_command(launcher: str, script: str, *args: str, config_file: str | No
 
 
 def multiprocess_env(**extra: str) -> dict[str, str]:
-    return subprocess_env(TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, **extra)
+    # A rank that aborts (SIGABRT) prints its Python threads' stacks: the only trace a native abort leaves.
+    return subprocess_env(TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, PYTHONFAULTHANDLER="1", **extra)

@@ -129,7 +129,7 @@ def test_raw_folder_checks_files_before_the_first_step(tmp_path, phantom_dir, ca
     folder, victims = _folder_with_bad_files(tmp_path, phantom_dir)
     for task, args in (
         ("classification", ClassificationDataArguments(train_data=str(folder / "images"))),
-        ("mae", MAEDataArguments(train_data=str(folder / "images"))),
+        ("mae", MAEDataArguments(train_data=str(folder / "images"), validation_split_percentage=30)),  # a holdout
     ):
         caplog.clear()
         data = build_datasets(args, task, image_size=32)

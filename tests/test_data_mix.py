@@ -79,6 +79,15 @@ def test_mix_file_is_checked_in_one_line(tmp_path):
         read_data_mix(bad)
 
 
+def test_prepared_shards_as_a_source_are_refused_in_one_line(labelled_shards, tmp_path):
+    from hf_medvis.data.mix import mix_records
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"labels: [Nodule]\nsources:\n  - name: shards\n    data: {labelled_shards}\n")
+    with pytest.raises(LabelError, match=r"mix source 'shards': .* holds prepared shards or a Hugging Face dataset"):
+        mix_records(read_data_mix(mix), None)
+
+
 def test_weights_repeat_a_source_with_its_own_keys():
     parts = [{"key": ["a", "b"], "group": ["s/1", "s/2"]}, {"key": ["c", "d", "e", "f"], "group": ["t/1"] * 4}]
     out = weighted_concat(parts, [2.0, 0.5], seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -71,6 +72,24 @@ def test_groups_are_salted_patient_hashes(prepared, phantom_dir, tmp_path):
     prepare(str(phantom_dir / "images"), str(other), size=32, shard_size=100, salt="another-salt")
     assert not {r["group"] for r in all_rows(other)} & {r["group"] for r in rows}
     assert {r["finding_labels"] for r in rows} >= {"No Finding"} and {r["view_position"] for r in rows} <= {"PA", "AP"}
+
+
+def test_one_patient_hash_for_shards_and_raw_folders(prepared, phantom_dir):
+    """Shards (the operator's salt) and raw folders (no salt: grouping in the process) hash a patient id one way."""
+    import hashlib
+
+    from hf_medvis.data.folder import build_folder_records
+
+    def expected(patient: str, salt: str) -> str:
+        return hashlib.sha256(f"patient\x00{salt}\x00{patient}".encode()).hexdigest()[:20]
+
+    with open(phantom_dir / "labels.csv", newline="") as handle:
+        patients = {row["Image Index"]: row["Patient ID"] for row in csv.DictReader(handle)}
+    for row in all_rows(prepared):
+        assert row["group"] == expected(patients[row["key"] + ".png"], SALT)
+    records = build_folder_records(str(phantom_dir / "images"))
+    for path, group in zip(records["path"], records["group"], strict=True):
+        assert group == expected(patients[Path(path).name], "")
 
 
 def test_no_identifying_dicom_data_anywhere(prepared, phantom_dir):

@@ -12,11 +12,12 @@ from typing import Any
 
 from ..core.tasks import CLASSIFICATION, MAE, TASKS, check_task  # noqa: F401  (TASKS: exported by hf_medvis.data)
 from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
-from .folder import dataset_from_records, group_key_hash, in_holdout, only_listed_images
+from .folder import dataset_from_records, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
 from .mix import concat, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix, weighted_concat
+from .privacy import in_holdout, patient_group
 from .streaming import find_manifest
 from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
 from .transforms import DeviceRandomResizedCrop, SeededAugmentation, create_transform
@@ -179,7 +180,7 @@ def _hf_mae_datasets(data_args: MAEDataArguments, train_transform: Any, eval_tra
         raise ValueError("--validation_data with a datasets --train_data: use --validation_split_percentage")
     columns = {"image_column": data_args.image_column_name, "group_column": data_args.group_column_name}
     table, records, image_col = load_hf_table(data_args.train_data, need_labels=False, **columns)
-    held = [in_holdout(group_key_hash(g), data_args.validation_split_percentage) for g in records["group"]]
+    held = [in_holdout(patient_group(g), data_args.validation_split_percentage) for g in records["group"]]
     train_rows = [i for i, h in enumerate(held) if not h][: data_args.max_train_samples]
     eval_rows = [i for i, h in enumerate(held) if h][: data_args.max_eval_samples]
     train = table.select(train_rows).with_transform(make_image_column_transform(image_col, train_transform))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from ..core import storage
 from .decode import ImageDecodeError, looks_like_image, read_image
 from .labels import IMAGE_COL, IMAGE_EXTENSIONS, LABEL_COL, PATIENT_COL, read_labels_table, sample_key
 from .labels.layouts import LabelsFormat
-from .privacy import relative_path, source_root
+from .privacy import patient_group, relative_path, source_root
 from .transforms import apply_image_transform, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
@@ -141,16 +140,6 @@ def find_labels_file(source: str | os.PathLike) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def group_key_hash(value: str, salt: str = "") -> str:
-    """A salted, truncated SHA-256 of a patient id: stable for grouping, useless for re-identification."""
-    return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16]
-
-
-def in_holdout(group_hash: str, holdout_percentage: float) -> bool:
-    """Deterministic group-level holdout: the same patient always lands on the same side."""
-    return int(group_hash[:8], 16) % 10000 < holdout_percentage * 100
 
 
 # The end of every complete PNG (the IEND chunk and its CRC) and JPEG (end-of-image marker): a copy cut short lacks it.
@@ -273,7 +262,7 @@ def build_folder_records(
         group = row.get(PATIENT_COL) if row else None
         records["path"].append(file)
         records["key"].append(key)
-        records["group"].append(group_key_hash(group if group else key))
+        records["group"].append(patient_group(group if group else key))
         records["finding_labels"].append(row.get(LABEL_COL) if row else None)
     if any(count > 1 for count in unlabelled_keys.values()):  # a.png and a.dcm without labels: two samples
         for i, (file, labels) in enumerate(zip(records["path"], records["finding_labels"], strict=True)):

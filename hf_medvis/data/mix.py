@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .folder import build_folder_records, find_labels_file, group_key_hash, in_holdout
+from .folder import build_folder_records, find_labels_file
+from .hf_inputs import hf_dataset_kind
 from .labels import (
     MULTI_LABEL,
     UNKNOWN_PREFIX,
@@ -59,8 +60,10 @@ from .labels.label_map import (
     parse_label_map,
 )
 from .labels.layouts import LabelsFormat
+from .privacy import in_holdout, patient_group
 from .provenance import data_origin, describe_origin
 from .splits import split_report, stratified_group_assignment
+from .streaming import find_manifest
 from .train_eval import ResolvedSource
 
 logger = logging.getLogger(__name__)
@@ -232,6 +235,11 @@ def mix_records(
     labels, ``source``; with ``labelled``, only labelled images and ``labels`` encoded), and per source what it holds."""
     per_source, info = [], {}
     for source in mix.sources:
+        if find_manifest(source.data, storage_options) or hf_dataset_kind(source.data):
+            raise LabelError(
+                f"mix source '{source.name}': {source.data} holds prepared shards or a Hugging Face dataset; a mix "
+                "source is an image folder, glob or URL with its labels file (shards and datasets cannot be mixed yet)"
+            )
         records = build_folder_records(source.data, source.labels_file, storage_options, source.labels_format, skipped)
         missing: list[str] = []
         if labelled:
@@ -261,7 +269,7 @@ def split_mix(
     for records in per_source:
         if spec is None:
             held = np.array(
-                [in_holdout(group_key_hash(g), validation_fraction * 100) for g in records["group"]], dtype=bool
+                [in_holdout(patient_group(g), validation_fraction * 100) for g in records["group"]], dtype=bool
             )
         else:
             matrix = label_array(records["finding_labels"], spec)

@@ -27,7 +27,7 @@ from .labels import (
     sample_key,
 )
 from .labels.layouts import VIEW_COL
-from .privacy import salted_hash
+from .privacy import patient_group, salted_hash
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
         # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
         # the salted source hash (a file name may carry a patient name).
         "key": sample_key(name) if name else source_hash,
-        "group": salted_hash(patient, salt, "patient") if patient else f"src-{source_hash}",
+        "group": patient_group(patient, salt) if patient else f"src-{source_hash}",
         "finding_labels": finding_labels,
         "labels": None if finding_labels is None else [class_index[n] for n in parse_finding_labels(finding_labels)],
         "view_position": ((row or {}).get(VIEW_COL) or dicom_view or None),

@@ -1,5 +1,5 @@
 """Salted hashes: the only form in which patient ids and source paths leave the operator's machine (shards,
-manifests, quarantine reports)."""
+manifests, quarantine reports), and the one patient hash every input is grouped by."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ def salted_hash(value: str, salt: str, kind: str) -> str:
     """Truncated SHA-256 keyed by the salt; ``kind`` separates namespaces (a patient id never collides with a path).
     File names that are not valid UTF-8 (kept by Python as surrogate escapes) hash by their bytes."""
     return hashlib.sha256(f"{kind}\x00{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def patient_group(patient_id: str, salt: str = "") -> str:
+    """A patient's group: the one hash of a patient id, for shards (``salt``: the operator's secret) and for the
+    in-process grouping of raw folders, ``datasets`` inputs and mixes (no salt: those groups never leave the process,
+    and a fixed hash keeps a hash holdout the same across runs and machines)."""
+    return salted_hash(patient_id, salt, "patient")
+
+
+def in_holdout(group: str, holdout_percentage: float) -> bool:
+    """Deterministic patient-level holdout on a group hash: the same patient always lands on the same side."""
+    return int(group[:8], 16) % 10000 < holdout_percentage * 100
 
 
 def resolve_salt(salt: str | None) -> str:

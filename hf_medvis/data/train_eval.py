@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.storage import has_glob
-from .folder import DataSourceError, build_folder_records, dataset_from_records, find_labels_file, in_holdout
+from .folder import DataSourceError, build_folder_records, dataset_from_records, find_labels_file
 from .labels.layouts import LabelsFormat
 from .phantoms import ensure_phantom_dataset
+from .privacy import in_holdout
 from .provenance import data_origin, describe_origin
 from .streaming import ShardLocation, find_manifest, load_image_dataset, load_shard_stream, stream_control
 

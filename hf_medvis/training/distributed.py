@@ -11,6 +11,7 @@ the device (accelerate does that); global rank decides who writes (``is_world_pr
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from collections.abc import MutableMapping
 
@@ -43,8 +44,10 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
 
 def _destroy_process_group() -> None:
     # A process group left to the interpreter's teardown can abort the process after a finished run (gloo's threads:
-    # "terminate called without an active exception", SIGABRT), which a launcher reports as a failed rank.
-
+    # "terminate called without an active exception", SIGABRT), which a launcher reports as a failed rank. The same
+    # holds for communication handles that outlive the run in reference cycles (DeepSpeed ZeRO-3's parameter prefetch
+    # keeps async all-gathers): collect them while the interpreter is whole, then end the group.
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
