@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_args.image_mean,
             data_args.image_std,
             data_stats=data.normalization,
+            cache_dir=model_args.cache_dir,
         )
         pos_weight = None
         if data_args.pos_weight and spec.multi_label:

@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_args.image_mean,
             data_args.image_std,
             data_stats=data.normalization,
+            cache_dir=model_args.cache_dir,
         )
         configure_stream_loading(training_args, data.train)
         disable_evaluation_without_data(training_args, data.eval)

@@ -206,3 +206,28 @@ def test_mean_pooled_checkpoints_load_everywhere_resume_and_fine_tune_on(tmp_pat
     )
     assert "weights from vit checkpoint" in log and "0 missing" in log and "0 unexpected" in log, log
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "hf_medvis_vit"
+
+
+def test_a_hub_model_is_normalised_with_its_own_processor(tmp_path, phantom_dir):
+    """`--model_name_or_path owner/name` (here served from the Hub cache: the Hub is a dead port) trains and saves with
+    that model's own mean/std, not the X-ray defaults meant for our own checkpoints."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    cache = tmp_path / "hub_cache"
+    repo = cache / "models--acme--tiny-vit"
+    snapshot = repo / "snapshots" / ("0" * 40)  # the Hub cache's layout: refs/main names the snapshot
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(snapshot)
+    ViTImageProcessor(image_mean=[0.25] * 3, image_std=[0.125] * 3, size={"height": 32, "width": 32}).save_pretrained(
+        snapshot
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "run"
+    argv = f"--train_data {phantom_dir / 'images'} --model_name_or_path acme/tiny-vit --cache_dir {cache} "
+    argv += f"--output_dir {out} --image_size 32 --max_steps 1 --per_device_train_batch_size 4 --eval_strategy no "
+    argv += "--load_best_model_at_end false --validation_split_percentage 0"
+    _run(load_recipe("finetune_vit"), argv.split())
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == [0.25] * 3 and saved["image_std"] == [0.125] * 3

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..core.errors import first_line
 from ..core.presets import preset_fields
@@ -151,11 +152,13 @@ def resolve_normalization(
     mean: list[float] | None,
     std: list[float] | None,
     data_stats: dict[str, list[float]] | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json > the training data's own
-    statistics (``data_stats``: a prepared-shard manifest's ``normalization``) > X-ray defaults."""
+    """Mean/std per channel: explicit flags > the checkpoint's preprocessor_config.json (a folder's, or a Hub
+    model's) > the training data's own statistics (``data_stats``: a prepared-shard manifest's ``normalization``) >
+    X-ray defaults."""
     if mean is None or std is None:
-        found = _processor_stats(model_name_or_path)
+        found = _processor_stats(model_name_or_path, cache_dir)
         if not found and data_stats:
             found = (list(data_stats["mean"]), list(data_stats["std"]))
         if found:
@@ -171,16 +174,41 @@ def resolve_normalization(
     return mean, std
 
 
-def _processor_stats(model_name_or_path: str | None) -> tuple[list[float], list[float]] | None:
+def _processor_stats(
+    model_name_or_path: str | None, cache_dir: str | None = None
+) -> tuple[list[float], list[float]] | None:
     if not model_name_or_path:
         return None
-    path = Path(model_name_or_path) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
+    if Path(model_name_or_path).is_dir():
+        path: Path | None = Path(model_name_or_path) / IMAGE_PROCESSOR_NAME
+        if not path.is_file():
+            return None
+    else:  # a Hub id: the model came from there (or its cache), so does its processor
+        path = _hub_processor_config(model_name_or_path, cache_dir)
+        if path is None:
+            return None
     data = json.loads(path.read_text())
     if "image_mean" in data and "image_std" in data:
         return list(data["image_mean"]), list(data["image_std"])
     return None
+
+
+def _hub_processor_config(repo_id: str, cache_dir: str | None) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, IMAGE_PROCESSOR_NAME, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:  # (a subclass of the next: the Hub did not answer and the cache has no copy)
+        logger.warning(
+            "%s of %s: the Hub did not answer and the cache has none, so its normalisation is not known; pass "
+            "--image_mean / --image_std to set it",
+            IMAGE_PROCESSOR_NAME,
+            repo_id,
+        )
+        return None
+    except EntryNotFoundError:  # the model has no processor
+        return None
 
 
 def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> ViTImageProcessor:
