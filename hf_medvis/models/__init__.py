@@ -13,6 +13,7 @@ from ..core.presets import load_presets
 from ..core.tasks import MAE, TASKS, check_task
 from .arguments import ClassifierModelArguments, MAEModelArguments, ModelArguments
 from .build import build_image_processor, build_mae_model, resolve_normalization
+from .drop_path import add_drop_path
 from .transfer import LabelSet, LoadReport, build_classifier, load_classifier, load_config
 
 
@@ -62,6 +63,8 @@ def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None =
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
     )
+    if model_args.drop_path_rate:
+        add_drop_path(model, model_args.drop_path_rate)
     return BuiltModel(model, report)
 
 
@@ -86,6 +89,7 @@ __all__ = [
     "LoadReport",
     "MAEModelArguments",
     "ModelArguments",
+    "add_drop_path",
     "build_image_processor",
     "build_model",
     "count_parameters",

@@ -82,6 +82,12 @@ class ClassifierModelArguments(ModelArguments):
     )  # fmt: skip
     hidden_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout in the encoder MLPs and embeddings."})
     attention_probs_dropout_prob: float = field(default=0.0, metadata={"help": "Dropout on attention weights."})
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata={"help": "Stochastic depth: each encoder layer's residual branches dropped per sample, at a rate "
+                  "rising linearly to this at the last layer (MAE / medical_mae fine-tuning use 0.1-0.2). Off in "
+                  "evaluation; the saved model is a plain ViT."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +95,9 @@ class ClassifierModelArguments(ModelArguments):
             raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
         if self.num_channels not in (None, 1, 3):
             raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.drop_path_rate and self.linear_probe:
+            raise ValueError("--drop_path_rate with --linear_probe: the probe's encoder is frozen; drop-path is for "
+                             "fine-tuning the encoder")  # fmt: skip

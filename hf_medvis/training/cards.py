@@ -221,6 +221,11 @@ def classifier_model_card(
         "augmentation": augmentation,
         "learning rate": lr_line,
         "layer-wise lr decay": training_args.layer_decay,
+        **(
+            {"stochastic depth": f"drop-path rate 0 to {model_args.drop_path_rate:g} over the layers (training only)"}
+            if model_args.drop_path_rate
+            else {}
+        ),  # fmt: skip
         "optimizer": f"{_plain(training_args.optim)}, weight decay {training_args.weight_decay} (none on norms, biases, "
         "position embeddings, CLS token)",
         "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
