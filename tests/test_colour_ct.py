@@ -113,7 +113,7 @@ def test_recipes_train_on_colour_shards_and_predict_reads_colour(tiles, tmp_path
     import contextlib
 
     from conftest import load_recipe
-    from transformers import ViTImageProcessor
+    from transformers import AutoImageProcessor
 
     from hf_medvis.evaluation import Predictor
 
@@ -129,7 +129,7 @@ def test_recipes_train_on_colour_shards_and_predict_reads_colour(tiles, tmp_path
         load_recipe("finetune_vit").main(args.split())
     config = json.loads((out / "config.json").read_text())
     assert config["hf_medvis_input"] == {"channels": 3, "windows": []} and config["num_channels"] == 3
-    processor = ViTImageProcessor.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
     np.testing.assert_allclose(processor.image_mean, manifest["normalization"]["mean"])  # the data's own statistics
     predictor = Predictor(out)
     image = sorted((tiles / "images").glob("*.png"))[0]

@@ -58,7 +58,7 @@ def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
 def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
     import torch
     from huggingface_hub import ModelCard
-    from transformers import ViTForImageClassification, ViTImageProcessor
+    from transformers import AutoImageProcessor, ViTForImageClassification
 
     out, metrics, log = finetuned
     model = ViTForImageClassification.from_pretrained(out)
@@ -66,9 +66,9 @@ def test_run_from_mae_writes_a_hub_ready_classifier(finetuned, phantom_dir):
     assert model.config.label2id == {"Cardiomegaly": 0, "Effusion": 1, "Nodule": 2}
     assert model.config.problem_type == "multi_label_classification"
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
-    processor = ViTImageProcessor.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
     assert (
-        processor.size["height"] == processor.size["width"] == 64 and list(processor.image_mean) == [0.5] * 3
+        processor.crop_size["height"] == processor.crop_size["width"] == 64 and list(processor.image_mean) == [0.5] * 3
     )  # MAE stats
 
     # transformers' own pipeline reads the folder as `hf-medvis predict` does, on a grey PNG as X-rays come.
@@ -180,6 +180,26 @@ def test_card_names_its_data_splits_checkpoint_and_gets_the_test_result(finetune
     assert card.text.count("## Test results") == 1 and "synthetic chest X-ray phantoms" in card.text
     assert card.text.index("## Test results") < card.text.index("## Intended use and limitations")
     assert str(phantom_dir) not in (model / "README.md").read_text()
+
+
+@pytest.mark.parametrize("shape", [(101, 64), (64, 99), (80, 121)], ids=["portrait", "landscape", "odd-margin"])
+def test_pipeline_scores_non_square_x_rays_as_predict_does(finetuned, phantom_dir, tmp_path, shape):
+    """Most X-rays are not square: the saved processor resizes the shorter side and centre-crops (no squashing) with
+    evaluation's crop offset, so transformers' pipeline on the file gives `hf-medvis predict`'s scores."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from hf_medvis.evaluation import Predictor
+
+    out, _, _ = finetuned
+    source = Image.open(sorted((phantom_dir / "images").glob("*.png"))[1])
+    path = tmp_path / "xray.png"
+    source.resize(shape[::-1], Image.Resampling.BILINEAR).save(path)  # PIL sizes are (width, height)
+    predictor = Predictor(out)
+    expected = predictor.predict([str(path)])[0]
+    scores = {r["label"]: r["score"] for r in pipeline("image-classification", model=str(out))(str(path), top_k=None)}
+    for name, index in predictor.model.config.label2id.items():
+        assert scores[name] == pytest.approx(float(expected[index]), abs=1e-4), name
 
 
 def test_hub_base_model_goes_into_the_card(recipe):

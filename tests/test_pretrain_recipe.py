@@ -50,14 +50,14 @@ def trained(tmp_path_factory, phantom_dir):
 
 def test_run_writes_a_loadable_hub_ready_folder(trained):
     from huggingface_hub import ModelCard
-    from transformers import ViTImageProcessor, ViTMAEForPreTraining
+    from transformers import AutoImageProcessor, ViTMAEForPreTraining
 
     out, log = trained
     model = ViTMAEForPreTraining.from_pretrained(out)
     assert model.config.image_size == 64 and model.config.mask_ratio == 0.75
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
-    processor = ViTImageProcessor.from_pretrained(out)
-    assert processor.size == {"height": 64, "width": 64} and len(processor.image_mean) == 3
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.crop_size == {"height": 64, "width": 64} and len(processor.image_mean) == 3
     card = ModelCard.load(out / "README.md")
     assert "vit-mae" in card.data.tags and card.data.library_name == "transformers"
     assert "Not for clinical use" in card.text

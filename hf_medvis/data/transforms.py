@@ -118,9 +118,16 @@ def _resize_centre_crop(image_size: int) -> v2.Compose:
     return v2.Compose(
         [
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
+            functools.partial(_centre_crop, size=image_size),
         ]
     )
+
+
+def _centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    # The offset transformers' image processors use, (H - size) // 2, so the processor saved beside a model
+    # (models.build_image_processor) crops where evaluation does; torchvision's CenterCrop rounds half to even.
+    height, width = image.shape[-2:]
+    return v2.functional.crop(image, (height - size) // 2, (width - size) // 2, size, size)
 
 
 def _load_transform(load_size: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import ViTImageProcessor
+from transformers import AutoImageProcessor
 
 from ..core.tasks import CLASSIFICATION
 from ..data.decode import read_image
@@ -26,8 +26,9 @@ class Predictor:
         self.model = load_classifier(os.fspath(model_dir)).eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        processor = ViTImageProcessor.from_pretrained(model_dir)
-        self.image_size = int(processor.size["height"])
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+        # build_image_processor's crop size; folders saved before it have a ViTImageProcessor's square size
+        self.image_size = int((getattr(processor, "crop_size", None) or processor.size)["height"])
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         config = self.model.config
         self.spec = LabelSpec(tuple(config.id2label[i] for i in range(config.num_labels)), config.problem_type)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import PretrainedConfig, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import BitImageProcessor, PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..core.errors import first_line
@@ -211,14 +211,18 @@ def _hub_processor_config(repo_id: str, cache_dir: str | None) -> Path | None:
         return None
 
 
-def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> ViTImageProcessor:
-    """The processor saved beside the model so Hub users preprocess exactly as training did: grey images (most X-rays)
-    become the 3 equal channels the model was trained on, as the recipes feed them."""
-    return ViTImageProcessor(
-        do_convert_rgb=True,
+def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> BitImageProcessor:
+    """The processor saved beside the model, so that transformers (``pipeline``, ``AutoImageProcessor``) preprocesses
+    as evaluation and ``hf-medvis predict`` do: shorter side to ``image_size`` (bicubic), centre crop, rescale,
+    normalise; a grey image becomes the 3 equal channels of a 3-channel model. transformers' ``BitImageProcessor`` is
+    its standard processor with that resize-and-crop (``ViTImageProcessor`` would squash a non-square X-ray)."""
+    return BitImageProcessor(
+        do_convert_rgb=len(mean) == 3,
         do_resize=True,
-        size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
         resample=3,  # bicubic, as in training
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
