@@ -102,8 +102,37 @@ def test_evaluate_writes_metrics_with_patient_cis_and_plots(tmp_path, phantom_di
     table = json.loads((tmp_path / "eval" / "per_class.json").read_text())
     assert [row["class"] for row in table] == list(MULTI.names) and "auroc_ci95" in table[0] and "ap" in table[0]
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 5000
+    assert (tmp_path / "eval" / "reliability.png").stat().st_size > 5000
     assert not (tmp_path / "eval" / "confusion.png").exists()
     assert "patient-level bootstrap" in capsys.readouterr().out
+    # Calibration, recomputed by hand from the model's probabilities on the same rows: Brier = mean squared error,
+    # ECE over 10 equal-mass bins of the sorted probabilities (the first N % 10 bins one image larger).
+    from hf_medvis.evaluation import Predictor
+
+    paths = [str(phantom_dir / "images" / r["Image Index"]) for r in test_rows]
+    probs = Predictor(model).predict(paths)
+    for c, name in enumerate(MULTI.names):
+        y = np.array([name in r["Finding Labels"].split("|") for r in test_rows], dtype=float)
+        p = probs[:, c].astype(float)
+        order, n, ece, start = np.argsort(p, kind="stable"), len(p), 0.0, 0
+        for b in range(10):
+            size = n // 10 + (1 if b < n % 10 else 0)
+            chunk = order[start : start + size]
+            start += size
+            ece += size / n * abs(y[chunk].mean() - p[chunk].mean())
+        got = metrics["calibration"][name]
+        assert got["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9), name
+        assert got["ece"] == pytest.approx(ece, abs=1e-9) and got["images"] == n, name
+
+
+def test_ece_tells_calibrated_from_overconfident_probabilities():
+    from hf_medvis.evaluation.calibration import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(float)  # calibrated by construction
+    assert expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(y, np.clip(1.6 * (p - 0.5) + 0.5, 0, 1)) > 0.05  # overconfident
 
 
 def test_evaluate_multiclass_draws_a_confusion_matrix(tmp_path, phantom_dir):

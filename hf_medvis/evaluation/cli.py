@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
         "evaluate",
-        help="evaluate a fine-tuned classifier: metrics.json with patient-bootstrap 95%% CIs, roc.png, confusion.png",
+        help="evaluate a fine-tuned classifier: metrics.json with patient-bootstrap 95%% CIs and calibration, roc.png, "
+        "reliability.png, confusion.png",
         description="Scores every labelled image of --data (images not listed in --labels are skipped) and writes "
-        "OUT/metrics.json (per class and macro, 95%% CIs from resampling patients), OUT/per_class.json, OUT/roc.png and, "
-        "for multi-class models, OUT/confusion.png.",
+        "OUT/metrics.json (per class and macro, 95%% CIs from resampling patients; per class the calibration: ECE over "
+        "equal-mass bins and Brier score), OUT/per_class.json, OUT/roc.png, OUT/reliability.png and, for multi-class "
+        "models, OUT/confusion.png.",
     )
     ev.add_argument("--model", required=True, help="fine-tuned model folder (output of recipes/finetune_vit.py)")
     ev.add_argument("--data", required=True, help="images: folder, glob or fsspec URL (PNG/JPEG/DICOM)")
@@ -85,8 +87,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     from ..data.labels.label_map import load_label_map
     from .bootstrap import metrics_with_ci
+    from .calibration import CALIBRATION_BINS, calibration_metrics
     from .metrics import format_metrics_table, per_class_table
-    from .plots import save_confusion_plot, save_roc_plot
+    from .plots import save_confusion_plot, save_reliability_plot, save_roc_plot
     from .predict import Predictor
 
     if not 0 < args.threshold < 1:
@@ -159,6 +162,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     metrics["problem_type"] = spec.problem_type
+    metrics["calibration"] = calibration_metrics(truth[:, columns], probs[:, columns], scored_spec)
     if not_evaluated:
         metrics["not_evaluated"] = not_evaluated
     out = Path(args.out)
@@ -171,12 +175,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     write_json_atomic(out / "per_class.json", per_class)
     write_skipped_images(out, skipped)
     save_roc_plot(out / "roc.png", truth, probs, spec)
+    save_reliability_plot(out / "reliability.png", truth, probs, spec)
     if not spec.multi_label:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)
     print(format_metrics_table(metrics, spec))
     if not_evaluated:
         print(f"not evaluated (the dataset does not label them): {', '.join(not_evaluated)}")
-    print(f"wrote metrics.json, per_class.json, roc.png{'' if spec.multi_label else ', confusion.png'} to {out}")
+    print(
+        f"calibration (ECE over {CALIBRATION_BINS} equal-mass bins / Brier): "
+        + ", ".join(f"{name} {c['ece']:.3f} / {c['brier']:.3f}" for name, c in metrics["calibration"].items())
+    )
+    written = "metrics.json, per_class.json, roc.png, reliability.png" + ("" if spec.multi_label else ", confusion.png")
+    print(f"wrote {written} to {out}")
     if args.update_card and Path(args.model).is_dir():
         from ..data.provenance import data_origin, describe_origin
         from .card_results import record_test_results

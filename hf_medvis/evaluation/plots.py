@@ -1,4 +1,4 @@
-"""Figures of an evaluation (ROC curves, confusion matrix) and of images (a grid for notebooks), saved atomically."""
+"""Figures of an evaluation (ROC curves, reliability diagrams, confusion matrix) and of images (a grid for notebooks), saved atomically."""
 
 from __future__ import annotations
 
@@ -48,6 +48,26 @@ def save_roc_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray
             RocCurveDisplay.from_predictions(labels[known, c], probs[known, c], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title("ROC per class")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_reliability_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> Path:
+    """A reliability diagram per class (observed rate against mean probability in equal-mass bins, as the ECE of
+    ``calibration.py`` counts them); unknown labels left out."""
+    from sklearn.calibration import CalibrationDisplay
+
+    from .calibration import CALIBRATION_BINS
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, name in enumerate(spec.names):
+        known = labels[:, c] >= 0
+        if defined(labels[known, c]):
+            CalibrationDisplay.from_predictions(
+                labels[known, c], probs[known, c], n_bins=CALIBRATION_BINS, strategy="quantile", name=name, ax=ax
+            )
+    ax.set_title("Reliability per class (equal-mass bins)")
     fig.tight_layout()
     return save_figure(fig, path)
 
