@@ -16,7 +16,7 @@ from .folder import dataset_from_records, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
-from .mix import concat, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix, weighted_concat
+from .mix import assemble_mix, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix
 from .privacy import in_holdout, patient_group
 from .streaming import find_manifest
 from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
@@ -134,22 +134,11 @@ def _mae_mix_datasets(
     skipped: list[dict[str, str]] = []
     per_source, sources = mix_records(mix, options, skipped, labelled=False)
     trains, evals, _ = split_mix(per_source, None, data_args.validation_split_percentage / 100, seed)
-    for train, evaluation, entry in zip(trains, evals, sources.values(), strict=True):
-        entry.update(train_images=len(train["group"]), eval_images=len(evaluation["group"]))
-    train_records = weighted_concat(trains, [source.weight for source in mix.sources], seed)
-    eval_records = concat(evals)
-    if data_args.max_train_samples is not None:
-        train_records = {k: v[: data_args.max_train_samples] for k, v in train_records.items()}
-    if data_args.max_eval_samples is not None:
-        eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
-    info: dict[str, Any] = {
-        "train_images": len(train_records["group"]),
-        "train_patients": len(set(train_records["group"])),
-        "sources": sources,
-    }
+    train_records, eval_records, info = assemble_mix(
+        mix, trains, evals, sources, seed, data_args.max_train_samples, data_args.max_eval_samples
+    )
     evaluation = None
-    if eval_records["group"]:
-        info.update(eval_images=len(eval_records["group"]), eval_patients=len(set(eval_records["group"])))
+    if eval_records is not None:
         evaluation = dataset_from_records(eval_records, create_transform(MAE, False, image_size=image_size), options)
     source = resolve_mix_source(mix, options)
     train = dataset_from_records(train_records, train_transform, options)

@@ -30,15 +30,7 @@ from .labels import (
     sample_key,
 )
 from .labels.layouts import LabelsFormat
-from .mix import (
-    concat,
-    is_data_mix,
-    mix_records,
-    read_data_mix,
-    resolve_mix_source,
-    split_mix,
-    weighted_concat,
-)
+from .mix import assemble_mix, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix
 from .provenance import data_origin, describe_origin
 from .shard_dataset import load_shard_table, make_shard_transform, shard_metadata
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
@@ -220,24 +212,11 @@ def _build_mix_data(
         for name, report in reports.items():
             for warning in report["warnings"]:
                 logger.warning("mix source '%s': %s", name, warning)
-    for records, entry in zip(per_source, sources.values(), strict=True):
-        entry.update(train_images=len(records["group"]), train_patients=len(set(records["group"])))
-    for records, entry in zip(evals or [], sources.values(), strict=True):
-        entry.update(eval_images=len(records["group"]), eval_patients=len(set(records["group"])))
-    train_records = weighted_concat(per_source, [source.weight for source in mix.sources], seed)
-    if data_args.max_train_samples is not None:
-        train_records = {k: v[: data_args.max_train_samples] for k, v in train_records.items()}
-    info: dict[str, Any] = {
-        "train_images": len(train_records["group"]),
-        "train_patients": len(set(train_records["group"])),
-        "sources": sources,
-    }
+    train_records, eval_records, info = assemble_mix(
+        mix, per_source, evals, sources, seed, data_args.max_train_samples, data_args.max_eval_samples
+    )
     evaluation = None
-    if evals is not None:
-        eval_records = concat(evals)
-        if data_args.max_eval_samples is not None:
-            eval_records = {k: v[: data_args.max_eval_samples] for k, v in eval_records.items()}
-        info.update(eval_images=len(eval_records["group"]), eval_patients=len(set(eval_records["group"])))
+    if eval_records is not None:
         eval_transform = create_transform(CLASSIFICATION, False, image_size=image_size)
         evaluation = dataset_from_records(eval_records, eval_transform, options)
     if skipped:

@@ -305,6 +305,37 @@ def weighted_concat(parts: list[dict[str, list[Any]]], weights: list[float], see
     return out
 
 
+def assemble_mix(
+    mix: DataMix,
+    trains: list[dict[str, list[Any]]],
+    evals: list[dict[str, list[Any]]] | None,
+    sources: dict[str, dict[str, Any]],
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]] | None, dict[str, Any]]:
+    """The split sources as one training table (weighted) and one validation table (``None`` when empty), each cut to
+    its ``max_*_samples``, and the run's data info: counts overall and, in ``sources``, per source."""
+    for parts, side in ((trains, "train"), (evals or [], "eval")):
+        for records, entry in zip(parts, sources.values(), strict=True):
+            entry.update({f"{side}_images": len(records["group"]), f"{side}_patients": len(set(records["group"]))})
+    train = _first(weighted_concat(trains, [source.weight for source in mix.sources], seed), max_train_samples)
+    info: dict[str, Any] = {
+        "train_images": len(train["group"]),
+        "train_patients": len(set(train["group"])),
+        "sources": sources,
+    }
+    evaluation = _first(concat(evals), max_eval_samples) if evals else None
+    if evaluation is None or not evaluation["group"]:
+        return train, None, info
+    info.update(eval_images=len(evaluation["group"]), eval_patients=len(set(evaluation["group"])))
+    return train, evaluation, info
+
+
+def _first(records: dict[str, list[Any]], n: int | None) -> dict[str, list[Any]]:
+    return records if n is None else {k: v[:n] for k, v in records.items()}
+
+
 def resolve_mix_source(mix: DataMix, storage_options: dict | None) -> ResolvedSource:
     """The mix as the recipes' one source: its sources' names and origins (safe for cards and logs)."""
     origins = [data_origin(source.data, storage_options) for source in mix.sources]
