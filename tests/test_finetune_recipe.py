@@ -178,6 +178,8 @@ def test_card_names_its_data_splits_checkpoint_and_gets_the_test_result(finetune
     assert auroc.metric_value == pytest.approx(evaluated["auroc_macro"], abs=1e-4)
     assert f"{evaluated['auroc_macro_ci95_low']:.3f}" in auroc.metric_name and "patient bootstrap" in auroc.metric_name
     assert card.text.count("## Test results") == 1 and "synthetic chest X-ray phantoms" in card.text
+    for name, calibration in evaluated["calibration"].items():  # the card's calibration rows are metrics.json's
+        assert f"| {name} | {calibration['ece']:.3f} | {calibration['brier']:.3f} |" in card.text
     assert card.text.index("## Test results") < card.text.index("## Intended use and limitations")
     assert str(phantom_dir) not in (model / "README.md").read_text()
 

@@ -56,6 +56,16 @@ def _not_evaluated_lines(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
+    """Per class, how far the probabilities are from observed rates (``calibration.py``): ECE and Brier score."""
+    calibration = metrics.get("calibration") or {}
+    if not calibration:
+        return []
+    bins = max(entry["bins"] for entry in calibration.values())
+    rows = [f"| {name} | {c['ece']:.3f} | {c['brier']:.3f} |" for name, c in calibration.items()]
+    return ["", f"| class | ECE ({bins} equal-mass bins) | Brier |", "|---|---|---|", *rows]
+
+
 def record_test_results(
     model_dir: str | Path,
     metrics: dict[str, Any],
@@ -86,6 +96,7 @@ def record_test_results(
             format_metrics_table(metrics, spec),
             "```",
             *_not_evaluated_lines(metrics),
+            *_calibration_lines(metrics),
             END,
         ]
     )
