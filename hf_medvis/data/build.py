@@ -16,7 +16,15 @@ from .folder import dataset_from_records, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
-from .mix import assemble_mix, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix
+from .mix import (
+    assemble_mix,
+    is_data_mix,
+    mix_records,
+    read_data_mix,
+    refuse_run_level_inputs,
+    resolve_mix_source,
+    split_mix,
+)
 from .privacy import in_holdout, patient_group
 from .streaming import find_manifest
 from .train_eval import ResolvedSource, build_train_eval_datasets, resolve_train_source
@@ -127,8 +135,7 @@ def _mae_mix_datasets(
 ) -> Datasets:
     """``--train_data mix.yaml`` for pretraining: every source's images (labels not needed), a patient holdout per
     source, training images weighted per source."""
-    if data_args.validation_data is not None or data_args.labels_file is not None:
-        raise ValueError("--validation_data / --labels_file with a data mix: each source names its own in the mix file")
+    refuse_run_level_inputs(data_args.validation_data, data_args.labels_file)
     options = data_args.parsed_storage_options()
     mix = read_data_mix(data_args.train_data)
     skipped: list[dict[str, str]] = []

@@ -30,7 +30,15 @@ from .labels import (
     sample_key,
 )
 from .labels.layouts import LabelsFormat
-from .mix import assemble_mix, is_data_mix, mix_records, read_data_mix, resolve_mix_source, split_mix
+from .mix import (
+    assemble_mix,
+    is_data_mix,
+    mix_records,
+    read_data_mix,
+    refuse_run_level_inputs,
+    resolve_mix_source,
+    split_mix,
+)
 from .provenance import data_origin, describe_origin
 from .shard_dataset import load_shard_table, make_shard_transform, shard_metadata
 from .splits import check_patient_disjoint, split_report, stratified_group_assignment, stratified_subsample
@@ -189,13 +197,7 @@ def _build_mix_data(
 ) -> LabelledData:
     """``--train_data mix.yaml``: every source read with its layout and names onto the mix's labels, split by patient
     on its own, its training images weighted; one training and one validation set carrying each image's ``source``."""
-    if data_args.validation_data is not None:
-        raise LabelError(
-            "--validation_data with a data mix: each source is split by patient (--validation_split_percentage); "
-            "score another dataset with `hf-medvis evaluate --label-map`"
-        )
-    if data_args.labels_file is not None:
-        raise LabelError("--labels_file with a data mix: give each source its labels_file in the mix file")
+    refuse_run_level_inputs(data_args.validation_data, data_args.labels_file)
     mix = read_data_mix(data_args.train_data)
     if label_names and tuple(label_names) != mix.labels:
         raise LabelError(f"--classes {', '.join(label_names)} differ from the mix's labels {', '.join(mix.labels)}")

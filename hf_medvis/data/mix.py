@@ -225,6 +225,18 @@ def _source_records(
     return out, missing
 
 
+def refuse_run_level_inputs(validation_data: str | None, labels_file: str | None) -> None:
+    """A mix names each source's labels and splits each source by patient: the run-level inputs it replaces are
+    refused in one line."""
+    if validation_data is not None:
+        raise LabelError(
+            "--validation_data with a data mix: each source is split by patient (--validation_split_percentage); "
+            "score another dataset with `hf-medvis evaluate --label-map`"
+        )
+    if labels_file is not None:
+        raise LabelError("--labels_file with a data mix: give each source its labels_file in the mix file")
+
+
 def mix_records(
     mix: DataMix,
     storage_options: dict | None,
@@ -287,21 +299,18 @@ def weighted_concat(parts: list[dict[str, list[Any]]], weights: list[float], see
     """The sources' training records in one table, each source's images repeated by its weight: 2.0 twice, 0.5 a fixed
     half (drawn with ``seed``), so its share of every epoch follows the weight."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[Any]] = {column: [] for column in parts[0]} if parts else {}
     for records, weight in zip(parts, weights, strict=True):
         n = len(records["group"])
         whole, fraction = int(weight), weight - int(weight)
         indices = [*range(n)] * whole + sorted(rng.choice(n, size=round(n * fraction), replace=False).tolist())
-        copies: Counter = Counter()
         for column, values in records.items():
-            out.setdefault(column, []).extend(values[i] for i in indices)
+            if column != "key":
+                out[column].extend(values[i] for i in indices)
+        copies: Counter = Counter()
         for i in indices:  # a repeat gets its own key, so its own augmentation draw (SeededAugmentation follows keys)
-            out.setdefault("_keys", []).append(
-                records["key"][i] if not copies[i] else f"{records['key'][i]}~{copies[i]}"
-            )
+            out["key"].append(records["key"][i] if not copies[i] else f"{records['key'][i]}~{copies[i]}")
             copies[i] += 1
-    if "_keys" in out:
-        out["key"] = out.pop("_keys")
     return out
 
 

@@ -38,14 +38,20 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 90) -> Path:
     return Path(path)
 
 
+def _per_class_curves(display: Any, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec, **options: Any) -> Any:
+    """One scikit-learn ``display.from_predictions`` curve per class with positives and negatives, on one axis; unknown
+    labels (-1) are left out, not drawn as negatives. Returns (figure, axis)."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 5))
+    for c, name in enumerate(spec.names):
+        known = labels[:, c] >= 0
+        if defined(labels[known, c]):
+            display.from_predictions(labels[known, c], probs[known, c], name=name, ax=ax, **options)
+    return fig, ax
+
+
 def save_roc_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> Path:
     """One ROC curve per class (one-vs-rest for multi-class)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for c, name in enumerate(spec.names):
-        known = labels[:, c] >= 0  # unknown labels (-1) are not drawn as negatives
-        if defined(labels[known, c]):
-            RocCurveDisplay.from_predictions(labels[known, c], probs[known, c], name=name, ax=ax)
+    fig, ax = _per_class_curves(RocCurveDisplay, labels, probs, spec)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title("ROC per class")
     fig.tight_layout()
@@ -59,14 +65,7 @@ def save_reliability_plot(path: str | os.PathLike, labels: np.ndarray, probs: np
 
     from .calibration import CALIBRATION_BINS
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for c, name in enumerate(spec.names):
-        known = labels[:, c] >= 0
-        if defined(labels[known, c]):
-            CalibrationDisplay.from_predictions(
-                labels[known, c], probs[known, c], n_bins=CALIBRATION_BINS, strategy="quantile", name=name, ax=ax
-            )
+    fig, ax = _per_class_curves(CalibrationDisplay, labels, probs, spec, n_bins=CALIBRATION_BINS, strategy="quantile")
     ax.set_title("Reliability per class (equal-mass bins)")
     fig.tight_layout()
     return save_figure(fig, path)

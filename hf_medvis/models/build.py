@@ -179,14 +179,11 @@ def _processor_stats(
 ) -> tuple[list[float], list[float]] | None:
     if not model_name_or_path:
         return None
-    if Path(model_name_or_path).is_dir():
-        path: Path | None = Path(model_name_or_path) / IMAGE_PROCESSOR_NAME
-        if not path.is_file():
-            return None
-    else:  # a Hub id: the model came from there (or its cache), so does its processor
-        path = _hub_processor_config(model_name_or_path, cache_dir)
-        if path is None:
-            return None
+    folder = Path(model_name_or_path)
+    # a Hub id: the model came from there (or its cache), so does its processor
+    path = folder / IMAGE_PROCESSOR_NAME if folder.is_dir() else _hub_processor_config(model_name_or_path, cache_dir)
+    if path is None or not path.is_file():
+        return None
     data = json.loads(path.read_text())
     if "image_mean" in data and "image_std" in data:
         return list(data["image_mean"]), list(data["image_std"])

@@ -86,21 +86,20 @@ def read_label_map(path: str | os.PathLike) -> LabelMap:
 
 def parse_label_map(pairs: Iterable[tuple[Any, Any]], where: str) -> LabelMap:
     """``(finding name, class or None)`` pairs, as a file or a data-mix entry gives them, -> a label map; ``where``
-    names them in the one-line ``LabelError`` for a bad entry."""
-    name = where.removeprefix("label map ")
+    begins the one-line ``LabelError`` for a bad entry ("label map NAME")."""
     label_map: LabelMap = {}
     spelling: dict[str, str] = {}
     for key, value in pairs:
         if not isinstance(key, str) or not key.strip():
-            raise LabelError(f"label map {name}: the key {key!r} is not a finding name (write names as text, quoted "
+            raise LabelError(f"{where}: the key {key!r} is not a finding name (write names as text, quoted "
                              "where YAML would read a number, a yes/no or null)")  # fmt: skip
-        target = _target_of(value, key, name)
+        target = _target_of(value, key, where)
         norm = finding_key(key)
         if norm in label_map and label_map[norm] != target and spelling[norm] == key:
-            raise LabelError(f"label map {name}: '{key}' is listed twice, -> {label_map[norm] or 'null'} and -> "
+            raise LabelError(f"{where}: '{key}' is listed twice, -> {label_map[norm] or 'null'} and -> "
                              f"{target or 'null'}")  # fmt: skip
         if norm in label_map and label_map[norm] != target:
-            raise LabelError(f"label map {name}: '{spelling[norm]}' -> {label_map[norm] or 'null'} and '{key}' -> "
+            raise LabelError(f"{where}: '{spelling[norm]}' -> {label_map[norm] or 'null'} and '{key}' -> "
                              f"{target or 'null'} name one finding (names are compared case-insensitively) with "
                              "different classes")  # fmt: skip
         label_map[norm] = target
@@ -113,13 +112,13 @@ def load_label_map(value: str) -> LabelMap:
     return default_label_map() if value == PUBLIC else read_label_map(value)
 
 
-def _target_of(value: Any, key: str, file_name: str) -> str | None:
+def _target_of(value: Any, key: str, where: str) -> str | None:
     """A map's value -> its class, or None (ignored: null, empty text, empty list); ``LabelError`` for the rest."""
     if value is None or (type(value) is list and not value):
         return None
     if isinstance(value, str):
         return value.strip() or None
-    raise LabelError(f"label map {file_name}: '{key}' maps to {_describe(value)}; a name maps to one class name (text), "
+    raise LabelError(f"{where}: '{key}' maps to {_describe(value)}; a name maps to one class name (text), "
                      "or to null to ignore it")  # fmt: skip
 
 
