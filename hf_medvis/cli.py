@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_medvis.infra.aml_cli",
     "hf_medvis.data.split_cli",
     "hf_medvis.evaluation.cli",
+    "hf_medvis.models.import_cli",
 )
 
 

@@ -3,7 +3,7 @@
 
     accelerate launch recipes/finetune_vit.py                       # tiny ViT on the embedded phantom X-rays
     accelerate launch recipes/finetune_vit.py --model_name_or_path outputs/demo/mae   # from an MAE pretraining output
-    accelerate launch recipes/finetune_vit.py --config recipes/configs/vit_base_cxr14.yaml \
+    accelerate launch recipes/finetune_vit.py --config recipes/configs/vit_base_medical_mae.yaml \
         --model_name_or_path google/vit-base-patch16-224 --train_data /data/nih/images \
         --labels_file split/train.csv --validation_data /data/nih/images --validation_labels_file split/val.csv \
         --output_dir out --bf16
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
 
 from hf_medvis.core.storage import describe, write_json_atomic
 from hf_medvis.data import ClassificationDataArguments, build_datasets
@@ -47,8 +46,8 @@ from hf_medvis.training.callbacks import build_recipe_callbacks
 from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import classifier_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
-from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
-from hf_medvis.training.run import log_environment, match_model_to_data, prepare_run, recipe_errors, setup_logging
+from hf_medvis.training.reporting import report_final_metrics, reporting_run
+from hf_medvis.training.run import match_model_to_data, recipe_errors, setup_run
 from hf_medvis.training.trainer import ClassificationTrainer
 
 logger = logging.getLogger("finetune_vit")
@@ -56,20 +55,16 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vit_tiny_demo.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
+    launch = setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, first
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(
         (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments),
         argv,
         DEFAULT_CONFIG,
     )
-    setup_logging(training_args)
-    log_environment(training_args)
+    # Logging, environment report, the checks that fail before anything is written, seed; logs what it changed.
+    run = setup_run(training_args, launch)
     with recipe_errors():
-        run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
-        resolve_reporters(training_args)  # --report_to: azure_ml means MLflow; a missing package fails here
-        set_seed(training_args.seed)
-
         # 2. Data: labelled images, split by patient; uint8 crops, normalised on the device (MedVisTrainer).
         with training_args.main_process_first(desc="preparing data"):
             data = build_datasets(

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import set_seed
-
 from hf_medvis.core.storage import describe
 from hf_medvis.data import MAEDataArguments, build_datasets
 from hf_medvis.data.folder import write_skipped_images
@@ -34,16 +32,8 @@ from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
 from hf_medvis.training.mae_baselines import trainer_baselines
-from hf_medvis.training.outputs import disable_evaluation_without_data
-from hf_medvis.training.reporting import report_final_metrics, reporting_run, resolve_reporters
-from hf_medvis.training.run import (
-    configure_stream_loading,
-    log_environment,
-    match_model_to_data,
-    prepare_run,
-    recipe_errors,
-    setup_logging,
-)
+from hf_medvis.training.reporting import report_final_metrics, reporting_run
+from hf_medvis.training.run import fit_run_to_data, match_model_to_data, recipe_errors, setup_run
 from hf_medvis.training.trainer import MedVisTrainer
 
 logger = logging.getLogger("pretrain_mae")
@@ -51,18 +41,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mae_tiny_demo.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, before any process group
+    launch = setup_distributed_env()  # launcher variables (torchrun, accelerate, Azure ML, MPI) -> torch's, first
     # 1. Arguments: dataclasses + optional YAML config; bad input fails here, before anything is written.
     model_args, data_args, training_args, monitoring_args = parse_recipe_args(
         (MAEModelArguments, MAEDataArguments, PretrainingArguments, MonitoringArguments), argv, DEFAULT_CONFIG
     )
-    setup_logging(training_args)
-    log_environment(training_args)
+    # Logging, environment report, the checks that fail before anything is written, seed; logs what it changed.
+    run = setup_run(training_args, launch)
     with recipe_errors():
-        run = prepare_run(training_args)  # resume target, output folder, Hub access, batch-scaled lr
-        resolve_reporters(training_args)  # --report_to: azure_ml means MLflow; a missing package fails here
-        set_seed(training_args.seed)
-
         # 2. Model: a checkpoint or a fresh preset architecture.
         model = build_model(model_args, task="mae").model
         image_size = model.config.image_size
@@ -80,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_stats=data.normalization,
             cache_dir=model_args.cache_dir,
         )
-        configure_stream_loading(training_args, data.train)
-        disable_evaluation_without_data(training_args, data.eval)
+    fit_run_to_data(run, training_args, data.train, data.eval)  # a stream needs --max_steps; no eval set, no eval
     logger.info(
         "data: %s from %s; %s",
         data.source.description,

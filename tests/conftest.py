@@ -133,6 +133,19 @@ def mounted(*mount_args: str, target: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_mae_dir(tmp_path_factory) -> Path:
+    """An untrained tiny-preset MAE (64 px, patch 8) saved as pretrain_mae.py saves one (weights + processor, X-ray
+    statistics 0.5/0.25), the starting point of fine-tuning tests; read-only."""
+    from hf_medvis.models.build import build_image_processor, build_mae_model
+
+    folder = tmp_path_factory.mktemp("tiny_mae") / "mae"
+    torch.manual_seed(0)
+    build_mae_model(None, preset="tiny", image_size=64).save_pretrained(folder)
+    build_image_processor(64, [0.5] * 3, [0.25] * 3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def medvis_cache(tmp_path_factory) -> Path:
     """HF_MEDVIS_CACHE for subprocesses, so the embedded default set is generated once per session."""
     return tmp_path_factory.mktemp("medvis_cache")

@@ -19,17 +19,7 @@ def recipe():
 
 
 @pytest.fixture(scope="module")
-def mae_output(tmp_path_factory):
-    from hf_medvis.models.build import build_image_processor, build_mae_model
-
-    folder = tmp_path_factory.mktemp("mae") / "run"
-    build_mae_model(None, preset="tiny", image_size=64).save_pretrained(folder)
-    build_image_processor(64, [0.5] * 3, [0.25] * 3).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
+def finetuned(recipe, tmp_path_factory, phantom_dir, tiny_mae_dir):
     """One short in-process run from the MAE output, shared by the output checks."""
     import io
     from contextlib import redirect_stdout
@@ -42,7 +32,7 @@ def finetuned(recipe, tmp_path_factory, phantom_dir, mae_output):
                 "--train_data",
                 str(phantom_dir / "images"),
                 "--model_name_or_path",
-                str(mae_output),
+                str(tiny_mae_dir),
                 "--output_dir",
                 str(out),
                 "--pos_weight",
@@ -396,3 +386,38 @@ def test_default_run_reaches_auroc_090_on_held_out_patients(medvis_cache, tmp_pa
     aurocs = {k: round(v, 3) for k, v in results.items() if k.startswith("eval_auroc") and "ci95" not in k}
     assert results["eval_auroc_macro"] >= 0.90, aurocs
     print(f"default fine-tuning run: {elapsed:.0f} s, {aurocs}")  # the 3-minute budget is a benchmark figure
+
+
+def test_the_medical_mae_config_decays_to_their_minimum_learning_rate():
+    """recipes/configs/vit_base_medical_mae.yaml's schedule arguments reach transformers' scheduler as medical_mae's
+    cosine to 1e-5 after 5 of 75 warmup epochs (a misspelled kwarg would fail or decay to 0)."""
+    import torch
+    from transformers import get_scheduler
+
+    from hf_medvis.data import ClassificationDataArguments
+    from hf_medvis.models import ClassifierModelArguments
+    from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
+
+    config = "recipes/configs/vit_base_medical_mae.yaml"
+    _, _, args, _ = parse_recipe_args(
+        (ClassifierModelArguments, ClassificationDataArguments, FinetuningArguments, MonitoringArguments),
+        ["--config", config, "--output_dir", "unused"],
+        None,
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    steps = 75
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert args.get_warmup_steps(steps) == 6  # ceil(0.0667 x 75): their 5 warmup epochs of 75, rounded up
+    assert max(rates) == pytest.approx(1e-3) and scheduler.get_last_lr()[0] == pytest.approx(1e-5)  # at the end
+    assert min(rates[6:]) > 1e-5 > 0  # never below their floor

@@ -35,14 +35,10 @@ def test_folding_keeps_the_outputs():
     torch.testing.assert_close(model(pixel_values=images).logits, before, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_probe_run_leaves_every_encoder_weight_unchanged(phantom_dir, tmp_path):
+def test_linear_probe_run_leaves_every_encoder_weight_unchanged(phantom_dir, tmp_path, tiny_mae_dir):
     from transformers import AutoModelForImageClassification
 
-    from hf_medvis.models.build import build_image_processor, build_mae_model
-
-    mae = tmp_path / "mae"
-    build_mae_model(None, preset="tiny", image_size=64).save_pretrained(mae)
-    build_image_processor(64, [0.5] * 3, [0.25] * 3).save_pretrained(mae)
+    mae = tiny_mae_dir
     out = tmp_path / "probe"
     args = f"--config recipes/configs/vit_linear_probe.yaml --model_name_or_path {mae} --train_data {phantom_dir / 'images'} "
     args += f"--output_dir {out} --max_steps 6 --per_device_train_batch_size 16 --eval_steps 3 --save_steps 3 "
@@ -51,6 +47,8 @@ def test_linear_probe_run_leaves_every_encoder_weight_unchanged(phantom_dir, tmp
     with redirect_stdout(log):
         metrics = load_recipe("finetune_vit").main(args.split())
     assert "learning rate 0.00625 = base_learning_rate 0.1 x global batch 16 / 256" in log.getvalue()
+    # setup_run logs the change it made (5e-05: TrainingArguments' default, as given).
+    assert "run setup changed: learning_rate 5e-05 -> 0.00625" in log.getvalue()
     pretrained = load_file(mae / "model.safetensors")
     probed = load_file(out / "model.safetensors")
     encoder = [k for k in probed if not k.startswith("classifier.")]

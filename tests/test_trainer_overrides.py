@@ -59,3 +59,13 @@ def test_our_helpers_do_not_shadow_a_trainer_method():
     accidental override of it."""
     for name in OWN_HELPERS:
         assert name in vars(MedVisTrainer) and not hasattr(Trainer, name), name
+
+
+def test_the_accelerate_method_wrapped_for_cpu_launches_keeps_its_name_and_parameters():
+    """``use_gloo_without_accelerators`` wraps accelerate's private ``PartialState._prepare_backend`` (no public switch
+    keeps DeepSpeed on CPU; training/distributed.py says why): a rename or a new signature fails here, by name."""
+    from accelerate.state import PartialState
+
+    method = getattr(PartialState, "_prepare_backend", None)
+    assert method is not None, "accelerate's PartialState has no _prepare_backend: the CPU gloo fallback is never used"
+    assert list(inspect.signature(method).parameters) == ["self", "cpu", "sagemaker_dp", "backend"]

@@ -2,7 +2,8 @@
 
 Each resample is scored by ``metrics.metric_values``, the function that gives the point estimates. ``metrics_with_ci``
 (the recipes' final metrics, ``hf-medvis evaluate``) and the ``evaluate`` metric modules (``compute_for_module``) both
-go through ``metrics_with_intervals``: one computation, whichever way it is called.
+go through ``metrics_with_intervals``: one computation, whichever way it is called; so do the operating points of
+``hf-medvis evaluate --thresholds-from`` (``operating_points.py``, family "operating_point").
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def bootstrap_confidence_intervals(
     confidence: float = 0.95,
     seed: int = 0,
     kinds: Sequence[str] = CI_KINDS,
-    threshold: float = 0.5,
+    threshold: float | np.ndarray = 0.5,
 ) -> dict[str, list[float]]:
     """Percentile CIs of the metrics of ``kinds`` (default: AUROC per class and macro and, for multi-class, accuracy;
-    also "ap" and "f1", multi-label AP and F1 at ``threshold``).
+    also "ap" and "f1", multi-label AP and F1 at ``threshold``, and "operating_point", sensitivity, specificity, PPV
+    and NPV at ``threshold``: one number or one per class).
 
     Patients, not images, are resampled: images of one patient are correlated, and resampling them independently would
     give CIs that are too narrow. The resamples depend on ``seed`` and the patients only, so one metric's CI is the same
@@ -67,7 +69,7 @@ def metrics_with_intervals(
     spec: LabelSpec,
     *,
     ci_kinds: Sequence[str] | None = None,
-    threshold: float = 0.5,
+    threshold: float | np.ndarray = 0.5,
     groups: Sequence[Any] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,

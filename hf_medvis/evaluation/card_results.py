@@ -1,6 +1,8 @@
 """``hf-medvis evaluate --model DIR`` writes its held-out result into DIR's model card: Hub metadata (``model-index``,
 split ``test``, with the patient-bootstrap CI) and a text section. Re-running replaces that result; the validation
-figures the recipe wrote stay, named as validation. Nothing identifying goes in: counts and metrics only."""
+figures the recipe wrote stay, named as validation. With ``--thresholds-from``, an "Operating points" section follows it
+(its own markers: replaced only by a new choice of thresholds, so it keeps describing the thresholds config.json holds).
+Nothing identifying goes in: counts, metrics and the validation labels file's name only."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from .metrics import format_metrics_table
 
 TEST_SPLIT = "test"
 BEGIN, END = "<!-- hf-medvis evaluate: begin -->", "<!-- hf-medvis evaluate: end -->"
+OPERATING_BEGIN = "<!-- hf-medvis operating points: begin -->"
+OPERATING_END = "<!-- hf-medvis operating points: end -->"
 LIMITATIONS = "## Intended use and limitations"
 HEADLINES = (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", "average_precision"))
 
@@ -66,6 +70,53 @@ def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
     return ["", f"| class | ECE ({bins} equal-mass bins) | Brier |", "|---|---|---|", *rows]
 
 
+def _rate_cell(point: dict[str, Any], rate: str) -> str:
+    if point.get(rate) is None:
+        return f"n/a ({(point.get('undefined') or {}).get(rate, 'undefined')})"
+    text = f"{point[rate]:.3f}"
+    if point.get(f"{rate}_ci95_low") is not None:
+        text += f" ({point[f'{rate}_ci95_low']:.3f}-{point[f'{rate}_ci95_high']:.3f})"
+    return text
+
+
+def _operating_points_section(metrics: dict[str, Any]) -> str:
+    """The "Operating points" section (``evaluate --thresholds-from``): per class its threshold and, on the test
+    images, sensitivity, specificity, PPV, NPV with 95% CIs; the rule and the validation set that chose them. Empty
+    without operating points."""
+    points = metrics.get("operating_points") or {}
+    if not points:
+        return ""
+    chosen = metrics.get("operating_point") or {}
+    rows = [
+        f"| {name} | {point['threshold']} | "
+        + " | ".join(_rate_cell(point, rate) for rate in ("sensitivity", "specificity", "ppv", "npv"))
+        + " |"
+        for name, point in points.items()
+    ]
+    without = metrics.get("operating_points_without_threshold") or {}
+    return "\n".join(
+        [
+            OPERATING_BEGIN,
+            "## Operating points",
+            "",
+            f"Per-class thresholds chosen by the rule `{chosen.get('rule', '?')}` on validation patients "
+            f"({chosen.get('validation', '?')}), none of whom is in the test set, then applied unchanged to the test "
+            "images; 95% CIs from a patient-level bootstrap. They are saved in config.json (`hf_medvis_thresholds`): "
+            "`hf-medvis predict` lists the findings at or above them. A probability >= the threshold is a positive call.",
+            "",
+            "| class | threshold | sensitivity | specificity | PPV | NPV |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            *(
+                [""] + [f"No operating point for {name}: {reason}." for name, reason in without.items()]
+                if without
+                else []
+            ),
+            OPERATING_END,
+        ]
+    )
+
+
 def record_test_results(
     model_dir: str | Path,
     metrics: dict[str, Any],
@@ -76,7 +127,8 @@ def record_test_results(
     data_description: str,
     dataset_id: str | None = None,
 ) -> Path:
-    """Adds (or replaces) the test result in ``model_dir``'s README.md; returns its path."""
+    """Adds (or replaces) the test result in ``model_dir``'s README.md, and the operating points when ``metrics`` has
+    them; returns its path."""
     path = Path(model_dir) / "README.md"
     card = ModelCard.load(path) if path.is_file() else ModelCard("---\nlibrary_name: transformers\n---\n")
     name = f"held-out test patients ({data_description})"
@@ -107,6 +159,11 @@ def record_test_results(
         text = text.replace(LIMITATIONS, f"{section}\n\n{LIMITATIONS}", 1)
     else:
         text = f"{text.rstrip()}\n\n{section}\n"
+    operating = _operating_points_section(metrics)
+    if operating and OPERATING_BEGIN in text and OPERATING_END in text:
+        text = text[: text.index(OPERATING_BEGIN)] + operating + text[text.index(OPERATING_END) + len(OPERATING_END) :]
+    elif operating:  # right after the test results it was measured with
+        text = text.replace(END, f"{END}\n\n{operating}", 1)
     content = f"---\n{card.data.to_yaml()}\n---\n{text}"
     write_text_atomic(path, content)
     return path

@@ -1,5 +1,9 @@
 """``hf-medvis evaluate`` (metrics with patient-bootstrap CIs and plots) and ``hf-medvis predict`` (JSON lines).
 
+``evaluate --thresholds-from`` adds operating points (``operating_points.py``): per-class thresholds chosen on
+validation patients, applied to the evaluated set and saved into the model folder, where ``predict`` reads them to
+list findings.
+
 The heavy imports (torch, transformers, scikit-learn) happen when a command runs, not when ``hf-medvis`` builds its
 parser."""
 
@@ -10,13 +14,18 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.labels.layouts import add_labels_format_arguments, labels_format_from_args
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..data.labels import LabelSpec
+    from .operating_points import OperatingRule
+    from .predict import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="do not write the result into the model folder's README.md (by default it is added as the test split)",
     )
+    ev.add_argument(
+        "--thresholds-from",
+        default=None,
+        metavar="VAL_LABELS",
+        help="operating points (multi-label models): labels CSV of validation images of OTHER patients (refused if "
+        "they share a patient with the evaluated set); per class a threshold is chosen on them by --operating-point "
+        "and applied unchanged to --data: metrics.json 'operating_points' (sensitivity, specificity, PPV, NPV with "
+        "patient-bootstrap 95%% CIs); unless --no-card, saved into the model's config.json (hf_medvis_thresholds, "
+        "then 'hf-medvis predict' lists findings) and model card",
+    )
+    ev.add_argument(
+        "--thresholds-data",
+        default=None,
+        metavar="VAL_DATA",
+        help="the validation images of --thresholds-from (default: --data); same label-layout flags as --labels",
+    )
+    ev.add_argument(
+        "--operating-point",
+        default=None,
+        metavar="RULE",
+        help="how --thresholds-from chooses each class's threshold: youden (default; max sensitivity + specificity - "
+        "1), sensitivity=X (the highest threshold with validation sensitivity >= X) or specificity=X (the lowest with "
+        "validation specificity >= X), X in (0, 1)",
+    )
     add_labels_format_arguments(ev)
     ev.add_argument(
         "--label-map",
@@ -63,7 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr = subparsers.add_parser(
         "predict",
         help="per-class probabilities for DICOM/PNG/JPEG files, as JSON lines",
-        description='Prints one JSON object per input: {"file": ..., "probabilities": {class: p, ...}}.',
+        description='Prints one JSON object per input: {"file": ..., "probabilities": {class: p, ...}}, plus '
+        '"findings": [classes with p >= their threshold] when the model has thresholds (hf-medvis evaluate '
+        "--thresholds-from).",
     )
     pr.add_argument("--model", required=True, help="fine-tuned model folder")
     pr.add_argument("files", nargs="+", help="image files or fsspec URLs")
@@ -72,11 +107,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=run_predict)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from ..core.storage import parse_storage_options, write_json_atomic
-    from ..data.folder import build_folder_records, find_labels_file, write_skipped_images
+@dataclass
+class LabelledImages:
+    """The labelled images of one folder and labels file, as the model scores them: ``truth`` is [N, classes] 0/1
+    (-1: unknown; the columns of ``not_evaluated`` are all -1 for multi-label models)."""
+
+    paths: list[str]
+    groups: list[str]  # hashed patient id per image
+    truth: np.ndarray
+    not_evaluated: list[str]  # model classes the file does not label (--label-map)
+    labels_file: str
+
+
+def read_labelled_images(
+    data: str,
+    labels: str | None,
+    args: argparse.Namespace,
+    spec: LabelSpec,
+    label_map: Mapping[str, str | None] | None,
+    storage_options: dict | None,
+    skipped: list[dict[str, str]],
+) -> LabelledImages:
+    """The images of ``data`` that ``labels`` (default: labels.csv beside them) labels, read with the label-layout
+    flags of ``args`` and ``label_map``, checked against the model's classes before anything is scored. The evaluated
+    set and the validation set of ``--thresholds-from`` both come through here. Undecodable files go to ``skipped``."""
+    from ..data.folder import build_folder_records, find_labels_file
     from ..data.labels import (
-        LabelSpec,
         check_file_classes,
         encode_labels,
         is_labelled,
@@ -85,29 +141,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         parse_unknown_labels,
         read_labels_table,
     )
-    from ..data.labels.label_map import load_label_map
-    from .bootstrap import metrics_with_ci
-    from .calibration import CALIBRATION_BINS, calibration_metrics
-    from .metrics import format_metrics_table, per_class_table
-    from .plots import save_confusion_plot, save_reliability_plot, save_roc_plot
-    from .predict import Predictor
 
-    if not 0 < args.threshold < 1:
-        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
-    storage_options = parse_storage_options(args.storage_options) or None
-    label_map = load_label_map(args.label_map) if args.label_map else None  # a bad map fails before the model loads
-    predictor = Predictor(args.model)
-    spec = predictor.spec
-    labels_file = args.labels or find_labels_file(args.data)
+    labels_file = labels or find_labels_file(data)
     if labels_file is None:
-        raise ValueError(f"images without labels: no labels.csv beside {args.data}; pass --labels CSV")
+        raise ValueError(f"images without labels: no labels.csv beside {data}; pass --labels CSV")
     labels_format = labels_format_from_args(args)
-    skipped: list[dict[str, str]] = []  # image files that cannot be decoded: left out, listed beside the metrics
-    records = build_folder_records(args.data, labels_file, storage_options, labels_format, skipped)
+    records = build_folder_records(data, labels_file, storage_options, labels_format, skipped)
     table = read_labels_table(labels_file, labels_format=labels_format)  # read once per process: cached
     keep = [i for i, v in enumerate(records["finding_labels"]) if is_labelled(v)]
     if not keep:
-        raise ValueError(f"none of the images in {args.data} has a label in {Path(labels_file).name}")
+        raise ValueError(f"none of the images in {data} has a label in {Path(labels_file).name}")
     # The file's classes must be the model's, before anything is scored or written (metrics, plots, the card).
     chosen = list(labels_format.label_names)
     not_evaluated: list[str] = []  # model classes the file does not label (--label-map)
@@ -140,16 +183,67 @@ def run_evaluate(args: argparse.Namespace) -> int:
     blank = sum(1 for v in records["finding_labels"] if v is not None and not is_labelled(v))
     if blank:
         print(f"skipping {blank} image(s) with an empty Finding Labels (unlabelled)", file=sys.stderr)
-    paths = [records["path"][i] for i in keep]
-    groups = [records["group"][i] for i in keep]
     encoded = encode_labels([records["finding_labels"][i] for i in keep], spec)
     truth = label_matrix(encoded, spec)
+    if not_evaluated and spec.multi_label:
+        truth[:, [spec.label2id[name] for name in not_evaluated]] = -1  # unknown, not negative: masked everywhere
+    return LabelledImages(
+        paths=[records["path"][i] for i in keep],
+        groups=[records["group"][i] for i in keep],
+        truth=truth,
+        not_evaluated=not_evaluated,
+        labels_file=str(labels_file),
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..core.storage import parse_storage_options, write_json_atomic
+    from ..data.folder import write_skipped_images
+    from ..data.labels import LabelSpec
+    from ..data.labels.label_map import load_label_map
+    from .bootstrap import metrics_with_ci
+    from .calibration import CALIBRATION_BINS, calibration_metrics
+    from .metrics import format_metrics_table, per_class_table
+    from .operating_points import parse_operating_point
+    from .plots import save_confusion_plot, save_reliability_plot, save_roc_plot
+    from .predict import Predictor
+
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
+    thresholds_from = args.thresholds_from
+    if thresholds_from is None and (args.thresholds_data or args.operating_point):
+        given = "--thresholds-data" if args.thresholds_data else "--operating-point"
+        raise ValueError(f"{given} needs --thresholds-from VAL_LABELS (the validation labels to choose thresholds on)")
+    rule = parse_operating_point(args.operating_point or "youden") if thresholds_from else None
+    storage_options = parse_storage_options(args.storage_options) or None
+    label_map = load_label_map(args.label_map) if args.label_map else None  # a bad map fails before the model loads
+    predictor = Predictor(args.model)
+    spec = predictor.spec
+    if rule is not None and not spec.multi_label:
+        raise ValueError(
+            f"--thresholds-from: operating points are per-class thresholds of multi-label models; {args.model} is "
+            f"{spec.problem_type}"
+        )
+    skipped: list[dict[str, str]] = []  # image files that cannot be decoded: left out, listed beside the metrics
+    evaluated = read_labelled_images(args.data, args.labels, args, spec, label_map, storage_options, skipped)
+    paths, groups, truth, not_evaluated = evaluated.paths, evaluated.groups, evaluated.truth, evaluated.not_evaluated
+    validation = None
+    if rule is not None:  # read and checked before anything is scored or written
+        validation_data = args.thresholds_data or args.data
+        validation = read_labelled_images(
+            validation_data, thresholds_from, args, spec, label_map, storage_options, skipped
+        )
+        shared = set(validation.groups) & set(groups)
+        if shared:
+            raise ValueError(
+                f"--thresholds-from {Path(thresholds_from).name} shares {len(shared)} patient(s) with the evaluated "
+                f"set {Path(evaluated.labels_file).name}: thresholds must be chosen on other patients"
+            )
     print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
     probs = predictor.predict(paths, batch_size=args.batch_size, storage_options=storage_options)
     columns, scored_spec = list(range(len(spec.names))), spec
     if not_evaluated and spec.multi_label:
-        truth[:, [spec.label2id[name] for name in not_evaluated]] = -1  # unknown, not negative: masked everywhere
-        # Scored without those columns, so that no metric (F1 included) and no macro average counts them.
+        # Scored without those columns (masked -1), so that no metric (F1 included) and no macro average counts them.
         columns = [c for c, name in enumerate(spec.names) if name not in not_evaluated]
         scored_spec = LabelSpec(tuple(spec.names[c] for c in columns), spec.problem_type)
     metrics = metrics_with_ci(
@@ -165,6 +259,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["calibration"] = calibration_metrics(truth[:, columns], probs[:, columns], scored_spec)
     if not_evaluated:
         metrics["not_evaluated"] = not_evaluated
+    operating_table = ""
+    if validation is not None and rule is not None:
+        operating_table = _add_operating_points(
+            metrics, args, predictor, rule, validation, truth, probs, groups, not_evaluated, storage_options
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
@@ -185,11 +284,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"calibration (ECE over {CALIBRATION_BINS} equal-mass bins / Brier): "
         + ", ".join(f"{name} {c['ece']:.3f} / {c['brier']:.3f}" for name, c in metrics["calibration"].items())
     )
+    if operating_table:
+        print(operating_table)
     written = "metrics.json, per_class.json, roc.png, reliability.png" + ("" if spec.multi_label else ", confusion.png")
     print(f"wrote {written} to {out}")
     if args.update_card and Path(args.model).is_dir():
         from ..data.provenance import data_origin, describe_origin
         from .card_results import record_test_results
+        from .operating_points import save_thresholds
 
         card = record_test_results(
             args.model,
@@ -200,7 +302,60 @@ def run_evaluate(args: argparse.Namespace) -> int:
             data_description=describe_origin(data_origin(args.data, storage_options)),
         )
         print(f"added the test result to the model card {card}")
+        if metrics.get("operating_points"):
+            thresholds = {name: point["threshold"] for name, point in metrics["operating_points"].items()}
+            config = save_thresholds(args.model, thresholds, metrics["operating_point"])
+            print(f"saved the thresholds into {config} ('hf-medvis predict' now lists findings)")
     return 0
+
+
+def _add_operating_points(
+    metrics: dict,
+    args: argparse.Namespace,
+    predictor: Predictor,
+    rule: OperatingRule,
+    validation: LabelledImages,
+    truth: np.ndarray,
+    probs: np.ndarray,
+    groups: list[str],
+    not_evaluated: list[str],
+    storage_options: dict | None,
+) -> str:
+    """``--thresholds-from``: scores the validation images, chooses each class's threshold on them by ``rule`` and
+    adds ``operating_points`` (per class, on the evaluated images), ``operating_point`` (rule and validation set) and
+    ``operating_points_without_threshold`` ({class: reason}) to ``metrics``. Returns the printed table."""
+    from .operating_points import choose_thresholds, format_operating_points, operating_point_metrics
+
+    spec = predictor.spec
+    images, patients = len(validation.paths), len(set(validation.groups))
+    print(f"choosing thresholds ({rule}) on {images} validation images of {patients} patients", file=sys.stderr)
+    validation_probs = predictor.predict(validation.paths, batch_size=args.batch_size, storage_options=storage_options)
+    # A class the evaluated data does not label (--label-map) gets no operating point: nothing to apply it to.
+    thresholds, without = choose_thresholds(validation.truth, validation_probs, spec, rule, skip=not_evaluated)
+    without.update({name: "not evaluated: the evaluated data does not label it" for name in not_evaluated})
+    metrics["operating_point"] = {
+        "rule": str(rule),
+        "validation": f"{Path(validation.labels_file).name}, {images} images, {patients} patients",
+    }
+    metrics["operating_points"] = operating_point_metrics(
+        truth,
+        probs,
+        groups,
+        spec,
+        thresholds,
+        rule=rule,
+        validation_truth=validation.truth,
+        validation_groups=validation.groups,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+    )
+    if without:
+        metrics["operating_points_without_threshold"] = without
+    return (
+        f"operating points ({rule}, chosen on {metrics['operating_point']['validation']}; applied to the evaluated "
+        "images, 95% CIs from a patient-level bootstrap):\n"
+        + format_operating_points(metrics["operating_points"], without)
+    )
 
 
 def _apply_label_map(
@@ -264,22 +419,28 @@ def _apply_label_map(
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from .operating_points import json_number
     from .predict import Predictor
 
     predictor = Predictor(args.model)
     probs = predictor.predict(args.files, batch_size=args.batch_size)
-    lines = [
-        json.dumps(
-            {
-                "file": file.split("?", 1)[0],
-                "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.spec.names, row, strict=True)},
-            }
-        )
-        for file, row in zip(args.files, probs, strict=True)
-    ]
+    findings = predictor.findings(probs)  # None without saved thresholds: no "findings" key
+    lines = []
+    for i, (file, row) in enumerate(zip(args.files, probs, strict=True)):
+        # Each probability as the shortest decimal of its float32 value: comparing it with a saved threshold (written
+        # the same way) gives the findings below.
+        line = {
+            "file": file.split("?", 1)[0],
+            "probabilities": {name: json_number(p) for name, p in zip(predictor.spec.names, row, strict=True)},
+        }
+        if findings is not None:
+            line["findings"] = findings[i]
+        lines.append(json.dumps(line))
     text = "\n".join(lines) + "\n"
     if args.output:
-        Path(args.output).write_text(text)
+        from ..core.storage import write_text_atomic
+
+        write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

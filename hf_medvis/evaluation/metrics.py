@@ -1,4 +1,5 @@
-"""Classification metrics of a fine-tuned model: per-class and macro AUROC, AP, F1 (multi-label) or accuracy.
+"""Classification metrics of a fine-tuned model: per-class and macro AUROC, AP, F1 (multi-label) or accuracy; and
+sensitivity, specificity, PPV, NPV at per-class thresholds (operating points, multi-label).
 
 The one implementation (``metric_values``): the recipes' ``compute_metrics``, their final metrics and ``hf-medvis
 evaluate`` (``bootstrap.metrics_with_ci``), every resample of the patient bootstrap (``bootstrap.py``) and the
@@ -21,8 +22,10 @@ from ..data.labels import LabelSpec
 if TYPE_CHECKING:
     from transformers import EvalPrediction
 
-# Metric families in their output order; "ap" is average precision.
-KINDS = ("auroc", "ap", "accuracy", "f1")
+# Metric families in their output order; "ap" is average precision. "operating_point" (sensitivity, specificity, PPV,
+# NPV at per-class thresholds: operating_points.py) is asked for by name, never part of kinds_for's defaults.
+KINDS = ("auroc", "ap", "accuracy", "f1", "operating_point")
+OPERATING_POINT_RATES = ("sensitivity", "specificity", "ppv", "npv")
 
 
 def probabilities(logits: np.ndarray, spec: LabelSpec) -> np.ndarray:
@@ -76,13 +79,38 @@ def _f1(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denominator, out=np.zeros(truth.shape[1]), where=denominator > 0)
 
 
+def _operating_point_rates(positive: np.ndarray, negative: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    """Sensitivity, specificity, PPV and NPV of each column from the confusion counts; NaN where the denominator is 0
+    (no positives, no negatives, nothing called positive, nothing called negative): undefined, never 0."""
+    tp, fn = (positive & predicted).sum(axis=0), (positive & ~predicted).sum(axis=0)
+    fp, tn = (negative & predicted).sum(axis=0), (negative & ~predicted).sum(axis=0)
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        return np.divide(numerator, denominator, out=np.full(len(numerator), np.nan), where=denominator > 0)
+
+    return {
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+    }
+
+
 def metric_values(
-    kind: str, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec, threshold: float = 0.5, per_class: bool = True
+    kind: str,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    spec: LabelSpec,
+    threshold: float | np.ndarray = 0.5,
+    per_class: bool = True,
 ) -> dict[str, float]:
     """One family: ``auroc`` / ``ap`` (one-vs-rest per class where the class has positives and negatives, and their
     macro mean), ``accuracy`` (of the argmax), ``f1`` (multi-label: per class at ``threshold`` and their macro mean;
-    single-label: macro F1 of the argmax). ``labels`` is [N, C] 0/1 (one-hot for single-label); a -1 (an unknown label:
-    ``labels.layouts``) leaves that image out of that class's metrics."""
+    single-label: macro F1 of the argmax), ``operating_point`` (multi-label: ``sensitivity_<class>``,
+    ``specificity_<class>``, ``ppv_<class>``, ``npv_<class>`` at ``threshold``, a probability >= it called positive;
+    a rate whose denominator is 0 is left out, as is a class whose threshold is NaN). ``threshold`` is one number or
+    one per class. ``labels`` is [N, C] 0/1 (one-hot for single-label); a -1 (an unknown label: ``labels.layouts``)
+    leaves that image out of that class's metrics."""
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
     if labels.ndim != 2 or labels.shape != probs.shape or labels.shape[1] != len(spec.names):
@@ -107,6 +135,21 @@ def metric_values(
             out["f1_macro"] = float(np.mean(f1[scored]))
         if per_class:
             out.update({f"f1_{n}": float(v) for n, v, ok in zip(spec.names, f1, scored, strict=True) if ok})
+    elif kind == "operating_point":
+        if not spec.multi_label:
+            raise ValueError("operating points are per-class thresholds of multi-label models")
+        thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (labels.shape[1],))
+        chosen = ~np.isnan(thresholds)
+        # NaN thresholds compare False (nothing called positive); those classes are dropped below.
+        rates = _operating_point_rates(positive, negative, probs >= thresholds)
+        for rate, values in rates.items():
+            out.update(
+                {
+                    f"{rate}_{n}": float(v)
+                    for n, v, ok in zip(spec.names, values, chosen & ~np.isnan(values), strict=True)
+                    if ok
+                }
+            )
     elif kind == "f1":  # macro F1 of the argmax, every class counted
         one_hot = np.eye(len(spec.names), dtype=bool)
         out["f1_macro"] = float(np.mean(_f1(one_hot[labels.argmax(axis=1)], one_hot[probs.argmax(axis=1)])))

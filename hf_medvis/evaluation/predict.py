@@ -16,6 +16,7 @@ from ..data.labels import LabelSpec
 from ..data.transforms import create_transform, normalize_batch, to_uint8_tensor
 from ..models.transfer import load_classifier
 from .metrics import probabilities
+from .operating_points import thresholds_of
 
 
 class Predictor:
@@ -39,6 +40,8 @@ class Predictor:
             "channels": int(image_input.get("channels", 1)),
             "windows": image_input.get("windows") or None,
         }
+        # Per-class thresholds saved by `hf-medvis evaluate --thresholds-from` (float32, NaN: none), or None.
+        self.thresholds = thresholds_of(config, self.spec.names)
 
     def preprocess(self, source: str, storage_options: dict | None = None) -> torch.Tensor:
         """The uint8 [C, size, size] image the model sees (before normalisation), as in training's evaluation."""
@@ -56,3 +59,11 @@ class Predictor:
             pixels = normalize_batch(batch.to(self.device), self.mean, self.std, self.model.config.num_channels)
             out.append(probabilities(self.model(pixel_values=pixels).logits.float().cpu().numpy(), self.spec))
         return np.concatenate(out) if out else np.zeros((0, len(self.spec.names)), dtype=np.float32)
+
+    def findings(self, probs: np.ndarray) -> list[list[str]] | None:
+        """Per image of ``probs`` ([N, classes], from ``predict``), the classes whose probability is >= their saved
+        threshold, in the model's class order; None when the model has no thresholds."""
+        if self.thresholds is None:
+            return None
+        called = np.asarray(probs, dtype=np.float32) >= self.thresholds  # float32, as evaluate chose and applied them
+        return [[name for name, hit in zip(self.spec.names, row, strict=True) if hit] for row in called]

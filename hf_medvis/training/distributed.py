@@ -22,7 +22,6 @@ from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 
 from ..core.launch_env import (
-    DistributedEnv,
     DistributedEnvError,
     detect_distributed_env,
     normalize_distributed_env,
@@ -30,16 +29,19 @@ from ..core.launch_env import (
 )
 
 
-def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> DistributedEnv | None:
-    """What a recipe calls first: normalise the launcher's variables, and make multi-process CPU launches real."""
+def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> dict[str, tuple[str | None, str]]:
+    """What a recipe calls first: normalise the launcher's variables, and make multi-process CPU launches real.
+    Returns the variables it set, as ``{name: (before, after)}``, for ``setup_run`` to log with the run's other changes."""
+    env = os.environ if environ is None else environ
+    before = dict(env)
     if not torch.cuda.is_available():
         # DeepSpeed would pick the CPU itself, with a WARNING in every process saying it could not find a GPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    detected = normalize_distributed_env(environ)
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    detected = normalize_distributed_env(env)
     if detected is not None and detected.world_size > 1:
         use_gloo_without_accelerators()
         atexit.register(_destroy_process_group)
-    return detected
+    return {key: (before.get(key), value) for key, value in env.items() if before.get(key) != value}
 
 
 def _destroy_process_group() -> None:
@@ -55,7 +57,11 @@ def _destroy_process_group() -> None:
 def use_gloo_without_accelerators() -> None:
     """On a host without GPUs (CI, laptops), accelerate picks no backend for a torchrun or DeepSpeed launch that did not
     pass ``--use_cpu``: every process then trains alone with world size 1 while DeepSpeed itself sees the real world
-    size. Make such a launch a gloo process group on CPU, as ``--use_cpu`` would, but keep DeepSpeed usable."""
+    size. Make such a launch a gloo process group on CPU, as ``--use_cpu`` would, but keep DeepSpeed usable.
+
+    No public switch does this: ``--use_cpu`` / ``ACCELERATE_USE_CPU`` pick gloo but also turn DeepSpeed off
+    (accelerate's state takes the DeepSpeed path only ``if not cpu``), and CPU DeepSpeed is what laptops and CI run.
+    ``tests/test_trainer_overrides.py`` fails by name if accelerate renames or re-signs the method wrapped here."""
     original = PartialState._prepare_backend
     if getattr(original, "_hf_medvis_cpu_fallback", False):
         return

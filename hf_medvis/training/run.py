@@ -6,16 +6,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import transformers
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from ..core.errors import one_line
 from ..core.storage import explain_storage_error
@@ -28,10 +29,12 @@ from .lr import apply_base_learning_rate
 from .outputs import (
     FINAL_RESULTS,
     check_output_dir,
+    disable_evaluation_without_data,
     finished_run_step,
     resolve_resume_checkpoint,
     resume_requested,
 )
+from .reporting import resolve_reporters
 
 logger = logging.getLogger(__name__)
 
@@ -104,38 +107,93 @@ _SETUP_INPUT_ERRORS = (
 
 
 @dataclass
-class RunPlan:
+class RunSetup:
+    """What ``setup_run`` decided, and every setting it changed on the way (``changes``: argument or environment
+    variable -> (before, after)), so nothing a helper adjusts happens out of sight."""
+
     checkpoint: str | None  # checkpoint to resume from, if any
     lr_line: str  # how the learning rate was derived, for the log and the model card
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def recording(self, args: TrainingArguments, why: str) -> Iterator[None]:
+        """Records (and logs, in one line) what the enclosed code changes in ``args`` and the environment."""
+        before_args, before_env = args.to_dict(), dict(os.environ)
+        yield
+        found = _changed(before_args, args.to_dict())
+        found.update({f"${k}": v for k, v in _changed(before_env, dict(os.environ)).items()})
+        self.changes.update(found)
+        if found and args.should_log:
+            logger.info("%s changed: %s", why, describe_changes(found))
 
 
-def prepare_run(args: TrainingArguments) -> RunPlan:
-    """Checks shared by every recipe, in the order that fails fastest, before anything is written:
-    resume target, output folder, Hub access (token moved out of the saved arguments), batch-scaled learning rate."""
-    check_world_size(args)
-    checkpoint = resolve_resume_checkpoint(args)
-    # With --resume_from_checkpoint last and no complete checkpoint yet (a first attempt stopped before its first
-    # save), the folder holds that attempt's leftovers: start fresh in it.
-    check_output_dir(args, args.overwrite_output_dir, resuming=resume_requested(args))
-    finished = finished_run_step(args, checkpoint)
-    if finished is not None:  # a restart of a job that already finished: change nothing
-        logger.info(
-            "%s holds a finished run (step %d, %s): nothing to do. Raise --max_steps / --num_train_epochs to train on, "
-            "or pass another --output_dir",
-            args.output_dir,
-            finished,
-            FINAL_RESULTS,
-        )
-        raise SystemExit(0)
-    if args.push_to_hub:
-        user = check_hub_ready(args)
-        keep_token_out_of_outputs(args)
-        logger.info("Hub ready: pushing as %s", user)
-    lr_line = apply_base_learning_rate(args, getattr(args, "base_learning_rate", None))
-    deepspeed_line = check_deepspeed_config(args)  # after the lr is final: "auto" is filled with it
-    if deepspeed_line:
-        logger.info("%s", deepspeed_line)
-    return RunPlan(checkpoint=checkpoint, lr_line=lr_line)
+def setup_run(args: TrainingArguments, launch_environment: dict[str, tuple[Any, Any]] | None = None) -> RunSetup:
+    """Everything a recipe does between parsing its arguments and reading data: rank-tagged logging, the environment
+    report, then the checks that fail fastest before anything is written (world size, resume target, output folder,
+    Hub access, batch-scaled learning rate, DeepSpeed config, reporters) and the seed. Bad input ends the run in one
+    line. Returns the resume checkpoint, the learning-rate line, and what was changed (also logged): the arguments it
+    adjusted and the environment variables set for this run, ``launch_environment`` (``setup_distributed_env``'s
+    return) included."""
+    setup_logging(args)
+    log_environment(args)
+    run = RunSetup(checkpoint=None, lr_line="")
+    if launch_environment:
+        run.changes.update({f"${k}": v for k, v in launch_environment.items()})
+        if args.should_log:
+            logger.info("launch changed: %s", describe_changes(run.changes))
+    with recipe_errors(), run.recording(args, "run setup"):
+        check_world_size(args)
+        run.checkpoint = resolve_resume_checkpoint(args)
+        # With --resume_from_checkpoint last and no complete checkpoint yet (a first attempt stopped before its first
+        # save), the folder holds that attempt's leftovers: start fresh in it.
+        check_output_dir(args, args.overwrite_output_dir, resuming=resume_requested(args))
+        finished = finished_run_step(args, run.checkpoint)
+        if finished is not None:  # a restart of a job that already finished: change nothing
+            logger.info(
+                "%s holds a finished run (step %d, %s): nothing to do. Raise --max_steps / --num_train_epochs to train "
+                "on, or pass another --output_dir",
+                args.output_dir,
+                finished,
+                FINAL_RESULTS,
+            )
+            raise SystemExit(0)
+        if args.push_to_hub:
+            user = check_hub_ready(args)
+            keep_token_out_of_outputs(args)
+            logger.info("Hub ready: pushing as %s", user)
+        run.lr_line = apply_base_learning_rate(args, getattr(args, "base_learning_rate", None))
+        deepspeed_line = check_deepspeed_config(args)  # after the lr is final: "auto" is filled with it
+        if deepspeed_line:
+            logger.info("%s", deepspeed_line)
+        resolve_reporters(args)  # --report_to: azure_ml means MLflow; a missing package fails here
+        set_seed(args.seed)
+    return run
+
+
+def fit_run_to_data(run: RunSetup, args: TrainingArguments, train_dataset: Any, eval_dataset: Any) -> None:
+    """The arguments the data decides (a stream has no length; no evaluation set means no evaluation), recorded in
+    ``run.changes`` and logged like the setup's."""
+    with recipe_errors(), run.recording(args, "the data"):
+        configure_stream_loading(args, train_dataset)
+        disable_evaluation_without_data(args, eval_dataset)
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY|SAS|CONNECTION_STRING|CREDENTIAL", re.IGNORECASE)
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    found = {}
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old != new:
+            # A credential's value never reaches a log or the returned record: only that it was set or cleared.
+            found[key] = ("<set>" if old else old, "<set>" if new else new) if _SECRET_NAME.search(key) else (old, new)
+    return found
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``learning_rate 0.0001 -> 0.0003; $DS_ACCELERATOR None -> cpu`` (``$`` marks an environment variable)."""
+    return "; ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
 
 
 def configure_stream_loading(args: TrainingArguments, train_dataset: Any) -> None:

@@ -1,0 +1,80 @@
+"""``build_model(model_args, task)``: the one way the recipes build their model (a preset, a Hub id or a local folder),
+and the input size the data transforms need before it exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel
+
+from ..core.presets import load_presets
+from ..core.tasks import MAE, check_task
+from .arguments import ModelArguments
+from .build import build_mae_model
+from .drop_path import add_drop_path
+from .transfer import LabelSet, LoadReport, build_classifier, load_config
+
+
+@dataclass
+class BuiltModel:
+    model: PreTrainedModel
+    load_report: LoadReport  # what was loaded, dropped, missing or re-initialised
+
+
+def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None = None) -> BuiltModel:
+    """``task`` "mae": a ``ViTMAEForPreTraining`` (``MAEModelArguments``); "classification": a
+    ``ViTForImageClassification`` for ``labels`` (``ClassifierModelArguments``), its encoder transferred from a ViT or
+    MAE checkpoint when one is given."""
+    check_task(task)
+    if task == MAE:
+        model = build_mae_model(
+            model_args.model_name_or_path,
+            preset=model_args.model_preset,
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+            num_channels=model_args.num_channels,
+            mask_ratio=model_args.mask_ratio,
+            norm_pix_loss=model_args.norm_pix_loss,
+            config_overrides=model_args.config_overrides,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+        source = model_args.model_name_or_path
+        if source is None:
+            return BuiltModel(model, LoadReport(f"preset {model_args.model_preset}", "new"))
+        return BuiltModel(model, LoadReport(source, "vit_mae", loaded=sorted(model.state_dict())))
+    if labels is None:
+        raise ValueError("build_model(task='classification') needs the labels")
+    model, report = build_classifier(
+        model_args.model_name_or_path,
+        labels,
+        preset=model_args.model_preset,
+        image_size=input_image_size(model_args),
+        patch_size=model_args.patch_size,
+        num_channels=model_args.num_channels,
+        pooling=model_args.pooling,
+        hidden_dropout_prob=model_args.hidden_dropout_prob,
+        attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
+        config_overrides=model_args.config_overrides,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+    )
+    if model_args.drop_path_rate:
+        add_drop_path(model, model_args.drop_path_rate)
+    return BuiltModel(model, report)
+
+
+def input_image_size(model_args: ModelArguments) -> int:
+    """The input size before the model is built (data transforms need it): the flag, else the checkpoint's, else the
+    preset's."""
+    if model_args.image_size:
+        return model_args.image_size
+    if model_args.model_name_or_path:
+        try:
+            config = load_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+            return int(config.image_size)
+        except (OSError, ValueError, AttributeError):
+            pass  # building the model reports the real problem with the checkpoint
+    return int(load_presets().get(model_args.model_preset, {}).get("image_size", 224))
