@@ -17,6 +17,7 @@ from hf_medvis.core.storage import describe
 from hf_medvis.data import MAEDataArguments, build_datasets
 from hf_medvis.data.folder import write_skipped_images
 from hf_medvis.data.train_eval import first_examples
+from hf_medvis.evaluation.metrics import classification_metrics
 from hf_medvis.evaluation.reconstructions import reconstruct, save_reconstruction_grid
 from hf_medvis.models import (
     MAEModelArguments,
@@ -28,6 +29,7 @@ from hf_medvis.models import (
 from hf_medvis.training.args import MonitoringArguments, PretrainingArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_pixels
 from hf_medvis.training.callbacks import build_recipe_callbacks
+from hf_medvis.training.callbacks.online_probe import OnlineProbeCallback, load_probe_set
 from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import mae_model_card, write_model_card
 from hf_medvis.training.distributed import setup_distributed_env
@@ -66,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             data_stats=data.normalization,
             cache_dir=model_args.cache_dir,
         )
+        probe_set = None  # --probe_labels: the online probe's images, decoded now so a bad file fails before training
+        if data_args.probe_labels:
+            probe_set = load_probe_set(
+                data_args.probe_data,
+                data_args.probe_labels,
+                image_size=image_size,
+                max_images=data_args.probe_max_images,
+                storage_options=data_args.parsed_storage_options(),
+                labels_format=data_args.parsed_labels_format(),
+            )
     fit_run_to_data(run, training_args, data.train, data.eval)  # a stream needs --max_steps; no eval set, no eval
     logger.info(
         "data: %s from %s; %s",
@@ -114,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_augment=data.device_augmentation,
         sample_augmentation=data.augmentation,
     )
+    if probe_set is not None:  # logs through the Trainer, scores with the evaluation metrics (not importable there)
+        trainer.add_callback(OnlineProbeCallback(trainer, probe_set, classification_metrics, data_args.probe_steps))
 
     # 5. Train and evaluate, all of it in one MLflow run per job where MLflow reports (reporting.py).
     with reporting_run(training_args):

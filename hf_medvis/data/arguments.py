@@ -4,9 +4,12 @@ augmented. ``build_datasets`` takes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..core.storage import parse_storage_options
+from .hf_inputs import hf_dataset_kind
 from .labels.layouts import DEPRECATED_COLUMN_FLAGS, LABEL_COL, LabelsFormat, column_flag
+from .shard_format import MANIFEST_NAME
 
 
 @dataclass
@@ -154,11 +157,59 @@ class MAEDataArguments(DataArguments):
             "fixed-size uint8 images. For GPU hosts whose CPU workers cannot keep up."
         },
     )
+    probe_labels: str | None = field(
+        default=None,
+        metadata={"help": "Online linear probe: a labels CSV (NIH layout, or the --labels_format flags') of a small "
+                  "labelled image set. Every --probe_steps steps and at the end, a logistic regression on the "
+                  "encoder's mean patch token is fitted on 70%% of its patients and scored on the other 30%%: logged "
+                  "as probe_auroc_macro and probe_auroc_<class>."},
+    )  # fmt: skip
+    probe_data: str | None = field(
+        default=None,
+        metadata={"help": "The probe's images: folder, glob or fsspec URL. Default: --train_data when that is a "
+                  "local image folder (required otherwise)."},
+    )  # fmt: skip
+    probe_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps between probes (default: --eval_steps, else 500)."}
+    )
+    probe_max_images: int = field(
+        default=2000,
+        metadata={"help": "At most this many probe images, whole patients chosen by hashed patient id; decoded once "
+                  "and kept in memory (uint8) on every process."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"--crop_scale needs two values 0 < min <= max <= 1, got {self.crop_scale}")
+        self._check_probe()
+
+    def _check_probe(self) -> None:
+        if self.probe_labels is None:
+            for name in ("probe_data", "probe_steps"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{name} needs --probe_labels (the labels of the online probe's images)")
+            return
+        if self.probe_steps is not None and self.probe_steps < 1:
+            raise ValueError(f"--probe_steps must be >= 1, got {self.probe_steps}")
+        if self.probe_max_images < 2:
+            raise ValueError(f"--probe_max_images must be >= 2, got {self.probe_max_images}")
+        if self.probe_data is None:
+            if not _local_image_folder(self.train_data):
+                given = f"--train_data {self.train_data}" if self.train_data else "the embedded phantom set"
+                raise ValueError(
+                    f"--probe_labels needs --probe_data IMAGES: the probe's images default to --train_data only when "
+                    f"that is a local image folder, not {given}"
+                )
+            self.probe_data = self.train_data
+
+
+def _local_image_folder(location: str | None) -> bool:
+    """A folder of image files on this machine: not prepared shards, not a ``datasets`` input."""
+    if not location:
+        return False
+    path = Path(location).expanduser()
+    return path.is_dir() and hf_dataset_kind(location) is None and not (path / MANIFEST_NAME).is_file()
 
 
 @dataclass
