@@ -6,26 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from test_evaluate_predict import MULTI, _save_classifier
 
 from hf_medvis.cli import main as cli_main
 from hf_medvis.data.labels import LabelSpec
 
-MULTI = LabelSpec(("Cardiomegaly", "Effusion", "Nodule"), "multi_label_classification")
 RATES = ("sensitivity", "specificity", "ppv", "npv")
-
-
-def _save_classifier(folder, spec):
-    """An untrained tiny classifier (32 px, CLS pooling: a plain `vit`) saved as the recipe saves one."""
-    import torch
-
-    from hf_medvis.models.build import build_image_processor
-    from hf_medvis.models.transfer import build_classifier
-
-    torch.manual_seed(0)
-    model, _ = build_classifier(None, spec, preset="tiny", image_size=32, patch_size=8, pooling="cls")
-    model.save_pretrained(folder)
-    build_image_processor(32, [0.5] * 3, [0.25] * 3).save_pretrained(folder)
-    return folder
 
 
 def _split_by_patient(phantom_dir, folder):

@@ -527,19 +527,9 @@ def convert_dinov2_checkpoint(checkpoint: Checkpoint, options: ImportOptions) ->
     )
     notes = [f"encoder heads from {heads_from}"]
     mlp_ratio = _dinov2_mlp_ratio(shape.hidden_size, shape.intermediate_size, swiglu)
-    fields = {
-        "hidden_size": shape.hidden_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": heads,
-        "mlp_ratio": mlp_ratio,
-        "hidden_act": "gelu",
-        "layer_norm_eps": LAYER_NORM_EPS,
-        "image_size": image_size,
-        "patch_size": shape.patch_size,
-        "num_channels": shape.num_channels,
-        "qkv_bias": shape.qkv_bias,
-        "use_swiglu_ffn": swiglu,
-    }
+    fields = _encoder_config_fields(shape, heads, image_size)
+    del fields["intermediate_size"]  # Dinov2Config derives the MLP width from mlp_ratio
+    fields.update(mlp_ratio=mlp_ratio, use_swiglu_ffn=swiglu)
     if "register_tokens" in tensors:
         try:
             from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
