@@ -39,6 +39,7 @@ from hf_medvis.models import (
     input_image_size,
     resolve_normalization,
 )
+from hf_medvis.models.backbones import describe_architecture
 from hf_medvis.models.linear_probe import attach_linear_probe, fold_linear_probe
 from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_classification
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         spec = data.labels
 
-        # 3. Model: a new preset, a ViT checkpoint, or an MAE output (encoder transferred, decoder dropped).
+        # 3. Model: a new preset, a ViT checkpoint, an MAE output (encoder transferred, decoder dropped), or another
+        # image backbone's checkpoint (DeiT, BEiT, Dinov2, Swin, ConvNeXt) with a new head.
         built = build_model(model_args, task="classification", labels=spec)
         model, load_report = built.model, built.load_report
         if model_args.linear_probe:  # encoder frozen: only the BatchNorm + linear head trains
@@ -100,12 +102,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ", ".join(f"{k} {v}" for k, v in data.info.items()),
     )
     logger.info("labels (%s): %s", spec.problem_type, ", ".join(spec.names))
+    architecture = describe_architecture(model.config)
     logger.info(
-        "model: ViT %s parameters, image %d, patch %d, %s pooling; %s",
+        "model: %s (%s) %s parameters, image %d%s, pooling: %s; %s",
+        architecture["name"],
+        architecture["model_type"],
         f"{count_parameters(model):,}",
-        model.config.image_size,
-        model.config.patch_size,
-        model_args.pooling,
+        architecture["image_size"],
+        f", patch {architecture['patch_size']}" if architecture["patch_size"] else "",
+        architecture["pooling"],
         load_report.summary(),
     )
     if pos_weight is not None:

@@ -8,7 +8,7 @@ go through ``metrics_with_intervals``: one computation, whichever way it is call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,23 +43,40 @@ def bootstrap_confidence_intervals(
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
     kinds = [k for k in kinds if not (k == "accuracy" and spec.multi_label)]  # accuracy: single-label only
-    group_ids, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(group_ids))]
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
-    for _ in range(n_resamples):
-        chosen = rng.integers(0, len(members), size=len(members))
-        rows = np.concatenate([members[g] for g in chosen])
+    for rows in patient_resamples(patient_members(groups), n_resamples, np.random.default_rng(seed)):
         resampled_labels, resampled_probs = labels[rows], probs[rows]
         for kind in kinds:
             for key, value in metric_values(kind, resampled_labels, resampled_probs, spec, threshold).items():
                 samples.setdefault(key, []).append(value)  # only where defined in this resample
+    intervals = {key: percentile_interval(v, n_resamples, confidence) for key, v in samples.items()}
+    return {key: interval for key, interval in intervals.items() if interval is not None}
+
+
+def patient_members(groups: Sequence[Any]) -> list[np.ndarray]:
+    """The row indices of each patient of ``groups`` (a patient id per image), patients in sorted id order."""
+    group_ids, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return [np.flatnonzero(inverse == g) for g in range(len(group_ids))]
+
+
+def patient_resamples(
+    members: Sequence[np.ndarray], n_resamples: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """``n_resamples`` row-index arrays, each the rows of as many patients as ``members`` (``patient_members``) holds,
+    drawn with replacement from ``rng``. The draws depend on ``rng`` and the patients only, so one metric's CI is the
+    same whichever others are computed with it."""
+    for _ in range(n_resamples):
+        chosen = rng.integers(0, len(members), size=len(members))
+        yield np.concatenate([members[g] for g in chosen])
+
+
+def percentile_interval(samples: Sequence[float], n_resamples: int, confidence: float = 0.95) -> list[float] | None:
+    """The percentile interval of one metric's bootstrap ``samples`` (one per resample where it is defined); None when
+    it is undefined in most resamples: no meaningful CI."""
+    if len(samples) < max(10, n_resamples // 2):
+        return None
     alpha = (1 - confidence) / 2
-    return {
-        key: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))]
-        for key, v in samples.items()
-        if len(v) >= max(10, n_resamples // 2)  # a metric undefined in most resamples has no meaningful CI
-    }
+    return [float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))]
 
 
 def metrics_with_intervals(

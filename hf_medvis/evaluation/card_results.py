@@ -1,7 +1,9 @@
 """``hf-medvis evaluate --model DIR`` writes its held-out result into DIR's model card: Hub metadata (``model-index``,
 split ``test``, with the patient-bootstrap CI) and a text section. Re-running replaces that result; the validation
-figures the recipe wrote stay, named as validation. With ``--thresholds-from``, an "Operating points" section follows it
-(its own markers: replaced only by a new choice of thresholds, so it keeps describing the thresholds config.json holds).
+figures the recipe wrote stay, named as validation; with ``--subgroups`` it holds a "Subgroups" table, and the
+temperatures of ``--calibrate`` (or config.json's) beside the calibration. With ``--thresholds-from``, an "Operating
+points" section follows it (its own markers: replaced only by a new choice of thresholds, so it keeps describing the
+thresholds config.json holds).
 Nothing identifying goes in: counts, metrics and the validation labels file's name only."""
 
 from __future__ import annotations
@@ -70,6 +72,69 @@ def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
     return ["", f"| class | ECE ({bins} equal-mass bins) | Brier |", "|---|---|---|", *rows]
 
 
+def _temperature_lines(metrics: dict[str, Any]) -> list[str]:
+    """The temperatures the probabilities were scaled by (``--calibrate``, or config.json's), and what fitting did to
+    the validation ECE."""
+    temperature = metrics.get("temperature") or {}
+    values = temperature.get("values") or {}
+    if not values:
+        return []
+    listed = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+    if "validation" not in temperature:
+        return ["", f"Probabilities are temperature-scaled by config.json's `hf_medvis_temperature` (T: {listed})."]
+    before, after = temperature.get("validation_ece_before", {}), temperature.get("validation_ece_after", {})
+    ece = ", ".join(f"{name} {before[name]:.3f} -> {after[name]:.3f}" for name in before if name in after)
+    return [
+        "",
+        f"Probabilities are temperature-scaled (logits / T, saved in config.json as `hf_medvis_temperature`; T: "
+        f"{listed}), T fitted by minimising the negative log-likelihood of validation patients "
+        f"({temperature['validation']}), none of whom is in the test set"
+        + (f"; validation ECE before -> after: {ece}." if ece else "."),
+    ]
+
+
+def _ci_text(entry: dict[str, Any], key: str) -> str:
+    if entry.get(key) is None:
+        return "n/a"
+    text = f"{entry[key]:.3f}"
+    if entry.get(f"{key}_ci95_low") is not None:
+        text += f" ({entry[f'{key}_ci95_low']:.3f}-{entry[f'{key}_ci95_high']:.3f})"
+    return text
+
+
+def _subgroup_lines(metrics: dict[str, Any]) -> list[str]:
+    """The "Subgroups" table (``--subgroups``): per column and value images, patients, macro AUROC with its 95% CI;
+    then per column the largest gap in macro AUROC."""
+    from .subgroups import GAP_KEY, MIN_EACH, format_gap
+
+    subgroups = metrics.get("subgroups") or {}
+    if not subgroups:
+        return []
+    rows, gaps = [], []
+    for column, groups in subgroups.items():
+        for value, entry in groups.items():
+            if value != GAP_KEY:
+                small = f"; too few cases for {', '.join(entry['too_small'])}" if entry.get("too_small") else ""
+                rows.append(
+                    f"| {column} | {value} | {entry['images']} | {entry['patients']} | "
+                    f"{_ci_text(entry, 'auroc_macro')}{small} |"
+                )
+        gap = (groups.get(GAP_KEY) or {}).get("auroc_macro")
+        gaps.append(f"Largest gap by {column}, {format_gap('macro AUROC', gap)}." if gap else "")
+    return [
+        "",
+        "### Subgroups",
+        "",
+        f"95% CIs from a patient-level bootstrap within each subgroup; a class with fewer than {MIN_EACH} positives or "
+        "negatives in a subgroup is left out of its macro AUROC.",
+        "",
+        "| column | value | images | patients | macro AUROC (95% CI) |",
+        "|---|---|---|---|---|",
+        *rows,
+        *([""] + [gap for gap in gaps if gap] if any(gaps) else []),
+    ]
+
+
 def _rate_cell(point: dict[str, Any], rate: str) -> str:
     if point.get(rate) is None:
         return f"n/a ({(point.get('undefined') or {}).get(rate, 'undefined')})"
@@ -102,7 +167,8 @@ def _operating_points_section(metrics: dict[str, Any]) -> str:
             f"Per-class thresholds chosen by the rule `{chosen.get('rule', '?')}` on validation patients "
             f"({chosen.get('validation', '?')}), none of whom is in the test set, then applied unchanged to the test "
             "images; 95% CIs from a patient-level bootstrap. They are saved in config.json (`hf_medvis_thresholds`): "
-            "`hf-medvis predict` lists the findings at or above them. A probability >= the threshold is a positive call.",
+            "`hf-medvis predict` lists the findings at or above them. A probability >= the threshold is a positive call."
+            + (f" Probabilities: {chosen['probabilities']}." if chosen.get("probabilities") else ""),
             "",
             "| class | threshold | sensitivity | specificity | PPV | NPV |",
             "|---|---|---|---|---|---|",
@@ -149,6 +215,8 @@ def record_test_results(
             "```",
             *_not_evaluated_lines(metrics),
             *_calibration_lines(metrics),
+            *_temperature_lines(metrics),
+            *_subgroup_lines(metrics),
             END,
         ]
     )

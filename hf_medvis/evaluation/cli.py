@@ -2,7 +2,8 @@
 
 ``evaluate --thresholds-from`` adds operating points (``operating_points.py``): per-class thresholds chosen on
 validation patients, applied to the evaluated set and saved into the model folder, where ``predict`` reads them to
-list findings.
+list findings. ``--calibrate`` fits temperatures on the same validation patients first (``calibration.py``), saved and
+applied the same way; ``--subgroups`` adds the metrics of each value of covariate columns (``subgroups.py``).
 
 The heavy imports (torch, transformers, scikit-learn) happen when a command runs, not when ``hf-medvis`` builds its
 parser."""
@@ -76,6 +77,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the validation images of --thresholds-from (default: --data); same label-layout flags as --labels",
     )
     ev.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="temperature scaling: fit on the validation images of --thresholds-from (required) one temperature per "
+        "class (multi-label: sigmoid(logit/T)) or one for all (single-label: softmax(logits/T)) by minimising their "
+        "negative log-likelihood, before any threshold is chosen; every probability of this evaluation is then "
+        "temperature-scaled (AUROC unchanged); metrics.json 'temperature' (values, validation NLL and ECE before and "
+        "after); unless --no-card, saved into config.json (hf_medvis_temperature), which 'hf-medvis predict' applies",
+    )
+    ev.add_argument(
+        "--subgroups",
+        nargs="+",
+        default=None,
+        metavar="COL",
+        help="metrics per value of these columns of the labels file (e.g. 'Patient Gender' 'View Position'; a numeric "
+        "one binned as 'Patient Age:0,40,60,120': [0,40), [40,60), [60,120], other values 'out of range'): "
+        "metrics.json 'subgroups' (per value images, patients, positives, AUROC with patient-bootstrap 95%% CIs and, "
+        "with --thresholds-from, sensitivity/specificity at the validation thresholds; a class with fewer than 5 "
+        "positives or negatives there: 'too_small') and per column '_largest_gap' (best minus worst subgroup, with a "
+        "bootstrap CI)",
+    )
+    ev.add_argument(
         "--operating-point",
         default=None,
         metavar="RULE",
@@ -117,6 +139,8 @@ class LabelledImages:
     truth: np.ndarray
     not_evaluated: list[str]  # model classes the file does not label (--label-map)
     labels_file: str
+    rows: list[list[dict[str, str]]]  # per image its rows of the labels file (several: long layout), for --subgroups
+    columns: list[str]  # the labels file's columns
 
 
 def read_labelled_images(
@@ -133,6 +157,7 @@ def read_labelled_images(
     set and the validation set of ``--thresholds-from`` both come through here. Undecodable files go to ``skipped``."""
     from ..data.folder import build_folder_records, find_labels_file
     from ..data.labels import (
+        IMAGE_COL,
         check_file_classes,
         encode_labels,
         is_labelled,
@@ -140,6 +165,7 @@ def read_labelled_images(
         parse_finding_labels,
         parse_unknown_labels,
         read_labels_table,
+        sample_key,
     )
 
     labels_file = labels or find_labels_file(data)
@@ -187,16 +213,22 @@ def read_labelled_images(
     truth = label_matrix(encoded, spec)
     if not_evaluated and spec.multi_label:
         truth[:, [spec.label2id[name] for name in not_evaluated]] = -1  # unknown, not negative: masked everywhere
+    # A labelled record's key is its table row's sample key (build_folder_records), unique within the file.
+    row_of_key = {sample_key(row[IMAGE_COL]): i for i, row in enumerate(table.rows)}
     return LabelledImages(
         paths=[records["path"][i] for i in keep],
         groups=[records["group"][i] for i in keep],
         truth=truth,
         not_evaluated=not_evaluated,
         labels_file=str(labels_file),
+        rows=[table.input_rows[row_of_key[records["key"][i]]] for i in keep],
+        columns=list(table.columns),
     )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..core.storage import parse_storage_options, write_json_atomic
     from ..data.folder import write_skipped_images
     from ..data.labels import LabelSpec
@@ -207,28 +239,48 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .operating_points import parse_operating_point
     from .plots import save_confusion_plot, save_reliability_plot, save_roc_plot
     from .predict import Predictor
+    from .subgroups import covariate_values, format_subgroups, parse_subgroup_columns, subgroup_column_metrics
 
     if not 0 < args.threshold < 1:
         raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     thresholds_from = args.thresholds_from
-    if thresholds_from is None and (args.thresholds_data or args.operating_point):
-        given = "--thresholds-data" if args.thresholds_data else "--operating-point"
-        raise ValueError(f"{given} needs --thresholds-from VAL_LABELS (the validation labels to choose thresholds on)")
+    if thresholds_from is None and (args.thresholds_data or args.operating_point or args.calibrate):
+        given = next(
+            flag
+            for flag, value in (
+                ("--thresholds-data", args.thresholds_data),
+                ("--operating-point", args.operating_point),
+                ("--calibrate", args.calibrate),
+            )
+            if value
+        )
+        purpose = "fit the temperatures" if given == "--calibrate" else "choose thresholds"
+        raise ValueError(f"{given} needs --thresholds-from VAL_LABELS (the validation labels to {purpose} on)")
     rule = parse_operating_point(args.operating_point or "youden") if thresholds_from else None
+    subgroup_columns = parse_subgroup_columns(args.subgroups) if args.subgroups else []
     storage_options = parse_storage_options(args.storage_options) or None
     label_map = load_label_map(args.label_map) if args.label_map else None  # a bad map fails before the model loads
     predictor = Predictor(args.model)
     spec = predictor.spec
     if rule is not None and not spec.multi_label:
-        raise ValueError(
-            f"--thresholds-from: operating points are per-class thresholds of multi-label models; {args.model} is "
-            f"{spec.problem_type}"
-        )
+        if not args.calibrate or args.operating_point:
+            raise ValueError(
+                f"--thresholds-from: operating points are per-class thresholds of multi-label models; {args.model} is "
+                f"{spec.problem_type}"
+            )
+        rule = None  # a single-label model: --thresholds-from's images fit its temperature, no threshold is chosen
     skipped: list[dict[str, str]] = []  # image files that cannot be decoded: left out, listed beside the metrics
     evaluated = read_labelled_images(args.data, args.labels, args, spec, label_map, storage_options, skipped)
     paths, groups, truth, not_evaluated = evaluated.paths, evaluated.groups, evaluated.truth, evaluated.not_evaluated
+    labels_name = Path(evaluated.labels_file).name
+    # Each column's value per image, checked (a missing column, a non-numeric binned value) before anything is scored.
+    covariates = {}
+    for column in subgroup_columns:
+        covariates[column.column] = covariate_values(evaluated.rows, column.column, evaluated.columns, labels_name)
+        for value in covariates[column.column]:
+            column.group_of(value)
     validation = None
-    if rule is not None:  # read and checked before anything is scored or written
+    if thresholds_from is not None:  # read and checked before anything is scored or written
         validation_data = args.thresholds_data or args.data
         validation = read_labelled_images(
             validation_data, thresholds_from, args, spec, label_map, storage_options, skipped
@@ -237,10 +289,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if shared:
             raise ValueError(
                 f"--thresholds-from {Path(thresholds_from).name} shares {len(shared)} patient(s) with the evaluated "
-                f"set {Path(evaluated.labels_file).name}: thresholds must be chosen on other patients"
+                f"set {labels_name}: thresholds must be chosen on other patients"
             )
     print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
-    probs = predictor.predict(paths, batch_size=args.batch_size, storage_options=storage_options)
+    logits = predictor.logits(paths, batch_size=args.batch_size, storage_options=storage_options)
+    validation_logits = None
+    if validation is not None:
+        images, patients = len(validation.paths), len(set(validation.groups))
+        print(f"scoring {images} validation images of {patients} patients", file=sys.stderr)
+        validation_logits = predictor.logits(
+            validation.paths, batch_size=args.batch_size, storage_options=storage_options
+        )
+    temperature_fit = None
+    if args.calibrate and validation is not None and validation_logits is not None:
+        # First: the thresholds are then chosen on the calibrated validation probabilities, the ones predict gives.
+        temperature_fit = _fit_temperature(predictor, validation, validation_logits, not_evaluated)
+    elif predictor.temperature is not None:
+        print("probabilities temperature-scaled by the model's hf_medvis_temperature", file=sys.stderr)
+    probs = predictor.probabilities(logits)
     columns, scored_spec = list(range(len(spec.names))), spec
     if not_evaluated and spec.multi_label:
         # Scored without those columns (masked -1), so that no metric (F1 included) and no macro average counts them.
@@ -257,13 +323,45 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     metrics["problem_type"] = spec.problem_type
     metrics["calibration"] = calibration_metrics(truth[:, columns], probs[:, columns], scored_spec)
+    if temperature_fit is not None:
+        metrics["temperature"] = temperature_fit
+    elif predictor.temperature is not None:
+        from .calibration import TEMPERATURE_KEY
+
+        metrics["temperature"] = {
+            "values": dict(getattr(predictor.model.config, TEMPERATURE_KEY)),
+            "fitted": "earlier: the model's config.json hf_medvis_temperature",
+        }
     if not_evaluated:
         metrics["not_evaluated"] = not_evaluated
     operating_table = ""
-    if validation is not None and rule is not None:
+    if validation is not None and validation_logits is not None and rule is not None:
+        validation_probs = predictor.probabilities(validation_logits)
         operating_table = _add_operating_points(
-            metrics, args, predictor, rule, validation, truth, probs, groups, not_evaluated, storage_options
+            metrics, args, predictor, rule, validation, validation_probs, truth, probs, groups, not_evaluated
         )
+    if subgroup_columns:
+        thresholds = None
+        if metrics.get("operating_points") is not None:  # the validation thresholds, as float32 (json_number's)
+            points = metrics["operating_points"]
+            thresholds = np.array(
+                [points[name]["threshold"] if name in points else np.nan for name in scored_spec.names],
+                dtype=np.float32,
+            )
+        metrics["subgroups"] = {
+            column.column: subgroup_column_metrics(
+                column,
+                covariates[column.column],
+                truth[:, columns],
+                probs[:, columns],
+                groups,
+                scored_spec,
+                thresholds=thresholds,
+                n_resamples=args.bootstrap,
+                seed=args.seed,
+            )
+            for column in subgroup_columns
+        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
@@ -284,14 +382,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"calibration (ECE over {CALIBRATION_BINS} equal-mass bins / Brier): "
         + ", ".join(f"{name} {c['ece']:.3f} / {c['brier']:.3f}" for name, c in metrics["calibration"].items())
     )
+    if temperature_fit is not None:
+        print(_format_temperature(temperature_fit))
     if operating_table:
         print(operating_table)
+    if subgroup_columns:
+        print(format_subgroups(metrics["subgroups"], scored_spec))
     written = "metrics.json, per_class.json, roc.png, reliability.png" + ("" if spec.multi_label else ", confusion.png")
     print(f"wrote {written} to {out}")
     if args.update_card and Path(args.model).is_dir():
         from ..data.provenance import data_origin, describe_origin
         from .card_results import record_test_results
-        from .operating_points import save_thresholds
 
         card = record_test_results(
             args.model,
@@ -302,11 +403,82 @@ def run_evaluate(args: argparse.Namespace) -> int:
             data_description=describe_origin(data_origin(args.data, storage_options)),
         )
         print(f"added the test result to the model card {card}")
-        if metrics.get("operating_points"):
-            thresholds = {name: point["threshold"] for name, point in metrics["operating_points"].items()}
-            config = save_thresholds(args.model, thresholds, metrics["operating_point"])
-            print(f"saved the thresholds into {config} ('hf-medvis predict' now lists findings)")
+        _save_into_config(args.model, metrics, calibrated=temperature_fit is not None)
     return 0
+
+
+def _fit_temperature(
+    predictor: Predictor, validation: LabelledImages, validation_logits: np.ndarray, not_evaluated: list[str]
+) -> dict:
+    """``--calibrate``: fits the temperatures on the validation images' raw logits, sets them on ``predictor`` (every
+    probability from then on is temperature-scaled) and returns ``metrics.json``'s ``temperature``."""
+    from .calibration import TEMPERATURE_BOUNDS as bounds
+    from .calibration import fit_temperatures, temperature_report, temperature_vector
+
+    spec = predictor.spec
+    temperatures, without = fit_temperatures(validation.truth, validation_logits, spec, skip=not_evaluated)
+    without.update({name: "not evaluated: the evaluated data does not label it" for name in not_evaluated})
+    predictor.temperature = temperature_vector(temperatures, spec.names)
+    images, patients = len(validation.paths), len(set(validation.groups))
+    report = temperature_report(validation.truth, validation_logits, spec, temperatures)
+    fit: dict = {
+        "values": temperatures,
+        "validation": f"{Path(validation.labels_file).name}, {images} images, {patients} patients",
+        **{f"validation_{key}": value for key, value in report.items()},
+    }
+    if without:
+        fit["without_temperature"] = without
+    # A fit on the edge of the search range: the logits say (almost) nothing about the labels, or separate them fully.
+    at_bound = [name for name, value in temperatures.items() if not bounds[0] * 1.001 < value < bounds[1] * 0.999]
+    if at_bound:
+        fit["at_search_bound"] = at_bound
+    return fit
+
+
+def _format_temperature(fit: dict) -> str:
+    """One line per temperature: T, and the validation ECE and NLL before -> after."""
+    lines = [f"temperature scaling (fitted on {fit['validation']}; validation ECE and NLL before -> after):"]
+    for name, value in fit["values"].items():
+        ece_before, ece_after = fit["validation_ece_before"], fit["validation_ece_after"]
+        nll_before, nll_after = fit["validation_nll_before"], fit["validation_nll_after"]
+        ece = f"  ECE {ece_before[name]:.3f} -> {ece_after[name]:.3f}" if name in ece_before else ""
+        nll = f"  NLL {nll_before[name]:.4f} -> {nll_after[name]:.4f}" if name in nll_before else ""
+        bound = "  (at the search bound: the logits barely inform it)" if name in fit.get("at_search_bound", ()) else ""
+        lines.append(f"{name[:22]:<22} T {value:.4g}{ece}{nll}{bound}")
+    lines += [
+        f"{name[:22]:<22} no temperature: {reason}" for name, reason in fit.get("without_temperature", {}).items()
+    ]
+    return "\n".join(lines)
+
+
+def _save_into_config(model_dir: str, metrics: dict, calibrated: bool) -> None:
+    """The thresholds (``--thresholds-from``) and temperatures (``--calibrate``) of this evaluation into the model's
+    config.json, in one atomic write. New temperatures without new thresholds drop the old thresholds: those were
+    chosen on probabilities scaled otherwise."""
+    from .calibration import TEMPERATURE_KEY
+    from .operating_points import OPERATING_POINT_KEY, THRESHOLDS_KEY, update_model_config
+
+    values: dict = {}
+    remove: list[str] = []
+    points = metrics.get("operating_points")
+    if points:
+        values[THRESHOLDS_KEY] = {name: point["threshold"] for name, point in points.items()}
+        values[OPERATING_POINT_KEY] = metrics["operating_point"]
+    if calibrated:
+        temperatures = metrics["temperature"]["values"]
+        if temperatures:
+            values[TEMPERATURE_KEY] = temperatures
+        else:
+            remove.append(TEMPERATURE_KEY)
+        if not points:
+            remove += [THRESHOLDS_KEY, OPERATING_POINT_KEY]
+    if not values and not remove:
+        return
+    config = update_model_config(model_dir, values, remove)
+    if points:
+        print(f"saved the thresholds into {config} ('hf-medvis predict' now lists findings)")
+    if calibrated:
+        print(f"saved the temperatures into {config} ('hf-medvis predict' now applies them)")
 
 
 def _add_operating_points(
@@ -315,21 +487,21 @@ def _add_operating_points(
     predictor: Predictor,
     rule: OperatingRule,
     validation: LabelledImages,
+    validation_probs: np.ndarray,
     truth: np.ndarray,
     probs: np.ndarray,
     groups: list[str],
     not_evaluated: list[str],
-    storage_options: dict | None,
 ) -> str:
-    """``--thresholds-from``: scores the validation images, chooses each class's threshold on them by ``rule`` and
-    adds ``operating_points`` (per class, on the evaluated images), ``operating_point`` (rule and validation set) and
-    ``operating_points_without_threshold`` ({class: reason}) to ``metrics``. Returns the printed table."""
+    """``--thresholds-from``: chooses each class's threshold on the validation images' probabilities by ``rule`` and
+    adds ``operating_points`` (per class, on the evaluated images), ``operating_point`` (rule, validation set and, when
+    temperature-scaled, which probabilities) and ``operating_points_without_threshold`` ({class: reason}) to
+    ``metrics``. Returns the printed table."""
     from .operating_points import choose_thresholds, format_operating_points, operating_point_metrics
 
     spec = predictor.spec
     images, patients = len(validation.paths), len(set(validation.groups))
     print(f"choosing thresholds ({rule}) on {images} validation images of {patients} patients", file=sys.stderr)
-    validation_probs = predictor.predict(validation.paths, batch_size=args.batch_size, storage_options=storage_options)
     # A class the evaluated data does not label (--label-map) gets no operating point: nothing to apply it to.
     thresholds, without = choose_thresholds(validation.truth, validation_probs, spec, rule, skip=not_evaluated)
     without.update({name: "not evaluated: the evaluated data does not label it" for name in not_evaluated})
@@ -337,6 +509,12 @@ def _add_operating_points(
         "rule": str(rule),
         "validation": f"{Path(validation.labels_file).name}, {images} images, {patients} patients",
     }
+    if predictor.temperature is not None:  # thresholds apply to these probabilities only: say which they are
+        metrics["operating_point"]["probabilities"] = (
+            "temperature-scaled, the temperatures fitted first on the same validation images (--calibrate)"
+            if "validation_ece_after" in metrics.get("temperature", {})
+            else "temperature-scaled by the model's hf_medvis_temperature"
+        )
     metrics["operating_points"] = operating_point_metrics(
         truth,
         probs,

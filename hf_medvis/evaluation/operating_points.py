@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,16 +193,27 @@ def format_operating_points(points: dict[str, dict[str, Any]], without: dict[str
 
 
 def save_thresholds(
-    model_dir: str | os.PathLike, thresholds: dict[str, float], operating_point: dict[str, str]
+    model_dir: str | os.PathLike,
+    thresholds: dict[str, float],
+    operating_point: dict[str, str],
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Adds ``hf_medvis_thresholds`` ({class: threshold}) and ``hf_medvis_operating_point`` ({"rule", "validation"})
-    to the folder's config.json, written whole or not at all; ``AutoConfig.from_pretrained`` keeps both as
-    attributes. Returns its path."""
+    to the folder's config.json, with any ``extra`` keys (the temperatures of ``--calibrate``) in the same write;
+    ``AutoConfig.from_pretrained`` keeps them as attributes. Returns its path."""
+    values = {THRESHOLDS_KEY: dict(thresholds), OPERATING_POINT_KEY: dict(operating_point), **(extra or {})}
+    return update_model_config(model_dir, values)
+
+
+def update_model_config(model_dir: str | os.PathLike, values: Mapping[str, Any], remove: Sequence[str] = ()) -> Path:
+    """Sets ``values`` and drops the keys of ``remove`` in the folder's config.json, written whole or not at all (in
+    save_pretrained's layout). Returns its path."""
     path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text())
-    config[THRESHOLDS_KEY] = dict(thresholds)
-    config[OPERATING_POINT_KEY] = dict(operating_point)
-    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # save_pretrained's layout
+    for key in remove:
+        config.pop(key, None)
+    config.update(values)
+    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
 

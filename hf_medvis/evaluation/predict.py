@@ -1,5 +1,5 @@
 """Inference with a fine-tuned classifier on image files (DICOM, PNG, JPEG; local or fsspec URLs), with the exact
-preprocessing of training."""
+preprocessing of training and, when config.json has them, the temperatures of ``hf-medvis evaluate --calibrate``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..data.decode import read_image
 from ..data.labels import LabelSpec
 from ..data.transforms import create_transform, normalize_batch, to_uint8_tensor
 from ..models.transfer import load_classifier
+from .calibration import scale_logits, temperatures_of
 from .metrics import probabilities
 from .operating_points import thresholds_of
 
@@ -42,6 +43,8 @@ class Predictor:
         }
         # Per-class thresholds saved by `hf-medvis evaluate --thresholds-from` (float32, NaN: none), or None.
         self.thresholds = thresholds_of(config, self.spec.names)
+        # Per-class temperatures saved by `hf-medvis evaluate --calibrate` (float32, 1: none), or None.
+        self.temperature = temperatures_of(config, self.spec.names)
 
     def preprocess(self, source: str, storage_options: dict | None = None) -> torch.Tensor:
         """The uint8 [C, size, size] image the model sees (before normalisation), as in training's evaluation."""
@@ -51,14 +54,24 @@ class Predictor:
         return self.transform(to_uint8_tensor(image))
 
     @torch.no_grad()
-    def predict(self, sources: Sequence[str], batch_size: int = 32, storage_options: dict | None = None) -> np.ndarray:
-        """[N, classes] probabilities, in the order of ``config.id2label``."""
+    def logits(self, sources: Sequence[str], batch_size: int = 32, storage_options: dict | None = None) -> np.ndarray:
+        """[N, classes] float32 raw logits (before any temperature), in the order of ``config.id2label``."""
         out = []
         for start in range(0, len(sources), batch_size):
             batch = torch.stack([self.preprocess(src, storage_options) for src in sources[start : start + batch_size]])
             pixels = normalize_batch(batch.to(self.device), self.mean, self.std, self.model.config.num_channels)
-            out.append(probabilities(self.model(pixel_values=pixels).logits.float().cpu().numpy(), self.spec))
+            out.append(self.model(pixel_values=pixels).logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.spec.names)), dtype=np.float32)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """[N, classes] probabilities of raw ``logits``: sigmoid (multi-label) or softmax of the logits divided by the
+        temperatures, when the model has them."""
+        return probabilities(scale_logits(logits, self.temperature), self.spec)
+
+    def predict(self, sources: Sequence[str], batch_size: int = 32, storage_options: dict | None = None) -> np.ndarray:
+        """[N, classes] probabilities (temperature-scaled when config.json has ``hf_medvis_temperature``), in the
+        order of ``config.id2label``."""
+        return self.probabilities(self.logits(sources, batch_size, storage_options))
 
     def findings(self, probs: np.ndarray) -> list[list[str]] | None:
         """Per image of ``probs`` ([N, classes], from ``predict``), the classes whose probability is >= their saved

@@ -60,8 +60,9 @@ class MAEModelArguments(ModelArguments):
 class ClassifierModelArguments(ModelArguments):
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Start from a Hub id (e.g. google/vit-base-patch16-224), a local ViT folder, or an MAE "
-                  "pretraining output (encoder transferred, decoder dropped). Default: a new model from --model_preset."},
+        metadata={"help": "Start from a Hub id (e.g. google/vit-base-patch16-224), a local ViT folder, an MAE "
+                  "pretraining output (encoder transferred, decoder dropped), or a DeiT, BEiT, Dinov2, Swin or ConvNeXt "
+                  "checkpoint (new head). Default: a new ViT from --model_preset."},
     )  # fmt: skip
     image_size: int | None = field(
         default=None, metadata={"help": "Input size; differing from the checkpoint's interpolates position embeddings."}
@@ -69,10 +70,12 @@ class ClassifierModelArguments(ModelArguments):
     num_channels: int | None = field(
         default=None, metadata={"help": "Channels of a new model: 3 (grayscale replicated, default) or 1."}
     )
-    pooling: str = field(
-        default="cls",
-        metadata={"help": "cls: the CLS token (plain ViTForImageClassification, loads anywhere); mean: global average "
-                  "of patch tokens (the MAE fine-tuning default; load with hf_medvis)."},
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "ViT: cls (default), the CLS token (plain ViTForImageClassification, loads anywhere), or "
+                  "mean, global average of patch tokens (the MAE fine-tuning default; load with hf_medvis). BEiT: cls "
+                  "or mean (its use_mean_pooling). DeiT: cls only; Swin, ConvNeXt: mean only; Dinov2: its own (CLS + "
+                  "mean patch token). Unset: the architecture's own."},
     )  # fmt: skip
     linear_probe: bool = field(
         default=False,
@@ -86,12 +89,13 @@ class ClassifierModelArguments(ModelArguments):
         default=0.0,
         metadata={"help": "Stochastic depth: each encoder layer's residual branches dropped per sample, at a rate "
                   "rising linearly to this at the last layer (MAE / medical_mae fine-tuning use 0.1-0.2). Off in "
-                  "evaluation; the saved model is a plain ViT."},
+                  "evaluation; the saved model is a plain ViT. BEiT, Dinov2 (one rate for every layer), Swin and "
+                  "ConvNeXt: their config's own drop_path_rate, set to this."},
     )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
         if self.num_channels not in (None, 1, 3):
             raise ValueError(f"--num_channels must be 1 or 3, got {self.num_channels}")

@@ -1,12 +1,14 @@
-"""Stochastic depth (drop-path) for transformers' ViT encoders, which have none: the regulariser the MAE and
-medical_mae fine-tuning recipes use (0.1-0.2). Each layer's residual branches (attention, MLP) are dropped per sample
-with a rate rising linearly from 0 at the first layer to ``rate`` at the last, and the kept ones scaled by
-1 / (1 - rate_i) (torchvision's ``StochasticDepth``, "row" mode); off in evaluation.
+"""Stochastic depth (drop-path) for transformers' ViT and DeiT encoders, which have none: the regulariser the MAE and
+medical_mae fine-tuning recipes use (0.1-0.2). BEiT, Dinov2, Swin and ConvNeXt have their own (config
+``drop_path_rate``, set at load by ``transfer.build_classifier``): this is placed only where a model has none. Each
+layer's residual branches (attention, MLP) are dropped per sample with a rate rising linearly from 0 at the first layer
+to ``rate`` at the last, and the kept ones scaled by 1 / (1 - rate_i) (torchvision's ``StochasticDepth``, "row" mode);
+off in evaluation.
 
-Why in place: transformers' ``ViTLayer`` applies one ``dropout`` module to each branch just before its residual add,
-so putting ``StochasticDepth`` after that dropout is exactly drop-path, and it adds no parameter: the saved model is a
-plain ViT that transformers reloads without our code and that scores the same. ``tests/test_drop_path.py`` fails if a
-transformers release moves that dropout."""
+Why in place: transformers' ``ViTLayer`` (and ``DeiTLayer``, its copy) applies one ``dropout`` module to each branch
+just before its residual add, so putting ``StochasticDepth`` after that dropout is exactly drop-path, and it adds no
+parameter: the saved model is a plain ViT (DeiT) that transformers reloads without our code and that scores the same.
+``tests/test_drop_path.py`` fails if a transformers release moves that dropout."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .build import ModelSetupError
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The transformer layers of a ViT / ViTMAE model: ``<base model>.layers`` (transformers 5), or
+    """The transformer layers of a ViT / ViTMAE / DeiT model: ``<base model>.layers`` (transformers 5), or
     ``<base model>.encoder.layer`` (transformers 4)."""
     base = getattr(model, "base_model", None)
     layers = getattr(base, "layers", None)

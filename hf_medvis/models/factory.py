@@ -3,6 +3,7 @@ and the input size the data transforms need before it exists."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
@@ -10,8 +11,8 @@ from transformers import PreTrainedModel
 from ..core.presets import load_presets
 from ..core.tasks import MAE, check_task
 from .arguments import ModelArguments
+from .backbones import VIT, backbone_of, set_pooling
 from .build import build_mae_model
-from .drop_path import add_drop_path
 from .transfer import LabelSet, LoadReport, build_classifier, load_config
 
 
@@ -22,9 +23,9 @@ class BuiltModel:
 
 
 def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None = None) -> BuiltModel:
-    """``task`` "mae": a ``ViTMAEForPreTraining`` (``MAEModelArguments``); "classification": a
-    ``ViTForImageClassification`` for ``labels`` (``ClassifierModelArguments``), its encoder transferred from a ViT or
-    MAE checkpoint when one is given."""
+    """``task`` "mae": a ``ViTMAEForPreTraining`` (``MAEModelArguments``); "classification": an image
+    classifier for ``labels`` (``ClassifierModelArguments``): a new ViT from a preset, or the checkpoint's architecture
+    (ViT, or an MAE's encoder as a ViT; DeiT, BEiT, Dinov2, Swin, ConvNeXt: ``backbones.BACKBONES``) with a new head."""
     check_task(task)
     if task == MAE:
         model = build_mae_model(
@@ -56,25 +57,30 @@ def build_model(model_args: ModelArguments, task: str, labels: LabelSet | None =
         pooling=model_args.pooling,
         hidden_dropout_prob=model_args.hidden_dropout_prob,
         attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
+        drop_path_rate=model_args.drop_path_rate,
         config_overrides=model_args.config_overrides,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
     )
-    if model_args.drop_path_rate:
-        add_drop_path(model, model_args.drop_path_rate)
     return BuiltModel(model, report)
 
 
 def input_image_size(model_args: ModelArguments) -> int:
     """The input size before the model is built (data transforms need it): the flag, else the checkpoint's, else the
-    preset's."""
-    if model_args.image_size:
-        return model_args.image_size
+    preset's. A checkpoint of an unsupported architecture, or a ``--pooling`` its architecture cannot do, is a one-line
+    ``ModelSetupError`` here, before any data is read."""
     if model_args.model_name_or_path:
         try:
             config = load_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-            return int(config.image_size)
-        except (OSError, ValueError, AttributeError):
-            pass  # building the model reports the real problem with the checkpoint
+        except (OSError, ValueError):
+            config = None  # building the model reports the real problem with the checkpoint
+        if config is not None:
+            backbone = backbone_of(config, model_args.model_name_or_path)
+            if backbone is not VIT:  # (a ViT's --pooling is checked with the arguments)
+                set_pooling(copy.deepcopy(config), backbone, getattr(model_args, "pooling", None))
+            if not model_args.image_size and isinstance(getattr(config, "image_size", None), int):
+                return int(config.image_size)
+    if model_args.image_size:
+        return model_args.image_size
     return int(load_presets().get(model_args.model_preset, {}).get("image_size", 224))

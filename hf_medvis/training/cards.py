@@ -16,6 +16,7 @@ from ..core.storage import write_text_atomic
 from ..data.arguments import ClassificationDataArguments, MAEDataArguments
 from ..data.labels import LabelSpec
 from ..models.arguments import ClassifierModelArguments, MAEModelArguments
+from ..models.backbones import describe_architecture
 from ..models.transfer import LoadReport
 from .args import FinetuningArguments, PretrainingArguments, precision_name
 from .hub import hub_model_id
@@ -199,13 +200,17 @@ def classifier_model_card(
             else ", no horizontal flip (chest X-rays are not left-right symmetric)"
         )
     )
+    described = describe_architecture(config)
+    tag = described["name"].lower()  # "vit" for every ViT (ours with mean pooling too), else the architecture
+    model_class = type(model).__name__
+    patch = f"{described['patch_size']} / " if described["patch_size"] else ""
     architecture = {
-        "model": "MeanPoolViTForImageClassification (mean of the patch tokens; custom code shipped in this folder, "
-        "load with `trust_remote_code=True`)"
-        if getattr(config, "pooling", "cls") == "mean"
-        else "ViTForImageClassification (CLS token)",
-        "encoder": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
-        "patch size / image size / channels": f"{config.patch_size} / {config.image_size} / {config.num_channels}",
+        "model": f"{model_class} ({described['pooling']}; custom code shipped in this folder, load with "
+        "`trust_remote_code=True`)"
+        if getattr(config, "pooling", "cls") == "mean" and described["name"] == "ViT"
+        else f"{model_class} ({described['name']}, model_type `{described['model_type']}`; {described['pooling']})",
+        "encoder": described["encoder"],
+        f"{'patch size / ' if patch else ''}image size / channels": f"{patch}{config.image_size} / {config.num_channels}",
         "parameters": f"{count_parameters(model):,}",
         "initialisation": load_report.summary() if load_report.source_type != "new" else "random (no pretraining)",
         "labels": ", ".join(spec.names),
@@ -222,7 +227,11 @@ def classifier_model_card(
         "learning rate": lr_line,
         "layer-wise lr decay": training_args.layer_decay,
         **(
-            {"stochastic depth": f"drop-path rate 0 to {model_args.drop_path_rate:g} over the layers (training only)"}
+            {
+                "stochastic depth": f"drop-path rate {model_args.drop_path_rate:g} at every layer (training only)"
+                if described["model_type"] == "dinov2"  # Dinov2's own drop path is one rate throughout
+                else f"drop-path rate 0 to {model_args.drop_path_rate:g} over the layers (training only)"
+            }
             if model_args.drop_path_rate
             else {}
         ),  # fmt: skip
@@ -257,22 +266,22 @@ def classifier_model_card(
         f"with the model; inputs are grayscale X-rays {'replicated to 3 channels' if config.num_channels == 3 else ''}."
     )
     return render_model_card(
-        title=f"ViT chest X-ray classifier ({task}) fine-tuned with hf_medvis",
-        summary=f"A `ViTForImageClassification` fine-tuned for {task} classification of chest X-rays "
+        title=f"{described['name']} chest X-ray classifier ({task}) fine-tuned with hf_medvis",
+        summary=f"A `{model_class}` fine-tuned for {task} classification of chest X-rays "
         f"({', '.join(spec.names)}) on {data_description}. Validation {headline} below; test-patient results are "
         "added by `hf-medvis evaluate --model`.",
         metadata={
             "library_name": "transformers",
             "license": "apache-2.0",
             "pipeline_tag": "image-classification",
-            "tags": ["vit", "image-classification", "medical-imaging", "chest-x-ray", "hf_medvis", task]
+            "tags": [tag, "image-classification", "medical-imaging", "chest-x-ray", "hf_medvis", task]
             + (["synthetic-data"] if synthetic else []),
             "base_model": base,
             "datasets": [dataset_id] if dataset_id else None,
             "metrics": sorted({r.metric_type for r in eval_results}) or None,
             "model_name": training_args.hub_model_id.split("/")[-1]
             if training_args.hub_model_id
-            else "hf_medvis-vit-cxr",
+            else f"hf_medvis-{tag}-cxr",
             "eval_results": eval_results or None,
         },
         sections={
