@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -205,8 +206,7 @@ def test_other_architectures_are_refused_in_one_line_before_any_data_is_read(tmp
 
 @pytest.mark.parametrize("model_type", ["deit", "convnext"])
 def test_the_recipe_fine_tunes_and_saves_another_backbone(tmp_path, phantom_dir, checkpoints, model_type):
-    # The recipe's default config is the tiny ViT demo's (its patch size and pooling): a run of another backbone
-    # brings its own config file.
+    # A 2-step run of its own (the default config's 2,400 steps are the demo's).
     config = tmp_path / "run.yaml"
     config.write_text(
         "problem_type: multi_label\nvalidation_split_percentage: 25\nmax_steps: 2\nper_device_train_batch_size: 4\n"
@@ -230,6 +230,20 @@ def test_the_recipe_fine_tunes_and_saves_another_backbone(tmp_path, phantom_dir,
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == _stats(model_type)[0]
     card = (out / "README.md").read_text()
     assert f"{name} chest X-ray classifier" in card and f"model_type `{model_type}`" in card
+    # transformers' pipeline scores a portrait grey X-ray as `hf-medvis predict` does (the saved processor resizes the
+    # shorter side and centre-crops, as training and evaluation did).
+    from PIL import Image
+
+    from hf_medvis.evaluation import Predictor
+
+    portrait = tmp_path / "portrait.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (101, 64), dtype=np.uint8)).save(portrait)
+    classify = transformers.pipeline("image-classification", model=str(out))
+    scores = {r["label"]: r["score"] for r in classify(Image.open(portrait), top_k=None)}
+    expected = Predictor(out).predict([str(portrait)])[0]
+    assert sorted(scores) == sorted(saved.config.label2id)
+    for label, index in saved.config.label2id.items():
+        assert scores[label] == pytest.approx(float(expected[index]), abs=1e-4), label
 
 
 @pytest.mark.parametrize("model_type", ["deit", "dinov2", "swin", "convnext"])
