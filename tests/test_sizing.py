@@ -145,3 +145,29 @@ def test_the_old_classify_spelling_still_works_with_one_warning(tmp_path, capsys
     assert [r.getMessage() for r in caplog.records] == ["task 'classify' is deprecated: use 'classification'"]
     with pytest.raises(ValueError, match="unknown task 'classify'"):
         build_config("vit-base", "classify")  # the library takes the one spelling; only the command line translates
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "swin", "deit"])
+def test_other_classifier_architectures_are_sized_as_transformers_builds_them(tmp_path, capsys, model_type):
+    """A config folder of another backbone (what finetune_vit.py fine-tunes) is sized as that architecture: its
+    parameter count is the real model's, and its activations are measured like a ViT's."""
+    import transformers
+    from transformers import AutoConfig
+
+    small = {
+        "convnext": dict(depths=[1, 1], hidden_sizes=[16, 32], num_stages=2),
+        "swin": dict(depths=[1, 1], num_heads=[2, 4], embed_dim=16, window_size=4, patch_size=4),
+        "deit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8),
+    }[model_type]
+    AutoConfig.for_model(model_type, image_size=64, **small).save_pretrained(tmp_path)
+    argv = ["size", "--model", str(tmp_path), "--task", "classification", "--image-size", "64", "--num-labels", "3"]
+    assert main([*argv, "--batch-size", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    classifier = {"convnext": "ConvNextForImageClassification", "swin": "SwinForImageClassification"}
+    real = getattr(transformers, classifier.get(model_type, "DeiTForImageClassification"))(
+        AutoConfig.for_model(model_type, image_size=64, num_labels=3, **small)
+    )
+    assert data["parameters"] == sum(p.numel() for p in real.parameters())
+    assert data["model"].endswith(f"({model_type})") and data["per_gpu"]["activations_bytes"] > 0
+    assert main(["size", "--model", str(tmp_path), "--task", "mae"]) == 2
+    assert f"is a '{model_type}' model: MAE pretraining sizes ViT-MAE shapes only" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.tasks import DEPRECATED_ALIASES, TASKS, resolve_task
@@ -30,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         default="vit-base",
         help="a preset of hf_medvis/core/presets.json (vit-base, vit-large, vit-huge, ...) or CONFIG_OR_DIR "
-        "(config.json)",
+        "(config.json): a ViT / ViT-MAE, or for --task classification any image classifier transformers builds "
+        "(DeiT, BEiT, Dinov2, Swin, ConvNeXt, ...)",
     )
     parser.add_argument(
         "--task",
@@ -68,12 +68,6 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size < 1 or args.margin < 0 or args.overhead_gib < 0:
         raise ValueError("--image-size must be >= 1, --margin and --overhead-gib >= 0")
     task = resolve_task(args.task)
-    source_type = _source_model_type(args.model)
-    if source_type not in (None, *_SIZED_MODEL_TYPES):
-        raise ValueError(
-            f"--model {args.model} is a '{source_type}' model; hf-medvis size models ViT / ViT-MAE shapes only "
-            f"(model_type {', '.join(_SIZED_MODEL_TYPES)})"
-        )
     config = build_config(args.model, task, args.image_size, args.num_labels)
     estimate = estimate_size(
         config,
@@ -90,23 +84,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_estimate(estimate))
     return 0
-
-
-# What modelspec builds: a ViT-MAE for pretraining, a ViT classifier (ours with mean pooling has the same shapes).
-_SIZED_MODEL_TYPES = ("vit", "vit_mae", "hf_medvis_vit")
-
-
-def _source_model_type(model: str) -> str | None:
-    """The model_type of a CONFIG_OR_DIR ``--model``; None for a preset (a ViT) or a path that is not there
-    (build_config names the problem)."""
-    path = Path(model)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None  # build_config reports an unreadable file
 
 
 def format_estimate(e: SizeEstimate) -> str:
