@@ -163,6 +163,13 @@ def test_thresholds_saved_in_config_and_card_and_predict_lists_findings(tmp_path
         assert f"| {name} | {threshold} | " in card.text
     assert "`youden`" in card.text and "val.csv" in card.text
     assert any(r.dataset_split == "test" for r in card.data.eval_results)
+    # model-index: each class's sensitivity ("recall" on the Hub) and specificity at its threshold, as metrics.json has
+    indexed = {r.metric_name.split(" ")[0]: r.metric_value for r in card.data.eval_results}
+    for name, point in metrics["operating_points"].items():
+        for rate in ("sensitivity", "specificity"):
+            if point[rate] is not None:
+                assert indexed[f"{rate}_{name}"] == pytest.approx(point[rate], abs=1e-4), (rate, name)
+    assert {r.metric_type for r in card.data.eval_results} >= {"recall", "specificity"}
     capsys.readouterr()
 
     # predict on validation images too: their scores are the candidate thresholds, equal to one of them

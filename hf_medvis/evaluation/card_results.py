@@ -47,6 +47,24 @@ def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str,
                 metric_name=f"{key}{ci}",
             )
         )
+    # Sensitivity and specificity of each class at its operating point (--thresholds-from): "recall" is the Hub's
+    # name for sensitivity; the rule and threshold go into the name, as the CI does.
+    for name, point in (metrics.get("operating_points") or {}).items():
+        for rate, metric_type in (("sensitivity", "recall"), ("specificity", "specificity")):
+            if point.get(rate) is None:
+                continue
+            ci = f", 95% CI {point[f'{rate}_ci95_low']:.3f}-{point[f'{rate}_ci95_high']:.3f}"
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split=TEST_SPLIT,
+                    metric_type=metric_type,
+                    metric_value=round(float(point[rate]), 4),
+                    metric_name=f"{rate}_{name} (threshold {point['threshold']:.4g}, {point['rule']}{ci})",
+                )
+            )
     return results
 
 
