@@ -25,8 +25,8 @@ CALIBRATION_BINS = 10
 # config.json key: {class: T} (multi-label) or {"all": T} (single-label), read by Predictor.
 TEMPERATURE_KEY = "hf_medvis_temperature"
 ALL_CLASSES = "all"
-# The search range of T: beyond it the probabilities are all ~0.5 or all ~0/1, and a fit that lands on a bound says
-# that the logits carry (almost) no information about the labels, or that they separate them perfectly.
+# The search range of T: beyond it the probabilities are all ~0.5 or all ~0/1. A fit that lands on a bound is no
+# estimate (the likelihood keeps improving past it), so it is not kept: see _at_bound_reason.
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 
 
@@ -85,17 +85,38 @@ def _fit_one(truth: np.ndarray, logits: np.ndarray, multi_label: bool) -> float:
     return float(math.exp(result.x))
 
 
+def _at_bound_reason(temperature: float) -> str | None:
+    """Why a fitted T is not used, when it sits on a bound of the search range: toward 0 the validation set is
+    separated perfectly and the scaled probabilities would saturate at exactly 0 and 1 in float32 (ties that lower
+    the AUROC); toward infinity the logits carry almost nothing and every probability would become 0.5."""
+    low, high = TEMPERATURE_BOUNDS
+    if temperature <= low * 1.001:
+        return (
+            f"the validation images separate it perfectly (T goes to the bound {low:g}, which would saturate the "
+            "probabilities at 0 and 1): not calibrated"
+        )
+    if temperature >= high * 0.999:
+        return (
+            f"its logits carry almost no information on the validation images (T goes to the bound {high:g}, every "
+            "probability toward 0.5): not calibrated"
+        )
+    return None
+
+
 def fit_temperatures(
     truth: np.ndarray, logits: np.ndarray, spec: LabelSpec, skip: Sequence[str] = ()
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Temperatures minimising the validation negative log-likelihood of ``truth`` ([N, C] 0/1, -1: unknown, left out)
-    under ``logits`` ([N, C], the model's raw outputs): multi-label ``{class: T}`` (classes of ``skip`` and classes
-    without both positives and negatives get none: ``{class: reason}``), single-label ``{"all": T}``."""
+    under ``logits`` ([N, C], the model's raw outputs): multi-label ``{class: T}`` (classes of ``skip``, classes
+    without both positives and negatives, and fits on a bound of the search range get none: ``{class: reason}``),
+    single-label ``{"all": T}``."""
     truth, logits = np.asarray(truth), np.asarray(logits, dtype=np.float64)
     if not spec.multi_label:
         if len(set(truth.argmax(axis=1).tolist())) < 2:
             return {}, {ALL_CLASSES: "the validation images are all of one class"}
-        return {ALL_CLASSES: _fit_one(truth, logits, multi_label=False)}, {}
+        temperature = _fit_one(truth, logits, multi_label=False)
+        reason = _at_bound_reason(temperature)
+        return ({}, {ALL_CLASSES: reason}) if reason else ({ALL_CLASSES: temperature}, {})
     temperatures: dict[str, float] = {}
     reasons: dict[str, str] = {}
     for c, name in enumerate(spec.names):
@@ -106,7 +127,12 @@ def fit_temperatures(
         if not 0 < y.sum() < len(y):  # with one kind of label the likelihood only grows as T shrinks (or grows)
             reasons[name] = "no positive and negative images in the validation set"
             continue
-        temperatures[name] = _fit_one(y, logits[known, c], multi_label=True)
+        temperature = _fit_one(y, logits[known, c], multi_label=True)
+        reason = _at_bound_reason(temperature)
+        if reason:
+            reasons[name] = reason
+        else:
+            temperatures[name] = temperature
     return temperatures, reasons
 
 

@@ -412,7 +412,6 @@ def _fit_temperature(
 ) -> dict:
     """``--calibrate``: fits the temperatures on the validation images' raw logits, sets them on ``predictor`` (every
     probability from then on is temperature-scaled) and returns ``metrics.json``'s ``temperature``."""
-    from .calibration import TEMPERATURE_BOUNDS as bounds
     from .calibration import fit_temperatures, temperature_report, temperature_vector
 
     spec = predictor.spec
@@ -428,10 +427,6 @@ def _fit_temperature(
     }
     if without:
         fit["without_temperature"] = without
-    # A fit on the edge of the search range: the logits say (almost) nothing about the labels, or separate them fully.
-    at_bound = [name for name, value in temperatures.items() if not bounds[0] * 1.001 < value < bounds[1] * 0.999]
-    if at_bound:
-        fit["at_search_bound"] = at_bound
     return fit
 
 
@@ -443,8 +438,7 @@ def _format_temperature(fit: dict) -> str:
         nll_before, nll_after = fit["validation_nll_before"], fit["validation_nll_after"]
         ece = f"  ECE {ece_before[name]:.3f} -> {ece_after[name]:.3f}" if name in ece_before else ""
         nll = f"  NLL {nll_before[name]:.4f} -> {nll_after[name]:.4f}" if name in nll_before else ""
-        bound = "  (at the search bound: the logits barely inform it)" if name in fit.get("at_search_bound", ()) else ""
-        lines.append(f"{name[:22]:<22} T {value:.4g}{ece}{nll}{bound}")
+        lines.append(f"{name[:22]:<22} T {value:.4g}{ece}{nll}")
     lines += [
         f"{name[:22]:<22} no temperature: {reason}" for name, reason in fit.get("without_temperature", {}).items()
     ]
