@@ -32,7 +32,7 @@ from hf_medvis.training.callbacks import build_recipe_callbacks
 from hf_medvis.training.callbacks.online_probe import OnlineProbeCallback, load_probe_set
 from hf_medvis.training.callbacks.preemption import exit_if_preempted
 from hf_medvis.training.cards import mae_model_card, write_model_card
-from hf_medvis.training.distributed import setup_distributed_env
+from hf_medvis.training.distributed import end_distributed_process, setup_distributed_env
 from hf_medvis.training.mae_baselines import trainer_baselines
 from hf_medvis.training.reporting import report_final_metrics, reporting_run
 from hf_medvis.training.run import fit_run_to_data, match_model_to_data, recipe_errors, setup_run
@@ -174,3 +174,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    end_distributed_process()  # several processes: exit without the interpreter's teardown (distributed.py)

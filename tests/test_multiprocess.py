@@ -26,7 +26,9 @@ EXPECTED_LR = 0.016 * (4 * 2) / 256  # base lr x global batch (4 per device x 2 
 def run(cmd: list[str], timeout: int = 240) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, env=multiprocess_env(), timeout=timeout, cwd=REPO)
     log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    # A native abort leaves only the faulthandler's dump of the rank's Python stacks: show it, not just the log's tail.
+    dump = log.find("Fatal Python error")
+    assert result.returncode == 0, (log[dump : dump + 4000] + "\n...\n" if dump >= 0 else "") + log[-3000:]
     return log
 
 

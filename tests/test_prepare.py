@@ -230,7 +230,13 @@ def test_bad_inputs_are_quarantined_and_counts_add_up(tmp_path, capsys):
         b"19610412",
         b"dangling",
         b"nan.tif",
-        b"caf",
+        # the non-UTF-8 name in any spelling it could leak as (raw, escaped, replaced, re-encoded); not a bare b"caf",
+        # which compressed image bytes contain by chance
+        b"caf\xe9",
+        b"caf\\udce9",
+        b"caf\\u00e9",
+        b"caf\xc3\xa9",
+        b"caf\xef\xbf\xbd",
         b"trunc.png",
         b"notes.txt",
     ):

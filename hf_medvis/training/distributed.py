@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
 from collections.abc import MutableMapping
 
 import torch
@@ -52,6 +53,20 @@ def _destroy_process_group() -> None:
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_distributed_process(status: int = 0) -> None:
+    """The last call of a recipe run as one of several processes, after ``main`` returned: every exit handler runs
+    (loggers flushed, reporters closed, the process group ended), then the process exits without the interpreter's
+    teardown. That teardown is where, now and then, a native thread still owned by gloo or DeepSpeed aborted a
+    finished rank ("terminate called without an active exception", SIGABRT), which the launcher reports as a failed
+    run. A single process returns and exits normally."""
+    if rank_and_world_size()[1] <= 1:
+        return
+    atexit._run_exitfuncs()  # the handlers a normal exit runs, _destroy_process_group included
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def use_gloo_without_accelerators() -> None:
