@@ -27,6 +27,20 @@ HEADLINES = (("auroc_macro", "roc_auc"), ("accuracy", "accuracy"), ("ap_macro", 
 
 def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str, classes: int) -> list[EvalResult]:
     results = []
+
+    def add(metric_type: str, value: float, name: str) -> None:
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=TEST_SPLIT,
+                metric_type=metric_type,
+                metric_value=round(float(value), 4),
+                metric_name=name,
+            )
+        )
+
     not_evaluated = metrics.get("not_evaluated") or []
     for key, metric_type in HEADLINES:
         if metrics.get(key) is None:
@@ -36,17 +50,7 @@ def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str,
             ci = f" (95% CI {metrics[f'{key}_ci95_low']:.3f}-{metrics[f'{key}_ci95_high']:.3f}, patient bootstrap)"
         if not_evaluated and key.endswith("_macro"):  # the data labels some classes only: say over which
             ci = f" over {classes - len(not_evaluated)} of {classes} classes{ci}"
-        results.append(
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=dataset_type,
-                dataset_name=dataset_name,
-                dataset_split=TEST_SPLIT,
-                metric_type=metric_type,
-                metric_value=round(float(metrics[key]), 4),
-                metric_name=f"{key}{ci}",
-            )
-        )
+        add(metric_type, metrics[key], f"{key}{ci}")
     # Sensitivity and specificity of each class at its operating point (--thresholds-from): "recall" is the Hub's
     # name for sensitivity; the rule and threshold go into the name, as the CI does.
     for name, point in (metrics.get("operating_points") or {}).items():
@@ -54,17 +58,7 @@ def _eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str,
             if point.get(rate) is None:
                 continue
             ci = f", 95% CI {point[f'{rate}_ci95_low']:.3f}-{point[f'{rate}_ci95_high']:.3f}"
-            results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    dataset_type=dataset_type,
-                    dataset_name=dataset_name,
-                    dataset_split=TEST_SPLIT,
-                    metric_type=metric_type,
-                    metric_value=round(float(point[rate]), 4),
-                    metric_name=f"{rate}_{name} (threshold {point['threshold']:.4g}, {point['rule']}{ci})",
-                )
-            )
+            add(metric_type, point[rate], f"{rate}_{name} (threshold {point['threshold']:.4g}, {point['rule']}{ci})")
     return results
 
 
