@@ -24,12 +24,15 @@ def test_the_scaled_learning_rate_is_returned_and_logged_as_a_change(tmp_path, c
         gradient_accumulation_steps=4,
         report_to="none",
     )
-    run, log = _setup(args, {"DS_ACCELERATOR": (None, "cpu")}, capsys)
+    launch = {"DS_ACCELERATOR": (None, "cpu"), "AZURE_STORAGE_SAS_TOKEN": (None, "sv=2024&sig=c2VjcmV0")}
+    run, log = _setup(args, launch, capsys)
     expected = 1.5e-4 * 16 * 4 / 256  # MAE's rule, world size 1
     assert run.changes["learning_rate"] == (1e-3, pytest.approx(expected))
     assert args.learning_rate == pytest.approx(expected)
     assert run.changes["$DS_ACCELERATOR"] == (None, "cpu")
     assert f"learning_rate 0.001 -> {expected}" in log and "$DS_ACCELERATOR None -> cpu" in log
+    # a credential the launch set is recorded and logged as set, never by value
+    assert run.changes["$AZURE_STORAGE_SAS_TOKEN"] == (None, "<set>") and "c2VjcmV0" not in log
     assert run.checkpoint is None and "base_learning_rate 0.00015" in run.lr_line
 
 

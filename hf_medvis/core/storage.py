@@ -93,9 +93,14 @@ def storage_options_for(url: str, storage_options: dict | str | None = None) -> 
     return options
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an option or environment variable name looks like a credential's (its value is never logged)."""
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
 def redact(options: dict) -> dict:
     """A copy safe to log: secret-looking values replaced."""
-    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in options.items()}
+    return {k: ("***" if is_secret_name(k) else v) for k, v in options.items()}
 
 
 def describe(url: str | os.PathLike) -> str:

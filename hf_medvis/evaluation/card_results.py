@@ -15,7 +15,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from ..core.storage import write_text_atomic
 from ..data.labels import LabelSpec
-from .metrics import format_metrics_table
+from .metrics import OPERATING_POINT_RATES, format_metrics_table
 
 TEST_SPLIT = "test"
 BEGIN, END = "<!-- hf-medvis evaluate: begin -->", "<!-- hf-medvis evaluate: end -->"
@@ -150,10 +150,7 @@ def _subgroup_lines(metrics: dict[str, Any]) -> list[str]:
 def _rate_cell(point: dict[str, Any], rate: str) -> str:
     if point.get(rate) is None:
         return f"n/a ({(point.get('undefined') or {}).get(rate, 'undefined')})"
-    text = f"{point[rate]:.3f}"
-    if point.get(f"{rate}_ci95_low") is not None:
-        text += f" ({point[f'{rate}_ci95_low']:.3f}-{point[f'{rate}_ci95_high']:.3f})"
-    return text
+    return _ci_text(point, rate)
 
 
 def _operating_points_section(metrics: dict[str, Any]) -> str:
@@ -166,7 +163,7 @@ def _operating_points_section(metrics: dict[str, Any]) -> str:
     chosen = metrics.get("operating_point") or {}
     rows = [
         f"| {name} | {point['threshold']} | "
-        + " | ".join(_rate_cell(point, rate) for rate in ("sensitivity", "specificity", "ppv", "npv"))
+        + " | ".join(_rate_cell(point, rate) for rate in OPERATING_POINT_RATES)
         + " |"
         for name, point in points.items()
     ]

@@ -142,6 +142,10 @@ class LabelledImages:
     rows: list[list[dict[str, str]]]  # per image its rows of the labels file (several: long layout), for --subgroups
     columns: list[str]  # the labels file's columns
 
+    def describe(self) -> str:
+        """``val.csv, 70 images, 33 patients``: the set as metrics.json, the card and config.json name it."""
+        return f"{Path(self.labels_file).name}, {len(self.paths)} images, {len(set(self.groups))} patients"
+
 
 def read_labelled_images(
     data: str,
@@ -418,11 +422,10 @@ def _fit_temperature(
     temperatures, without = fit_temperatures(validation.truth, validation_logits, spec, skip=not_evaluated)
     without.update({name: "not evaluated: the evaluated data does not label it" for name in not_evaluated})
     predictor.temperature = temperature_vector(temperatures, spec.names)
-    images, patients = len(validation.paths), len(set(validation.groups))
     report = temperature_report(validation.truth, validation_logits, spec, temperatures)
     fit: dict = {
         "values": temperatures,
-        "validation": f"{Path(validation.labels_file).name}, {images} images, {patients} patients",
+        "validation": validation.describe(),
         **{f"validation_{key}": value for key, value in report.items()},
     }
     if without:
@@ -499,10 +502,7 @@ def _add_operating_points(
     # A class the evaluated data does not label (--label-map) gets no operating point: nothing to apply it to.
     thresholds, without = choose_thresholds(validation.truth, validation_probs, spec, rule, skip=not_evaluated)
     without.update({name: "not evaluated: the evaluated data does not label it" for name in not_evaluated})
-    metrics["operating_point"] = {
-        "rule": str(rule),
-        "validation": f"{Path(validation.labels_file).name}, {images} images, {patients} patients",
-    }
+    metrics["operating_point"] = {"rule": str(rule), "validation": validation.describe()}
     if predictor.temperature is not None:  # thresholds apply to these probabilities only: say which they are
         metrics["operating_point"]["probabilities"] = (
             "temperature-scaled, the temperatures fitted first on the same validation images (--calibrate)"

@@ -192,19 +192,6 @@ def format_operating_points(points: dict[str, dict[str, Any]], without: dict[str
     return "\n".join(lines)
 
 
-def save_thresholds(
-    model_dir: str | os.PathLike,
-    thresholds: dict[str, float],
-    operating_point: dict[str, str],
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Adds ``hf_medvis_thresholds`` ({class: threshold}) and ``hf_medvis_operating_point`` ({"rule", "validation"})
-    to the folder's config.json, with any ``extra`` keys (the temperatures of ``--calibrate``) in the same write;
-    ``AutoConfig.from_pretrained`` keeps them as attributes. Returns its path."""
-    values = {THRESHOLDS_KEY: dict(thresholds), OPERATING_POINT_KEY: dict(operating_point), **(extra or {})}
-    return update_model_config(model_dir, values)
-
-
 def update_model_config(model_dir: str | os.PathLike, values: Mapping[str, Any], remove: Sequence[str] = ()) -> Path:
     """Sets ``values`` and drops the keys of ``remove`` in the folder's config.json, written whole or not at all (in
     save_pretrained's layout). Returns its path."""

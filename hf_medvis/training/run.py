@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import transformers
 from transformers import TrainingArguments, set_seed
 
 from ..core.errors import one_line
-from ..core.storage import explain_storage_error
+from ..core.storage import explain_storage_error, is_secret_name
 from ..data.streaming import ShardReadError
 from ..infra.env import collect_env_report, format_env_report
 from .deepspeed_config import check_deepspeed_config
@@ -138,7 +137,7 @@ def setup_run(args: TrainingArguments, launch_environment: dict[str, tuple[Any, 
     log_environment(args)
     run = RunSetup(checkpoint=None, lr_line="")
     if launch_environment:
-        run.changes.update({f"${k}": v for k, v in launch_environment.items()})
+        run.changes.update({f"${k}": v for k, v in _without_secrets(launch_environment).items()})
         if args.should_log:
             logger.info("launch changed: %s", describe_changes(run.changes))
     with recipe_errors(), run.recording(args, "run setup"):
@@ -178,17 +177,19 @@ def fit_run_to_data(run: RunSetup, args: TrainingArguments, train_dataset: Any, 
         disable_evaluation_without_data(args, eval_dataset)
 
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY|SAS|CONNECTION_STRING|CREDENTIAL", re.IGNORECASE)
-
-
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    found = {}
-    for key in sorted(before.keys() | after.keys()):
-        old, new = before.get(key), after.get(key)
-        if old != new:
-            # A credential's value never reaches a log or the returned record: only that it was set or cleared.
-            found[key] = ("<set>" if old else old, "<set>" if new else new) if _SECRET_NAME.search(key) else (old, new)
-    return found
+    keys = sorted(before.keys() | after.keys())
+    return _without_secrets(
+        {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}
+    )
+
+
+def _without_secrets(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    # A credential's value never reaches a log or the returned record: only that it was set or cleared.
+    return {
+        key: ("<set>" if old else old, "<set>" if new else new) if is_secret_name(key) else (old, new)
+        for key, (old, new) in changes.items()
+    }
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
