@@ -128,13 +128,23 @@ def test_probe_restores_weights_modes_config_and_rng(phantom_dir):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_probe_interval_and_patient_cap():
-    from hf_medvis.training.callbacks.online_probe import probe_interval, select_by_patient
+def test_probe_interval_and_patient_cap(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    assert probe_interval(3, 300, 900) == 3
-    assert probe_interval(None, 300, 900) == 300
-    assert probe_interval(None, 0.25, 8) == 2  # --eval_steps as a ratio of the run
-    assert probe_interval(None, None, 900) == 500
+    from hf_medvis.training.callbacks.online_probe import OnlineProbeCallback, select_by_patient
+
+    def interval(probe_steps, eval_steps, max_steps):
+        args = TrainingArguments(tmp_path, eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps)
+        state = TrainerState(max_steps=max_steps)
+        state.compute_steps(args, max_steps)  # as the Trainer does before on_train_begin
+        callback = OnlineProbeCallback(None, None, None, probe_steps=probe_steps)
+        callback.on_train_begin(args, state, TrainerControl())
+        return callback.every
+
+    assert interval(3, 300, 900) == 3
+    assert interval(None, 300, 900) == 300
+    assert interval(None, 0.25, 8) == 2  # --eval_steps as a ratio of the run
+    assert interval(None, None, 900) == 500
     groups, keys = ["b", "a", "b", "c", "a", "c"], ["b1", "a1", "b2", "c1", "a2", "c2"]
     assert select_by_patient(groups, keys, 4) == [1, 4, 0, 2]  # whole patients in hashed-id order
     assert select_by_patient(groups, keys, 5) == [1, 4, 0, 2]

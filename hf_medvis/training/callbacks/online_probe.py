@@ -263,15 +263,6 @@ def fit_and_predict(features: np.ndarray, truth: np.ndarray, train: np.ndarray, 
     return probs
 
 
-def probe_interval(probe_steps: int | None, eval_steps: float | None, max_steps: int) -> int:
-    """Steps between probes: ``--probe_steps``, else ``--eval_steps`` (a ratio below 1 of ``max_steps``), else 500."""
-    if probe_steps:
-        return int(probe_steps)
-    if eval_steps:
-        return max(1, int(np.ceil(eval_steps * max_steps)) if eval_steps < 1 else int(eval_steps))
-    return DEFAULT_PROBE_STEPS
-
-
 class OnlineProbeCallback(TrainerCallback):
     """Every ``probe_steps`` optimizer steps (default: ``--eval_steps``, else 500) and at the end of training: the
     online probe (module docstring), logged as ``probe_auroc_macro`` and ``probe_auroc_<class>`` at that step."""
@@ -289,7 +280,8 @@ class OnlineProbeCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.every = probe_interval(self.probe_steps, args.eval_steps, state.max_steps)
+        # The Trainer's own eval interval: TrainerState.compute_steps has already turned a ratio into steps.
+        self.every = self.probe_steps or state.eval_steps or DEFAULT_PROBE_STEPS
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
@@ -355,6 +347,5 @@ __all__ = [
     "encode_images",
     "fit_and_predict",
     "load_probe_set",
-    "probe_interval",
     "select_by_patient",
 ]
