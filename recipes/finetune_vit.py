@@ -33,13 +33,13 @@ from hf_medvis.evaluation import (
 )
 from hf_medvis.models import (
     ClassifierModelArguments,
-    build_image_processor,
     build_model,
     count_parameters,
     input_image_size,
     resolve_normalization,
 )
 from hf_medvis.models.backbones import describe_architecture
+from hf_medvis.models.build import classifier_image_processor
 from hf_medvis.models.linear_probe import attach_linear_probe, fold_linear_probe
 from hf_medvis.training.args import FinetuningArguments, MonitoringArguments, parse_recipe_args
 from hf_medvis.training.batching import collate_classification
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_dataset=data.train,
         eval_dataset=data.eval_during_training,
         data_collator=collate_classification,
-        processing_class=build_image_processor(model.config.image_size, mean, std),
+        processing_class=classifier_image_processor(model.config, mean, std),  # + config.json's custom_pipelines
         compute_metrics=build_compute_metrics(spec, data_args.threshold, source_names(data.eval_during_training)),
         callbacks=build_recipe_callbacks(training_args, monitoring_args),
         image_mean=mean,

@@ -107,6 +107,20 @@ def phantom_dir(tmp_path_factory) -> Path:
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "set", patients=16, seed=3, image_size=64)
 
 
+# The phantom set with segmentation masks (``masked_phantom_dir``): tests recompute its masks from these.
+MASKED_PATIENTS, MASKED_SEED, MASKED_SIZE = 16, 3, 64
+
+
+@pytest.fixture(scope="session")
+def masked_phantom_dir(tmp_path_factory) -> Path:
+    """A small phantom set with masks (``masks/`` + ``classes.json``; PNG and DICOM images, 64 px) shared by the
+    session; read-only (copy it to change files)."""
+    from hf_medvis.data.phantoms import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("masked_phantoms") / "set"
+    return write_phantom_dataset(out, patients=MASKED_PATIENTS, seed=MASKED_SEED, image_size=MASKED_SIZE, masks=True)
+
+
 @pytest.fixture(scope="session")
 def labelled_shards(phantom_dir, tmp_path_factory) -> Path:
     """``phantom_dir``'s PNGs prepared as 64 px shards of 5 samples with their labels (10 shards); read-only."""

@@ -1,4 +1,5 @@
-"""The task names, one spelling each: "mae" (masked-autoencoder pretraining) and "classification" (fine-tuning)."""
+"""The task names, one spelling each: "mae" (masked-autoencoder pretraining), "classification" and "segmentation"
+(fine-tuning)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ logger = logging.getLogger(__name__)
 
 MAE = "mae"
 CLASSIFICATION = "classification"
-TASKS = (MAE, CLASSIFICATION)
+SEGMENTATION = "segmentation"
+TASKS = (MAE, CLASSIFICATION, SEGMENTATION)
 
 # Old spellings still accepted where a person types a task (``hf-medvis size --task classify``), with a warning.
 DEPRECATED_ALIASES = {"classify": CLASSIFICATION}

@@ -13,6 +13,7 @@ _EXPORTS = {
     "Datasets": "build",
     "ImageDecodeError": "decode",
     "MAEDataArguments": "arguments",
+    "SegmentationDataArguments": "arguments",
     "build_datasets": "build",
     "load_image_dataset": "streaming",
     "load_prepared_dataset": "dataset_card",
@@ -24,6 +25,7 @@ __all__ = [
     "Datasets",
     "ImageDecodeError",
     "MAEDataArguments",
+    "SegmentationDataArguments",
     "TASKS",
     "build_datasets",
     "load_image_dataset",
@@ -33,7 +35,7 @@ __all__ = [
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+    from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments, SegmentationDataArguments
     from .build import TASKS, Datasets, build_datasets
     from .dataset_card import load_prepared_dataset
     from .decode import ImageDecodeError, read_image

@@ -213,7 +213,10 @@ def _local_image_folder(location: str | None) -> bool:
 
 
 @dataclass
-class ClassificationDataArguments(DataArguments):
+class SupervisedDataArguments(DataArguments):
+    """The fields both fine-tuning tasks share (classification, segmentation): the validation labels, the geometric
+    augmentation and what the model card records."""
+
     validation_labels_file: str | None = field(
         default=None,
         metadata={
@@ -221,34 +224,15 @@ class ClassificationDataArguments(DataArguments):
             "not listed in an explicit labels file are skipped."
         },
     )
-    problem_type: str = field(
-        default="auto",
-        metadata={"help": "multi_label (BCE; 'A|B', 'No Finding' = all negative), single_label (softmax over "
-                  "classes) or auto (multi-label if any image has 0 or several findings)."},
-    )  # fmt: skip
-    pos_weight: bool = field(
-        default=False, metadata={"help": "Multi-label: weight positives by negatives/positives of the training set."}
-    )
-    threshold: float = field(default=0.5, metadata={"help": "Probability threshold for F1 (multi-label)."})
     crop_scale: list[float] = field(
         default_factory=lambda: [0.8, 1.0], metadata={"help": "RandomResizedCrop scale range (aspect ratio 0.9-1.1)."}
     )
     rotation_degrees: float = field(default=5.0, metadata={"help": "Random rotation range (degrees); 0 disables."})
-    rand_augment_magnitude: int = field(
-        default=0, metadata={"help": "RandAugment magnitude (2 ops); 0 disables (X-ray MAE recipe: 6)."}
-    )
     hflip: bool = field(
         default=False,
         metadata={"help": "Random horizontal flips. Off by default: chest X-rays are not left-right symmetric "
                   "(heart on the patient's left; laterality of findings matters)."},
     )  # fmt: skip
-    eval_subsample: int | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluate during training on a fixed label-stratified subsample of this many "
-            "validation images (the final evaluation uses all of them)."
-        },
-    )
     phantom_image_size: int = field(
         default=256, metadata={"help": "Pixel size of the embedded phantom images (smaller decodes faster on CPU)."}
     )
@@ -263,9 +247,66 @@ class ClassificationDataArguments(DataArguments):
         super().__post_init__()
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"--crop_scale needs two values 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class ClassificationDataArguments(SupervisedDataArguments):
+    problem_type: str = field(
+        default="auto",
+        metadata={"help": "multi_label (BCE; 'A|B', 'No Finding' = all negative), single_label (softmax over "
+                  "classes) or auto (multi-label if any image has 0 or several findings)."},
+    )  # fmt: skip
+    pos_weight: bool = field(
+        default=False, metadata={"help": "Multi-label: weight positives by negatives/positives of the training set."}
+    )
+    threshold: float = field(default=0.5, metadata={"help": "Probability threshold for F1 (multi-label)."})
+    rand_augment_magnitude: int = field(
+        default=0, metadata={"help": "RandAugment magnitude (2 ops); 0 disables (X-ray MAE recipe: 6)."}
+    )
+    eval_subsample: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate during training on a fixed label-stratified subsample of this many "
+            "validation images (the final evaluation uses all of them)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.threshold < 1:
             raise ValueError(f"--threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.rand_augment_magnitude <= 30:
             raise ValueError(f"--rand_augment_magnitude must be in [0, 30], got {self.rand_augment_magnitude}")
         if self.problem_type not in ("auto", "multi_label", "single_label"):
             raise ValueError(f"--problem_type must be auto, multi_label or single_label, got '{self.problem_type}'")
+
+
+@dataclass
+class SegmentationDataArguments(SupervisedDataArguments):
+    """Images with one mask each: a folder of PNG class-index masks (``--masks_dir``) or an RLE CSV (``--masks_rle``).
+    Without ``--train_data``: the embedded phantoms with their lung, heart and nodule masks."""
+
+    masks_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of masks: one PNG of class indices per image, the image's stem and size (255 = "
+                  "unlabelled, ignored), with classes.json (the class names, index = position) unless --mask_labels."},
+    )  # fmt: skip
+    masks_rle: str | None = field(
+        default=None,
+        metadata={"help": "CSV of run-length encoded masks in the SIIM-ACR pneumothorax layout: ImageId (the image's "
+                  "stem), EncodedPixels (column-major relative start/length pairs; -1 = empty; several rows of one "
+                  "image are united). One foreground class."},
+    )  # fmt: skip
+    mask_labels: str | None = field(
+        default=None,
+        metadata={"help": "Class names, comma-separated, index = position, 0 = background (e.g. "
+                  "background,lung,heart,nodule). Default: classes.json in --masks_dir; RLE: background,foreground."},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.masks_dir is not None and self.masks_rle is not None:
+            raise ValueError("give --masks_dir or --masks_rle, not both")
+        # --train_data without --masks_dir / --masks_rle: prepared shards carry their masks (checked in masks.py).
+        if self.train_data is None and (self.masks_dir is not None or self.masks_rle is not None):
+            raise ValueError("--masks_dir / --masks_rle need --train_data (the phantoms bring their own masks)")

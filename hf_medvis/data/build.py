@@ -1,6 +1,6 @@
-"""The one way both recipes get their data: ``build_datasets(data_args, task, ...)`` gives the training and evaluation
+"""The one way the recipes get their data: ``build_datasets(data_args, task, ...)`` gives the training and evaluation
 sets (raw folders, globs, fsspec URLs, prepared shards, or the embedded phantoms), the label set for classification,
-and the augmentation objects the Trainer drives."""
+the mask classes for segmentation, and the augmentation objects the Trainer drives."""
 
 from __future__ import annotations
 
@@ -10,12 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.tasks import CLASSIFICATION, MAE, TASKS, check_task  # noqa: F401  (TASKS: exported by hf_medvis.data)
-from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments
+from ..core.tasks import (  # noqa: F401  (TASKS: exported by hf_medvis.data)
+    CLASSIFICATION,
+    MAE,
+    SEGMENTATION,
+    TASKS,
+    check_task,
+)
+from .arguments import ClassificationDataArguments, DataArguments, MAEDataArguments, SegmentationDataArguments
 from .folder import dataset_from_records, only_listed_images
 from .hf_inputs import hf_dataset_kind, load_hf_table, make_image_column_transform
 from .labelled import build_labelled_data
 from .labels import LabelSpec
+from .masks import build_segmentation_data
 from .mix import (
     assemble_mix,
     is_data_mix,
@@ -41,7 +48,7 @@ class Datasets:
     info: dict[str, Any] = field(default_factory=dict)  # counts (images, patients, shards) for logs and the model card
     eval_during_training: Any | None = None  # a fixed label-stratified subsample (--eval_subsample), else ``eval``
     labels: LabelSpec | None = None  # classification: the classes, in the head's order
-    split_report: dict[str, Any] | None = None  # classification split by the recipe: counts per split and class
+    split_report: dict[str, Any] | None = None  # split by the recipe: counts per split and class (no ids)
     augmentation: SeededAugmentation | None = None  # per-sample crops in the workers; the Trainer sets its epoch
     device_augmentation: DeviceRandomResizedCrop | None = None  # MAE --augment_on_device: crops on the accelerator
     normalization: dict[str, list[float]] | None = None  # prepared shards: per-channel mean/std of their pixels
@@ -51,6 +58,8 @@ class Datasets:
     # Raw-folder image files left out because they cannot be decoded: {"path" (under the data location), "reason"};
     # the recipes write them to OUTPUT_DIR/_skipped_images.jsonl (folder.write_skipped_images).
     skipped_images: list[dict[str, str]] = field(default_factory=list)
+    # Segmentation: the mask classes, index = class value (0 = background); examples carry ``labels`` [S, S].
+    mask_labels: tuple[str, ...] | None = None
 
 
 def build_datasets(
@@ -58,9 +67,12 @@ def build_datasets(
 ) -> Datasets:
     """``task`` "mae" (``MAEDataArguments``): uint8 crops for masked-autoencoder pretraining, labels not needed.
     "classification" (``ClassificationDataArguments``): labelled images split by patient (``labelled.py``);
-    ``label_names`` fixes the classes and their order."""
+    ``label_names`` fixes the classes and their order. "segmentation" (``SegmentationDataArguments``): images with
+    their masks, split by patient (``masks.py``); examples ``{"pixel_values", "labels": int64 [S, S], "patient"}``."""
     if check_task(task) == CLASSIFICATION:
         data = _classification_datasets(data_args, image_size, seed, label_names)
+    elif task == SEGMENTATION:
+        data = _segmentation_datasets(data_args, image_size, seed)
     else:
         data = _mae_datasets(data_args, image_size, seed)
     found = data.source.shards
@@ -167,6 +179,21 @@ def _classification_datasets(
         split_report=data.split_report,
         augmentation=data.train_augmentation,
         skipped_images=data.skipped_images,
+    )
+
+
+def _segmentation_datasets(data_args: SegmentationDataArguments, image_size: int, seed: int) -> Datasets:
+    data = build_segmentation_data(data_args, image_size, seed)
+    return Datasets(
+        data.train_dataset,
+        data.eval_dataset,
+        data.source,
+        data.info,
+        eval_during_training=data.eval_dataset,
+        split_report=data.split_report,
+        augmentation=data.train_augmentation,
+        skipped_images=data.skipped_images,
+        mask_labels=data.mask_labels,
     )
 
 

@@ -33,7 +33,7 @@ def dataset_card(manifest: dict) -> str:
     # The features and sizes also change the cache key of `datasets.load_dataset(<folder>)`, which (datasets 5.2)
     # otherwise depends on the folder's name and this card only: see load_prepared_dataset.
     info = datasets.DatasetInfo(
-        features=shard_format.features(class_names),
+        features=shard_format.features(class_names, masks=bool(pre.get("mask_labels"))),
         splits=datasets.SplitDict({SPLIT: datasets.SplitInfo(SPLIT, num_examples=int(totals["written"]))}),
         download_size=sum(int(s["bytes"]) for s in manifest["shards"]),
     )

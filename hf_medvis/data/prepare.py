@@ -45,7 +45,15 @@ from . import shard_format
 from .dataset_card import dataset_card
 from .decode import parse_windows
 from .folder import DataSourceError, find_labels_file, iter_image_files
-from .labels import IMAGE_COL, LABEL_COL, PATIENT_COL, LabelsTable, parse_finding_labels, read_labels_table
+from .labels import (
+    IMAGE_COL,
+    LABEL_COL,
+    PATIENT_COL,
+    LabelsTable,
+    parse_finding_labels,
+    read_labels_table,
+    sample_key,
+)
 from .labels.layouts import VIEW_ALIASES, LabelsFormat
 from .location_lock import location_lock
 from .pool import init_pool_worker
@@ -57,6 +65,7 @@ from .provenance import data_origin
 logger = logging.getLogger(__name__)
 # Quarantine reasons of an input without labels (names that differ only in the extension are one sample).
 NO_ROW, DUPLICATE_ROW = "no row in the labels file", "another file already has its labels row"
+NO_MASK = "no mask (--masks_dir: no PNG with the image's stem; --masks_rle: no row with it as ImageId)"
 
 KNOWN_COLUMNS = {
     IMAGE_COL,
@@ -78,8 +87,10 @@ def _fingerprint(job: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(asdict(job["params"]), sort_keys=True).encode())
     h.update(job["salt_check"].encode())
-    for rel, _, row, missing in job["inputs"]:
+    for rel, _, row, missing, mask in job["inputs"]:
         h.update(f"\n{rel}\x00{json.dumps(row, sort_keys=True)}\x00{missing}".encode("utf-8", "surrogateescape"))
+        if mask is not None:  # (added only with masks: shards prepared without them keep their fingerprints)
+            h.update(f"\x00{json.dumps(mask, sort_keys=True)}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -131,11 +142,39 @@ def _write_shard(
         "salt_check": job["salt_check"],
     }
     if rows:
-        data = shard_format.encode_shard(rows, job["params"].class_names)
+        data = shard_format.encode_shard(rows, job["params"].class_names, masks=bool(job["params"].mask_labels))
         record.update(bytes=len(data), sha256=shard_format.sha256_hex(data), pixel_stats=shard_format.pixel_stats(rows))
         location.write_shard_file(record["path"], data)
     location.write_shard_file(shard_format.sidecar_name(index), shard_format.dumps(record))
     return {**record, "resumed": False}
+
+
+def _mask_source(
+    masks_dir: str | None, masks_rle: str | None, mask_labels: str | Sequence[str] | None, storage_options: Any
+) -> Any:
+    """The ``masks.MaskSource`` of ``--masks_dir`` / ``--masks_rle`` (None without masks), read and checked up front."""
+    if masks_dir is None and masks_rle is None:
+        if mask_labels is not None:
+            raise ValueError("--mask_labels names the classes of masks: give --masks_dir DIR or --masks_rle FILE too")
+        return None
+    if masks_dir is not None and masks_rle is not None:
+        raise ValueError("give --masks_dir or --masks_rle, not both")
+    from .masks import MaskSource, read_rle_table, resolve_mask_labels  # only a prepare with masks imports them
+
+    where = masks_dir if masks_dir is not None else masks_rle
+    options = storage.storage_options_for(where, storage_options)
+    rle = read_rle_table(masks_rle, options) if masks_rle is not None else None
+    classes = resolve_mask_labels(mask_labels, masks_dir, rle is not None, options)
+    return MaskSource(classes, masks_dir, masks_rle, rle, options)
+
+
+def _input_mask(masks: Any, rel: str, path: str, root: str) -> dict | None:
+    """What a worker needs to read an input's mask: ``{"path": PNG}`` or ``{"rle": [EncodedPixels, ...]}``; None when
+    the input has none."""
+    ref = masks.find(sample_key(rel), path, root)
+    if ref is None:
+        return None
+    return {"rle": masks.rle[ref]} if masks.rle is not None else {"path": ref}
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -202,13 +241,20 @@ def prepare(
     channels: int = 1,
     windows: Sequence[Any] | None = None,
     overwrite: bool = False,
+    masks_dir: str | None = None,
+    masks_rle: str | None = None,
+    mask_labels: str | Sequence[str] | None = None,
 ) -> dict:
     """Prepares shards from ``src`` into ``dst`` and returns the manifest (also written to ``dst/manifest.json``).
 
     ``dst`` holding another dataset (another source or salt) is refused unless ``overwrite``; a second writer of ``dst``
     at the same time is refused (``LocationBusyError``); a full or read-only ``dst`` is a ``DestinationWriteError``; a
     source from which no image could be prepared is a ``NothingPreparedError`` (raised after the quarantine report and
-    the manifest are written, so that ``hf-medvis quarantine`` can name the files). All are one-line ``ValueError``s."""
+    the manifest are written, so that ``hf-medvis quarantine`` can name the files). All are one-line ``ValueError``s.
+
+    ``masks_dir`` (PNG class-index masks, the image's stem) or ``masks_rle`` (SIIM-ACR CSV), with ``mask_labels`` or
+    the folder's ``classes.json`` (``masks.resolve_mask_labels``): each image's mask is stored in its row (``mask``),
+    resized as the pixels are but nearest-neighbour; an image whose mask is missing or does not fit is quarantined."""
     if shard_format_name != "parquet":
         raise ValueError(f"unsupported --format {shard_format_name!r}: only 'parquet' (see docs/data_plane.md)")
     if bits not in (8, 16):
@@ -229,6 +275,7 @@ def prepare(
     out_options = storage.storage_options_for(
         dst, dst_storage_options if dst_storage_options is not None else storage_options
     )
+    masks = _mask_source(masks_dir, masks_rle, mask_labels, storage_options)
     table, warnings = _read_labels(labels, src, labels_format)
     if pairs:
         check_ct_input(iter_image_files(src, in_options), src, in_options)
@@ -239,6 +286,7 @@ def prepare(
         class_names=_class_names(table),
         channels=channels if not pairs else 1,
         windows=pairs,
+        mask_labels=masks.classes if masks is not None else (),
     )
     location = PreparedLocation(dst, out_options)
     with contextlib.ExitStack() as held:
@@ -247,7 +295,9 @@ def prepare(
             location.lock = held.enter_context(location_lock(dst, out_options, "hf-medvis prepare"))
         source = source_id(src, salt)
         location.claim(source, salt_fingerprint, overwrite)
-        return _prepare_into(location, src, in_options, table, warnings, params, salt, source, workers, stored_channels)
+        return _prepare_into(
+            location, src, in_options, table, warnings, params, salt, source, workers, stored_channels, masks
+        )
 
 
 def _prepare_into(
@@ -261,6 +311,7 @@ def _prepare_into(
     source: str,
     workers: int,
     stored_channels: int,
+    masks: Any = None,
 ) -> dict:
     """The shards, then the card, the quarantine report and the manifest, into a location this run holds."""
     dst, out_options, salt_fingerprint = location.dst, location.options, salt_check(salt)
@@ -285,7 +336,11 @@ def _prepare_into(
                 if row is not None:
                     matched.add(row[IMAGE_COL])
                 unlabelled = DUPLICATE_ROW if duplicate else NO_ROW if table is not None and row is None else None
-                inputs.append((rel, path, row, unlabelled))
+                mask = None
+                if masks is not None:
+                    mask = _input_mask(masks, rel, path, root)
+                    unlabelled = unlabelled or (NO_MASK if mask is None else None)
+                inputs.append((rel, path, row, unlabelled, mask))
             yield {
                 "dst": dst,
                 "index": index,

@@ -38,6 +38,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--labels", default=None, help="labels CSV (default: labels.csv next to SRC); see --labels-format"
     )
+    parser.add_argument(
+        "--masks_dir",
+        "--masks-dir",
+        "--masks",
+        default=None,
+        help="segmentation: folder of PNG class-index masks (the image's stem, its size; 255 = unlabelled) with "
+        "classes.json; each mask is stored beside its pixels, resized the same way (nearest-neighbour)",
+    )
+    parser.add_argument(
+        "--masks_rle",
+        "--masks-rle",
+        default=None,
+        help="segmentation: CSV of run-length encoded masks, SIIM-ACR layout (ImageId, EncodedPixels; -1 = empty)",
+    )
+    parser.add_argument(
+        "--mask_labels",
+        "--mask-labels",
+        default=None,
+        help="mask class names, index = value, background first (default: classes.json in --masks_dir; RLE: "
+        "background,foreground)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     parser.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
     parser.add_argument("--format", dest="shard_format", default="parquet", choices=("parquet",), help="shard format")
@@ -114,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels,
         windows=args.windows,
         overwrite=args.overwrite,
+        masks_dir=args.masks_dir,
+        masks_rle=args.masks_rle,
+        mask_labels=args.mask_labels,
     )
     t = manifest["totals"]
     print(

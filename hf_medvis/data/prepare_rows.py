@@ -48,24 +48,60 @@ class PrepareParams:
     class_names: tuple[str, ...] = ()  # the ``labels`` ClassLabel names: every finding in the labels file
     channels: int = 1  # 3: colour kept (RGB), stored as binary PPM
     windows: tuple[tuple[float, float], ...] = ()  # CT windows (center, width): one channel each (1 or 3 of them)
+    mask_labels: tuple[str, ...] = ()  # with masks (--masks_dir / --masks_rle): the mask classes, index = value
 
 
 def resize_to_square(image: np.ndarray, size: int) -> np.ndarray:
     """Float [0, 1] H x W (or H x W x C) -> float size x size (x C), per RESIZE_POLICY: exactly torchvision's v2
     ``resize`` (shorter side, bilinear, antialiased) + ``center_crop``, computed with torch alone (tests/test_prepare.py
     compares them bit for bit), so that pool workers start without importing torchvision (3 s each)."""
-    height, width = image.shape[:2]
-    short, long = sorted((height, width))
-    new_long = int(size * long / short)
-    new_height, new_width = (size, new_long) if height <= width else (new_long, size)
+    (new_height, new_width), (top, left) = _square_geometry(image.shape[:2], size)
     array = np.ascontiguousarray(image, dtype=np.float32)
     tensor = torch.from_numpy(array)[None, None] if array.ndim == 2 else torch.from_numpy(array).permute(2, 0, 1)[None]
     tensor = torch.nn.functional.interpolate(
         tensor, size=(new_height, new_width), mode="bilinear", align_corners=False, antialias=True
     )[0]
-    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
     out = tensor[:, top : top + size, left : left + size].clamp_(0.0, 1.0)
     return out[0].numpy() if array.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
+
+
+def _square_geometry(shape: tuple[int, int], size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """RESIZE_POLICY's geometry for an image of ``shape`` (H, W): the resized (H, W) and the crop's (top, left)."""
+    height, width = shape
+    short, long = sorted((height, width))
+    new_long = int(size * long / short)
+    new_height, new_width = (size, new_long) if height <= width else (new_long, size)
+    return (new_height, new_width), (int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0)))
+
+
+def resize_mask_to_square(mask: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W] class indices -> [size, size]: the same geometry as ``resize_to_square`` with nearest-neighbour
+    (torchvision v2 ``resize`` of a ``tv_tensors.Mask``: class values are never blended)."""
+    (new_height, new_width), (top, left) = _square_geometry(mask.shape, size)
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    resized = torch.nn.functional.interpolate(tensor, size=(new_height, new_width), mode="nearest")[0, 0]
+    return resized[top : top + size, left : left + size].numpy().astype(np.uint8)
+
+
+def load_input_mask(
+    mask: dict, params: PrepareParams, image_shape: tuple[int, int], source: str, source_hash: str, options: dict
+) -> np.ndarray:
+    """An input's mask (``{"path": PNG}`` or ``{"rle": [EncodedPixels, ...]}``) checked against its image's (H, W) and
+    the classes by ``masks.MaskSource.load``; an ``ImageDecodeError`` (quarantined) without file names otherwise."""
+    # Imported here: only a prepare with masks pays for the masks module's imports in its workers.
+    from .masks import RLE_IMAGE_COL, MaskError, MaskSource
+
+    ref = mask.get("path", "row")
+    loader = MaskSource(params.mask_labels, rle_file="FILE", rle={ref: mask["rle"]} if "rle" in mask else None,
+                        storage_options=options)  # fmt: skip
+    try:
+        return loader.load(ref, image_shape, source)
+    except MaskError as err:
+        # quarantine.jsonl names inputs by salted hash only: the message's paths (or RLE ImageId) are left out.
+        reason = str(err).replace(f"{loader.where}, {RLE_IMAGE_COL} {ref}", "RLE")
+        for path in (ref, source):
+            reason = reason.replace(f" {storage.describe(path)}", "")
+        raise ImageDecodeError(source_hash, reason) from None
 
 
 def quantize(image: np.ndarray, bits: int) -> np.ndarray:
@@ -88,8 +124,11 @@ def _dicom_fields(data: bytes) -> tuple[str | None, str | None]:
     return patient, view
 
 
-def process_input(source: str, rel: str, row: dict | None, params: PrepareParams, salt: str, options: dict) -> dict:
-    """One input -> one shard row; raises ImageDecodeError for anything that cannot become an image."""
+def process_input(
+    source: str, rel: str, row: dict | None, params: PrepareParams, salt: str, options: dict, mask: dict | None = None
+) -> dict:
+    """One input -> one shard row (with its ``mask`` when given: see ``load_input_mask``); raises ImageDecodeError for
+    anything that cannot become an image, or a mask that does not fit it."""
     source_hash = salted_hash(rel, salt, "source")
     try:
         data = storage.read_bytes(source, options) if "://" in source else Path(source).read_bytes()
@@ -112,7 +151,7 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
     resized = resize_to_square(image, params.size)
     finding_labels = (row or {}).get(LABEL_COL) if is_labelled((row or {}).get(LABEL_COL)) else None
     class_index = {name: i for i, name in enumerate(params.class_names)}
-    return {
+    out = {
         # The labels file's image name is the public sample id (NIH-style, already de-identified); without it,
         # the salted source hash (a file name may carry a patient name).
         "key": sample_key(name) if name else source_hash,
@@ -128,6 +167,10 @@ def process_input(source: str, rel: str, row: dict | None, params: PrepareParams
         "bits": params.bits,
         "image": {"bytes": shard_format.encode_pgm(quantize(resized, params.bits)), "path": None},
     }
+    if mask is not None:
+        classes = load_input_mask(mask, params, image.shape[:2], source, source_hash, options)
+        out["mask"] = {"bytes": shard_format.encode_pgm(resize_mask_to_square(classes, params.size)), "path": None}
+    return out
 
 
 # Inputs checked before a --windows run starts: a CT series is CT from its first file, and a folder of X-rays would
@@ -168,14 +211,14 @@ def decode_inputs(job: dict) -> tuple[list[dict], list[dict]]:
     """(shard rows, quarantine entries) for ``job["inputs"]``, in input order: all of a chunk, or one slice of it."""
     index, params, salt = job["index"], job["params"], job["salt"]
     rows, quarantine = [], []
-    for rel, source, row, missing in job["inputs"]:
+    for rel, source, row, missing, mask in job["inputs"]:
         # Entries name the input by its salted hash only: a file name may carry a patient's name or MRN.
         entry = {"source_hash": salted_hash(rel, salt, "source"), "shard": index}
         if missing:  # the reason this input has no labels row
             quarantine.append({**entry, "reason": missing})
             continue
         try:
-            rows.append(process_input(source, rel, row, params, salt, job["input_options"]))
+            rows.append(process_input(source, rel, row, params, salt, job["input_options"], mask))
         except ImageDecodeError as err:
             quarantine.append({**entry, "reason": err.reason})
         except Exception as err:  # nothing crashes mid-run: an unexpected failure quarantines that input only

@@ -22,7 +22,7 @@ from ..core import storage
 from . import shard_format
 from .streaming import DecodeStoredPixels, ShardLocation, ShardReader, ShardReadError, find_manifest
 
-PIXEL_COLUMNS: tuple[str, ...] = ("image", "pixels", "height", "width", "bits")  # "pixels": format version 1
+PIXEL_COLUMNS: tuple[str, ...] = ("image", "pixels", "height", "width", "bits", "mask")  # "pixels": format version 1
 TABLE_METADATA_COLUMNS: tuple[str, ...] = ("key", "group", "finding_labels")
 
 
@@ -49,8 +49,11 @@ def load_shard_table(
     if manifest.get("version", 1) < 2:
         features = shard_format.features_v1()
     else:
-        features = shard_format.features(manifest["preprocessing"].get("class_names", ()))
-        features["image"] = datasets.Image(decode=False)  # our decoder takes the pixels after the PGM header
+        preprocessing = manifest["preprocessing"]
+        features = shard_format.features(preprocessing.get("class_names", ()), bool(preprocessing.get("mask_labels")))
+        for column in ("image", "mask"):  # our decoder takes the pixels after the PGM header
+            if column in features:
+                features[column] = datasets.Image(decode=False)
     try:
         table = datasets.Dataset.from_generator(
             ShardReader(base, options, skip_bad_shards=False),

@@ -48,9 +48,11 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 
 
-def features(class_names: Sequence[str] = ()) -> datasets.Features:
-    """The ``datasets`` features of a shard; ``labels`` holds indices into ``class_names`` (null: unlabelled image)."""
-    return datasets.Features(
+def features(class_names: Sequence[str] = (), masks: bool = False) -> datasets.Features:
+    """The ``datasets`` features of a shard; ``labels`` holds indices into ``class_names`` (null: unlabelled image).
+    ``masks``: a ``mask`` column too (``prepare --masks_dir/--masks_rle``): the image's segmentation mask, class indices
+    as an 8-bit PGM of the stored image's size (the manifest's ``preprocessing.mask_labels`` names the indices)."""
+    columns = datasets.Features(
         {
             "key": datasets.Value("string"),
             "group": datasets.Value("string"),  # salted hash of the patient id
@@ -66,6 +68,9 @@ def features(class_names: Sequence[str] = ()) -> datasets.Features:
             "image": datasets.Image(),
         }
     )
+    if masks:
+        columns["mask"] = datasets.Image()
+    return columns
 
 
 def features_v1() -> datasets.Features:
@@ -104,6 +109,14 @@ def stored_pixels(row: dict[str, Any]) -> np.ndarray:
     if len(data) < size or data[:2] not in (b"P5", b"P6"):
         raise ValueError(f"sample {row.get('key')}: image bytes are not a {h}x{w} {bits}-bit PGM/PPM")
     return np.frombuffer(data, dtype=dtype, offset=len(data) - size).reshape(shape)
+
+
+def stored_mask(row: dict[str, Any]) -> np.ndarray:
+    """The (height, width) uint8 class indices of a shard row's ``mask`` (a view of its PGM bytes)."""
+    data, h, w = row["mask"]["bytes"], row["height"], row["width"]
+    if len(data) < h * w or data[:2] != b"P5":
+        raise ValueError(f"sample {row.get('key')}: mask bytes are not a {h}x{w} 8-bit PGM")
+    return np.frombuffer(data, dtype=np.uint8, offset=len(data) - h * w).reshape(h, w)
 
 
 def pixel_stats(rows: list[dict]) -> dict:
@@ -147,10 +160,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_shard(rows: Sequence[dict[str, Any]], class_names: Sequence[str] = ()) -> bytes:
-    """Parquet bytes for ``rows`` (dicts with the features' fields; ``image`` as ``{"bytes": PGM, "path": None}``),
-    with the ``datasets`` features in the schema metadata."""
-    table = pa.Table.from_pylist(list(rows), schema=features(class_names).arrow_schema)
+def encode_shard(rows: Sequence[dict[str, Any]], class_names: Sequence[str] = (), masks: bool = False) -> bytes:
+    """Parquet bytes for ``rows`` (dicts with the features' fields; ``image`` (and ``mask``) as ``{"bytes": PGM,
+    "path": None}``), with the ``datasets`` features in the schema metadata."""
+    table = pa.Table.from_pylist(list(rows), schema=features(class_names, masks).arrow_schema)
     buf = io.BytesIO()
     pq.write_table(
         table,

@@ -13,15 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..core.tasks import CLASSIFICATION, MAE, check_task
+from ..core.tasks import CLASSIFICATION, MAE, SEGMENTATION, check_task
 
-# The options each training transform takes, with their defaults. Evaluation takes none: it is the same for both tasks.
+# The options each training transform takes, with their defaults. Evaluation takes none.
 _TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
     MAE: {"crop_scale": (0.2, 1.0), "hflip": True},
     CLASSIFICATION: {"crop_scale": (0.8, 1.0), "rotation_degrees": 5.0, "rand_augment_magnitude": 0, "hflip": False},
+    SEGMENTATION: {"crop_scale": (0.8, 1.0), "rotation_degrees": 5.0, "hflip": False},
 }
+# The mask value of unlabelled pixels (transformers' segmentation losses ignore it): pixels a rotation brings in from
+# outside the image get it.
+IGNORE_INDEX = 255
 
 
 def create_transform(
@@ -37,13 +42,20 @@ def create_transform(
     seed: int | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The image transform of ``task`` ("mae" or "classification") on a uint8 [C, H, W] tensor; it gives uint8
-    [C, image_size, image_size] (normalisation happens on the accelerator, ``normalize_batch``).
+    [C, image_size, image_size] (normalisation happens on the accelerator, ``normalize_batch``). "segmentation": a
+    joint transform of (image, mask) (``SegmentationTransform``).
 
-    - evaluation (``is_training=False``), both tasks: shorter side to ``image_size`` (bicubic), centre crop.
+    - evaluation (``is_training=False``), "mae" and "classification": shorter side to ``image_size`` (bicubic), centre
+      crop. "segmentation": the whole image to ``image_size`` x ``image_size`` (bicubic; the mask nearest), no crop,
+      so every input pixel has a prediction.
     - "mae" training: RandomResizedCrop(``crop_scale`` (0.2, 1.0), bicubic) + horizontal flip (``hflip`` True).
     - "classification" training, X-ray safe: RandomResizedCrop(``crop_scale`` (0.8, 1.0), ratio 0.9-1.1, bicubic),
       RandomRotation(``rotation_degrees`` 5, bilinear; 0 = off), RandAugment(2 ops, ``rand_augment_magnitude``; 0 =
       off), horizontal flip (``hflip`` False).
+    - "segmentation" training: the same geometric draws on image and mask (torchvision v2 with ``tv_tensors.Mask``,
+      which the v2 ops resample nearest): RandomResizedCrop(``crop_scale`` (0.8, 1.0), ratio 0.9-1.1),
+      RandomRotation(``rotation_degrees`` 5; pixels brought in are 0 in the image and ``IGNORE_INDEX`` in the mask),
+      horizontal flip (``hflip`` False). No photometric op: a mask has none to follow.
     - "mae" training with ``load_size``: only the worker half of on-device augmentation, a fixed-size uint8
       [C, load_size, load_size] (shorter side, centre crop; images already that size pass untouched), so batches stack
       for ``DeviceRandomResizedCrop`` on the accelerator -- a batch transform the Trainer applies, not built here.
@@ -74,11 +86,16 @@ def create_transform(
         mode = "training" if is_training else "evaluation"
         raise ValueError(f"the {task} {mode} transform takes no {', '.join(refused)}")
     if not is_training:
-        return _resize_centre_crop(image_size)
+        return (
+            SegmentationTransform(_resize_whole(image_size))
+            if task == SEGMENTATION
+            else _resize_centre_crop(image_size)
+        )
     if load_size is not None:
         return _load_transform(load_size)
     options = {**_TRAIN_OPTIONS[task], **{k: v for k, v in given.items() if k != "seed"}}
-    transform = _mae_train(image_size, **options) if task == MAE else _classification_train(image_size, **options)
+    builders = {MAE: _mae_train, CLASSIFICATION: _classification_train, SEGMENTATION: _segmentation_train}
+    transform = builders[task](image_size, **options)
     return transform if seed is None else SeededAugmentation(transform, seed=seed)
 
 
@@ -112,6 +129,58 @@ def _classification_train(
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
+
+
+def _segmentation_train(
+    image_size: int, crop_scale: Sequence[float], rotation_degrees: float, hflip: bool
+) -> SegmentationTransform:
+    steps: list = [
+        v2.RandomResizedCrop(
+            image_size,
+            scale=tuple(crop_scale),
+            ratio=(0.9, 1.1),
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    ]
+    if rotation_degrees:
+        fill = {tv_tensors.Mask: IGNORE_INDEX, "others": 0}
+        steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return SegmentationTransform(v2.Compose(steps))
+
+
+def _resize_whole(image_size: int) -> v2.Compose:
+    return v2.Compose([v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)])
+
+
+class SegmentationTransform:
+    """A torchvision v2 pipeline applied jointly to an image and its mask: called as ``t(image, mask)`` or
+    ``t((image, mask))`` (the form ``SeededAugmentation`` passes), with a uint8 [C, H, W] image and an integer [H, W]
+    mask of class indices; returns (uint8 [C, S, S], int64 [S, S]). The mask travels as ``tv_tensors.Mask``, so every
+    geometric op draws once for both and resamples the mask nearest (class indices are never blended)."""
+
+    def __init__(self, pipeline: v2.Compose) -> None:
+        self.pipeline = pipeline
+
+    def __repr__(self) -> str:
+        return f"SegmentationTransform({self.pipeline!r})"
+
+    @property
+    def transforms(self) -> list:
+        return self.pipeline.transforms
+
+    def __call__(
+        self, image: torch.Tensor | tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            image, mask = image
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} differ in size")
+        mask = mask.reshape(1, *mask.shape[-2:]).to(torch.uint8)  # class indices <= 255: resampled as bytes
+        out_image, out_mask = self.pipeline(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)[0].long()
 
 
 def _resize_centre_crop(image_size: int) -> v2.Compose:

@@ -38,12 +38,14 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
         "evaluate",
-        help="evaluate a fine-tuned classifier: metrics.json with patient-bootstrap 95%% CIs and calibration, roc.png, "
-        "reliability.png, confusion.png",
+        help="evaluate a fine-tuned classifier: metrics.json with patient-bootstrap 95%% CIs and calibration, plots, "
+        "and report.html (one self-contained page of it all)",
         description="Scores every labelled image of --data (images not listed in --labels are skipped) and writes "
         "OUT/metrics.json (per class and macro, 95%% CIs from resampling patients; per class the calibration: ECE over "
-        "equal-mass bins and Brier score), OUT/per_class.json, OUT/roc.png, OUT/reliability.png and, for multi-class "
-        "models, OUT/confusion.png.",
+        "equal-mass bins and Brier score), OUT/per_class.json, OUT/roc.png, OUT/pr.png, OUT/reliability.png, for "
+        "multi-class models OUT/confusion.png, with --subgroups OUT/subgroups.png (forest plot), and OUT/report.html: "
+        "one self-contained page (figures embedded, nothing fetched from the network) of provenance, per-class table, "
+        "curves, operating points, calibration and subgroups.",
     )
     ev.add_argument("--model", required=True, help="fine-tuned model folder (output of recipes/finetune_vit.py)")
     ev.add_argument("--data", required=True, help="images: folder, glob or fsspec URL (PNG/JPEG/DICOM)")
@@ -105,6 +107,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "1), sensitivity=X (the highest threshold with validation sensitivity >= X) or specificity=X (the lowest with "
         "validation specificity >= X), X in (0, 1)",
     )
+    ev.add_argument(
+        "--masks",
+        default=None,
+        metavar="MASKS_DIR",
+        help="segmentation models: the true masks, one PNG of class indices per image with its stem (classes.json or "
+        "--mask-labels names them, as recipes/finetune_segmentation.py reads them); metrics.json holds per-class and "
+        "macro Dice and IoU with patient-bootstrap 95%% CIs (patients from --labels when given)",
+    )
+    ev.add_argument("--masks-rle", default=None, metavar="FILE", help="segmentation: SIIM-style RLE masks instead")
+    ev.add_argument(
+        "--mask-labels", default=None, help="segmentation: the mask classes, e.g. background,lung (index = position)"
+    )
+    ev.add_argument(
+        "--heatmap-examples",
+        type=int,
+        default=2,
+        metavar="K",
+        help="report.html shows per class the K most confident true positives, false positives and false negatives "
+        "with their HiResCAM heatmaps (as predict --heatmap draws them; default 2, 0: none)",
+    )
     add_labels_format_arguments(ev)
     ev.add_argument(
         "--label-map",
@@ -120,12 +142,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="per-class probabilities for DICOM/PNG/JPEG files, as JSON lines",
         description='Prints one JSON object per input: {"file": ..., "probabilities": {class: p, ...}}, plus '
         '"findings": [classes with p >= their threshold] when the model has thresholds (hf-medvis evaluate '
-        "--thresholds-from).",
+        '--thresholds-from), and "heatmaps": {class: overlay PNG} with --heatmap.',
     )
     pr.add_argument("--model", required=True, help="fine-tuned model folder")
     pr.add_argument("files", nargs="+", help="image files or fsspec URLs")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
+    pr.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="segmentation models (required for them): write DIR/<stem>_mask.png (class indices, the input's size) and "
+        'DIR/<stem>_overlay.png; each JSON line is {"file", "mask", "overlay", "pixels": {class: count}}',
+    )
+    pr.add_argument(
+        "--heatmap",
+        default=None,
+        metavar="OUT_DIR",
+        help="also write per image and class OUT_DIR/<stem>_<class>.png, a HiResCAM map of where the model looked "
+        'over the image it saw (after resize and centre crop); each JSON line gains "heatmaps": {class: path}',
+    )
     pr.set_defaults(func=run_predict)
 
 
@@ -233,16 +269,31 @@ def read_labelled_images(
 def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.storage import parse_storage_options, write_json_atomic
-    from ..data.folder import write_skipped_images
+    from ..models.segmentation import is_segmentation_model
+
+    if is_segmentation_model(args.model):
+        return _evaluate_segmentation(args)
+    if args.masks or args.masks_rle:
+        raise ValueError(f"--masks / --masks-rle are for segmentation models; {args.model} is a classifier")
+
+    from ..core.storage import describe, parse_storage_options, write_json_atomic
+    from ..data.folder import SKIPPED_IMAGES_NAME, write_skipped_images
     from ..data.labels import LabelSpec
     from ..data.labels.label_map import load_label_map
+    from ..data.provenance import data_origin, describe_origin
     from .bootstrap import metrics_with_ci
     from .calibration import CALIBRATION_BINS, calibration_metrics
     from .metrics import format_metrics_table, per_class_table
     from .operating_points import parse_operating_point
-    from .plots import save_confusion_plot, save_reliability_plot, save_roc_plot
+    from .plots import (
+        save_confusion_plot,
+        save_pr_plot,
+        save_reliability_plot,
+        save_roc_plot,
+        save_subgroup_forest_plot,
+    )
     from .predict import Predictor
+    from .report import REPORT_NAME, class_counts, describe_model, write_report
     from .subgroups import covariate_values, format_subgroups, parse_subgroup_columns, subgroup_column_metrics
 
     if not 0 < args.threshold < 1:
@@ -376,9 +427,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
     write_json_atomic(out / "per_class.json", per_class)
     write_skipped_images(out, skipped)
     save_roc_plot(out / "roc.png", truth, probs, spec)
+    save_pr_plot(out / "pr.png", truth, probs, spec)
     save_reliability_plot(out / "reliability.png", truth, probs, spec)
     if not spec.multi_label:
         save_confusion_plot(out / "confusion.png", truth, probs, spec)
+    if subgroup_columns:
+        save_subgroup_forest_plot(out / "subgroups.png", metrics["subgroups"], metrics.get("auroc_macro"))
+    provenance = {
+        **describe_model(args.model, predictor.model),
+        "Data": f"{describe(args.data)} ({describe_origin(data_origin(args.data, storage_options))})",
+        "Labels file": labels_name,
+        "Bootstrap": f"{args.bootstrap} patient-level resamples, seed {args.seed}",
+    }
+    if spec.multi_label:
+        provenance["F1 threshold"] = f"probability {args.threshold:g}"
+    if skipped:
+        provenance["Images left out"] = f"{len(skipped)} undecodable ({SKIPPED_IMAGES_NAME})"
+    examples = None
+    if args.heatmap_examples > 0:
+        from .heatmaps import report_examples
+
+        cut: float | list[float] = args.threshold
+        if metrics.get("operating_points") is not None:  # the validation thresholds, as predict applies them
+            cut = [metrics["operating_points"].get(name, {}).get("threshold", np.nan) for name in spec.names]
+        examples = report_examples(
+            predictor, paths, probs, truth, cut, k=args.heatmap_examples, storage_options=storage_options
+        )
+    write_report(
+        out, metrics, spec.names, provenance=provenance, counts=class_counts(truth, spec.names), examples=examples
+    )
     print(format_metrics_table(metrics, spec))
     if not_evaluated:
         print(f"not evaluated (the dataset does not label them): {', '.join(not_evaluated)}")
@@ -392,10 +469,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(operating_table)
     if subgroup_columns:
         print(format_subgroups(metrics["subgroups"], scored_spec))
-    written = "metrics.json, per_class.json, roc.png, reliability.png" + ("" if spec.multi_label else ", confusion.png")
+    written = "metrics.json, per_class.json, roc.png, pr.png, reliability.png" + (
+        "" if spec.multi_label else ", confusion.png"
+    )
+    written += (", subgroups.png" if subgroup_columns else "") + f", {REPORT_NAME} (open it in a browser)"
     print(f"wrote {written} to {out}")
     if args.update_card and Path(args.model).is_dir():
-        from ..data.provenance import data_origin, describe_origin
         from .card_results import record_test_results
 
         card = record_test_results(
@@ -590,13 +669,97 @@ def _apply_label_map(
     return keep, [name for name in spec.names if name not in provided]
 
 
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    """``hf-medvis evaluate`` of a segmentation model: Dice and IoU per class and macro against --masks, with
+    patient-bootstrap CIs, in OUT/metrics.json."""
+    from ..core.storage import parse_storage_options, write_json_atomic
+    from ..data.folder import write_skipped_images
+    from .segment import SegmentationPredictor, evaluate_masks, read_masked_images
+    from .segmentation_metrics import format_segmentation_table
+
+    if not (args.masks or args.masks_rle):
+        raise ValueError(f"{args.model} is a segmentation model: pass its true masks with --masks DIR or --masks-rle")
+    storage_options = parse_storage_options(args.storage_options) or None
+    predictor = SegmentationPredictor(args.model)
+    skipped: list[dict[str, str]] = []
+    paths, true_masks, groups = read_masked_images(
+        args.data,
+        predictor.class_names,
+        masks_dir=args.masks,
+        masks_rle=args.masks_rle,
+        mask_labels=args.mask_labels,
+        labels_file=args.labels,
+        labels_format=labels_format_from_args(args),
+        storage_options=storage_options,
+        skipped=skipped,
+    )
+    print(f"evaluating {len(paths)} images of {len(set(groups))} patients", file=sys.stderr)
+    metrics = evaluate_masks(
+        predictor,
+        paths,
+        true_masks,
+        groups,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        storage_options=storage_options,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_skipped_images(out, skipped)
+    print(format_segmentation_table(metrics, predictor.class_names))
+    print(f"wrote metrics.json to {out}")
+    return 0
+
+
+def _predict_segmentation(args: argparse.Namespace) -> int:
+    from .predict import output_stems
+    from .segment import SegmentationPredictor, write_mask_outputs
+
+    if args.out is None:
+        raise ValueError(f"{args.model} is a segmentation model: pass --out DIR for its masks and overlays")
+    if args.heatmap:
+        raise ValueError("--heatmap is for classifiers; a segmentation model's overlay is its mask (--out)")
+    predictor = SegmentationPredictor(args.model)
+    stems = output_stems(args.files)
+    lines = []
+    for start in range(0, len(args.files), args.batch_size):
+        batch = args.files[start : start + args.batch_size]
+        for offset, (file, mask) in enumerate(zip(batch, predictor.predict_masks(batch), strict=True)):
+            line = write_mask_outputs(file, mask, args.out, predictor.class_names, stem=stems[start + offset])
+            lines.append(json.dumps(line))
+    _write_lines(args.output, lines)
+    return 0
+
+
+def _write_lines(output: str | None, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    if output:
+        from ..core.storage import write_text_atomic
+
+        write_text_atomic(output, text)
+    else:
+        sys.stdout.write(text)
+
+
 def run_predict(args: argparse.Namespace) -> int:
+    from ..models.segmentation import is_segmentation_model
     from .operating_points import json_number
     from .predict import Predictor
 
+    if is_segmentation_model(args.model):
+        return _predict_segmentation(args)
+    if args.out is not None:
+        raise ValueError(f"--out is for segmentation models; {args.model} is a classifier (see --heatmap, --output)")
     predictor = Predictor(args.model)
     probs = predictor.predict(args.files, batch_size=args.batch_size)
     findings = predictor.findings(probs)  # None without saved thresholds: no "findings" key
+    heatmaps = None
+    if args.heatmap:
+        from .heatmaps import write_heatmaps
+
+        heatmaps = write_heatmaps(predictor, args.files, args.heatmap, batch_size=args.batch_size)
     lines = []
     for i, (file, row) in enumerate(zip(args.files, probs, strict=True)):
         # Each probability as the shortest decimal of its float32 value: comparing it with a saved threshold (written
@@ -607,12 +770,8 @@ def run_predict(args: argparse.Namespace) -> int:
         }
         if findings is not None:
             line["findings"] = findings[i]
+        if heatmaps is not None:
+            line["heatmaps"] = heatmaps[i]
         lines.append(json.dumps(line))
-    text = "\n".join(lines) + "\n"
-    if args.output:
-        from ..core.storage import write_text_atomic
-
-        write_text_atomic(args.output, text)
-    else:
-        sys.stdout.write(text)
+    _write_lines(args.output, lines)
     return 0

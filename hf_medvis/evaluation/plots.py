@@ -1,4 +1,4 @@
-"""Figures of an evaluation (ROC curves, reliability diagrams, confusion matrix) and of images (a grid for notebooks), saved atomically."""
+"""Figures of an evaluation (ROC and precision-recall curves, reliability diagrams, confusion matrix, subgroup forest plot) and of images (a grid for notebooks), saved atomically."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from ..core.storage import write_bytes_atomic
 from ..data.decode import read_image
@@ -67,6 +67,53 @@ def save_reliability_plot(path: str | os.PathLike, labels: np.ndarray, probs: np
 
     fig, ax = _per_class_curves(CalibrationDisplay, labels, probs, spec, n_bins=CALIBRATION_BINS, strategy="quantile")
     ax.set_title("Reliability per class (equal-mass bins)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_pr_plot(path: str | os.PathLike, labels: np.ndarray, probs: np.ndarray, spec: LabelSpec) -> Path:
+    """One precision-recall curve per class (one-vs-rest for multi-class), its average precision in the legend."""
+    fig, ax = _per_class_curves(PrecisionRecallDisplay, labels, probs, spec)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall per class")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_subgroup_forest_plot(
+    path: str | os.PathLike, subgroups: dict[str, Any], overall: float | None, metric: str = "auroc_macro"
+) -> Path:
+    """A forest plot of ``metric`` per subgroup (``metrics.json``'s ``subgroups``: column -> value -> metrics): one
+    row per value with its 95% CI, grouped by column; a value without the metric (too few positives or negatives) is
+    listed without a point. The dashed line is the whole set's value (``overall``), the dotted one chance (0.5)."""
+    plt = pyplot()
+    rows: list[tuple[str, float | None, float | None, float | None]] = []
+    for column, values in subgroups.items():
+        for value, result in values.items():
+            if value.startswith("_"):  # _largest_gap: a summary, not a subgroup
+                continue
+            point = result.get(metric)
+            low, high = result.get(f"{metric}_ci95_low"), result.get(f"{metric}_ci95_high")
+            label = f"{column} = {value}" + ("" if point is not None else "  (too few)")
+            rows.append((label, point, low, high))
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.35 * max(1, len(rows))))
+    ys = np.arange(len(rows))[::-1]  # first row on top
+    for y, (_, point, low, high) in zip(ys, rows, strict=True):
+        if point is None:
+            continue
+        if low is not None and high is not None:
+            ax.hlines(y, low, high, color="tab:blue")
+        ax.plot([point], [y], "s", color="tab:blue")
+    if overall is not None:  # named in the title: a legend would cover the points near 1.0
+        ax.axvline(overall, linestyle="--", color="grey")
+    ax.axvline(0.5, linestyle=":", color="grey")
+    ax.set_yticks(ys, [label for label, *_ in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    lowest = min([low for _, _, low, _ in rows if low is not None] + [0.45])
+    ax.set_xlim(max(0.0, lowest - 0.05), 1.03)  # room for a point at 1.0; chance (0.5) in view
+    name = "macro AUROC" if metric == "auroc_macro" else metric
+    ax.set_xlabel(f"{name} (95% CI: patient bootstrap within the subgroup)")
+    ax.set_title("Subgroups" + (f" (dashed: all images, {overall:.3f})" if overall is not None else ""))
     fig.tight_layout()
     return save_figure(fig, path)
 

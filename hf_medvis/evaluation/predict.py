@@ -4,6 +4,7 @@ preprocessing of training and, when config.json has them, the temperatures of ``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,7 @@ from transformers import AutoImageProcessor
 from ..core.tasks import CLASSIFICATION
 from ..data.decode import read_image
 from ..data.labels import LabelSpec
+from ..data.labels.table import strip_image_extension
 from ..data.transforms import create_transform, normalize_batch, to_uint8_tensor
 from ..models.transfer import load_classifier
 from .calibration import scale_logits, temperatures_of
@@ -80,3 +82,29 @@ class Predictor:
             return None
         called = np.asarray(probs, dtype=np.float32) >= self.thresholds  # float32, as evaluate chose and applied them
         return [[name for name, hit in zip(self.spec.names, row, strict=True) if hit] for row in called]
+
+
+def output_stems(sources: Sequence[str]) -> list[str]:
+    """One file-name stem per source, for the files ``hf-medvis predict`` writes (heatmaps, masks): its name without
+    an image extension, ``-2``, ``-3``, ... appended to a stem an earlier source already has (same name in another
+    folder; compared without case, for case-insensitive disks)."""
+    names = [src.split("?", 1)[0].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] for src in sources]
+    return unique_names([file_part(strip_image_extension(name)) for name in names])
+
+
+def file_part(name: str) -> str:
+    """``name`` as a safe piece of a file name: runs of anything but letters, digits, '.', '_' and '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "image"  # no hidden files, no ".."
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with ``-2``, ``-3``, ... appended to a repeat (compared without case)."""
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, n = name, 2
+        while candidate.lower() in used:
+            candidate, n = f"{name}-{n}", n + 1
+        used.add(candidate.lower())
+        unique.append(candidate)
+    return unique

@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import BitImageProcessor, PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from ..core.errors import first_line
 from ..core.presets import preset_fields
 from ..core.tasks import MAE
+from .processing_hf_medvis import MedVisImageClassificationPipeline, MedVisImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +209,17 @@ def _hub_processor_config(repo_id: str, cache_dir: str | None) -> Path | None:
         return None
 
 
-def build_image_processor(image_size: int, mean: list[float], std: list[float]) -> BitImageProcessor:
+def build_image_processor(
+    image_size: int, mean: list[float], std: list[float], *, colour: bool = False
+) -> MedVisImageProcessor:
     """The processor saved beside the model, so that transformers (``pipeline``, ``AutoImageProcessor``) preprocesses
     as evaluation and ``hf-medvis predict`` do: shorter side to ``image_size`` (bicubic), centre crop, rescale,
     normalise; a grey image becomes the 3 equal channels of a 3-channel model. transformers' ``BitImageProcessor`` is
-    its standard processor with that resize-and-crop (``ViTImageProcessor`` would squash a non-square X-ray)."""
-    return BitImageProcessor(
+    its standard processor with that resize-and-crop (``ViTImageProcessor`` would squash a non-square X-ray); the
+    subclass saved with it (``processing_hf_medvis.py``, for ``trust_remote_code``) first reads 16-bit images at full
+    depth, colour as luminance unless ``colour`` (a model trained on colour images), with the model's channel count."""
+    return MedVisImageProcessor(
+        hf_medvis_colour=colour,
         do_convert_rgb=len(mean) == 3,
         do_resize=True,
         size={"shortest_edge": image_size},
@@ -226,3 +232,34 @@ def build_image_processor(image_size: int, mean: list[float], std: list[float]) 
         image_mean=mean,
         image_std=std,
     )
+
+
+# The task under which config.json names the saved pipeline of a folder plain transformers reads right (3 channels,
+# built-in classes): transformers refuses a folder's own "image-classification" pipeline without trust_remote_code.
+MEDICAL_TASK = "medical-image-classification"
+
+
+def classifier_image_processor(config: PretrainedConfig, mean: list[float], std: list[float]) -> MedVisImageProcessor:
+    """The processor saved beside a classifier (``build_image_processor`` at its input size, colour as it was
+    trained), and ``config.custom_pipelines`` naming the pipeline saved in the same file, so that
+    ``pipeline(model=DIR, trust_remote_code=True)`` reads any image as ``hf-medvis predict`` does.
+
+    The task name: "image-classification" where plain transformers cannot read the folder right anyway (a 1-channel
+    model; a model with its own code, such as mean pooling), so the usual call with ``trust_remote_code=True`` runs the
+    saved pipeline; else ``MEDICAL_TASK``, so that plain ``pipeline("image-classification", model=DIR)`` keeps working
+    without remote code for 8-bit images. Call it before the model is saved (config.json then carries the entry)."""
+    image_input = getattr(config, "hf_medvis_input", None) or {}
+    colour = int(image_input.get("channels", 1)) == 3 and not image_input.get("windows")
+    plain = getattr(config, "num_channels", 3) == 3 and getattr(type(config), "_auto_class", None) is None
+    config.custom_pipelines = {
+        MEDICAL_TASK if plain else "image-classification": {
+            "impl": f"processing_hf_medvis.{MedVisImageClassificationPipeline.__name__}",
+            "pt": ["AutoModelForImageClassification"],
+            "type": "image",
+        }
+    }
+    processor = build_image_processor(config.image_size, mean, std, colour=colour)
+    # Its save_pretrained (ours, the Trainer's checkpoints) then copies processing_hf_medvis.py beside it, as
+    # transformers copies a registered class's file (custom_object_save); MAE folders need no pipeline and get none.
+    processor._auto_class = "AutoImageProcessor"
+    return processor

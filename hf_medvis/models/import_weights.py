@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from ..core.text import short_list
-from .build import build_image_processor
+from .build import build_image_processor, classifier_image_processor
 from .weights import own_load_report
 
 FORMATS = ("auto", "mae", "timm", "dinov2")
@@ -676,8 +676,10 @@ def _write_atomically(
     previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        classifier = type(model).__name__.endswith("ForImageClassification")  # + config.json's custom_pipelines
+        processor = classifier_image_processor(model.config, mean, std) if classifier else None
         model.save_pretrained(staging)
-        build_image_processor(image_size, mean, std).save_pretrained(staging)
+        (processor or build_image_processor(image_size, mean, std)).save_pretrained(staging)
         (staging / "import_info.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         _verify_reload(model, staging)
         if out.exists():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .backbones import block_depths, find_backbone
+from .modeling_hf_medvis_seg import MODEL_TYPE as SEGMENTATION_MODEL_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def vit_param_groups(
     stage_depths = block_depths(config) if config is not None else None
     if stage_depths is not None:
         num_layers = sum(stage_depths)
-    elif find_backbone(config) is not None:
-        num_layers = config.num_hidden_layers
+    elif find_backbone(config) is not None or getattr(config, "model_type", None) == SEGMENTATION_MODEL_TYPE:
+        num_layers = config.num_hidden_layers  # (a segmentation model: its ViT encoder's layers, decoder at full lr)
     else:
         num_layers = 0
         if layer_decay < 1:

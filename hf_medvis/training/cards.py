@@ -307,3 +307,106 @@ def kept_checkpoint_note(checkpoint: dict | None, global_step: Any) -> str:
 def _plain(value: Any) -> str:
     """Enum members (OptimizerNames, SchedulerType) as their plain value."""
     return str(getattr(value, "value", value))
+
+
+def segmentation_model_card(
+    model: PreTrainedModel,
+    model_args: Any,
+    data_args: Any,
+    training_args: FinetuningArguments,
+    *,
+    data_description: str,
+    data_info: dict,
+    load_report: LoadReport,
+    lr_line: str,
+    metrics: dict,
+    checkpoint: dict | None = None,
+    synthetic: bool = False,
+) -> str:
+    """The card of a segmentation model (``recipes/finetune_segmentation.py``): architecture, training, validation
+    Dice / IoU with patient-bootstrap CIs (``model_args``: ``SegmentationModelArguments``; ``data_args``:
+    ``SegmentationDataArguments``)."""
+    config = model.config
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    eval_results = []
+    dataset_name = data_args.dataset_id or data_description
+    for key, metric_type in (("dice_macro", "dice"), ("iou_macro", "mean_iou")):
+        if key in metrics:
+            ci = ""
+            if f"{key}_ci95_low" in metrics:
+                ci = f" (95% CI {metrics[f'{key}_ci95_low']:.3f}-{metrics[f'{key}_ci95_high']:.3f}, patient bootstrap)"
+            eval_results.append(
+                EvalResult(
+                    task_type="image-segmentation",
+                    dataset_type=data_args.dataset_id or "private",
+                    dataset_name=dataset_name,
+                    dataset_split="validation",
+                    metric_type=metric_type,
+                    metric_value=round(float(metrics[key]), 4),
+                    metric_name=f"{key}{ci}",
+                )
+            )
+    architecture = {
+        "model": f"{type(model).__name__} (ViT encoder + progressive-upsampling decoder to 1/4 of the input; custom "
+        "code shipped in this folder, load with `trust_remote_code=True`)",
+        "encoder": f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads",
+        "decoder": f"{config.decoder_hidden_size} channels",
+        "patch size / image size / channels": f"{config.patch_size} / {config.image_size} / {config.num_channels}",
+        "parameters": f"{count_parameters(model):,}",
+        "initialisation": load_report.summary() if load_report.source_type != "new" else "random (no pretraining)",
+        "classes (index: name)": ", ".join(f"{i}: {name}" for i, name in enumerate(names)),
+    }
+    training = {
+        "data": data_description,
+        "images (train / validation)": f"{data_info.get('train_images', '?')} / {data_info.get('eval_images', 0)}",
+        "patients (train / validation)": f"{data_info.get('train_patients', '?')} / {data_info.get('eval_patients', 0)}"
+        " (patient-disjoint)",
+        "input": "the whole image resized to the model's size (no crop); the mask nearest-neighbour",
+        "loss": f"cross-entropy + {config.dice_loss_weight:g} x soft Dice; pixels labelled 255 ignored",
+        "augmentation": f"RandomResizedCrop scale {tuple(data_args.crop_scale)}, rotation ±{data_args.rotation_degrees:g}°"
+        + (", horizontal flip" if data_args.hflip else "")
+        + ", the same draws on image and mask",
+        "learning rate": lr_line,
+        "layer-wise lr decay": training_args.layer_decay,
+        "optimizer": f"{_plain(training_args.optim)}, weight decay {training_args.weight_decay}",
+        "schedule": f"{_plain(training_args.lr_scheduler_type)}, warmup {training_args.warmup_steps}",
+        "precision": precision_name(training_args),
+        "steps": metrics.get("global_step", "?"),
+        "weights kept": kept_checkpoint_note(checkpoint, metrics.get("global_step")),
+    }
+    results = {k: _metric(v) for k, v in metrics.items() if k.startswith(("dice_", "iou_"))}
+    results_note = (
+        f"Validation patients ({data_info.get('eval_images', 0)} images): per-image Dice / IoU averaged over the images "
+        "whose ground truth has the class; macro over the foreground classes (background excluded); 95% CIs from a "
+        "patient-level bootstrap."
+    )
+    usage = (
+        '```python\nfrom transformers import pipeline\n\nsegment = pipeline("image-segmentation", model="path/or/hub-id", '
+        'trust_remote_code=True)\nmasks = segment("image.png")  # one binary mask per class found, at the input size\n'
+        "```\n\nWith hf_medvis (DICOM too): `hf_medvis.evaluation.segment.SegmentationPredictor(DIR).predict_masks(files)` "
+        "(class indices at each input's size) and `write_mask_outputs` (`<stem>_mask.png`, `<stem>_overlay.png`)."
+    )
+    return render_model_card(
+        title="ViT chest X-ray segmentation fine-tuned with hf_medvis",
+        summary=f"A ViT segmentation model for {', '.join(names[1:])} (and background) trained on {data_description}.",
+        metadata={
+            "library_name": "transformers",
+            "license": "apache-2.0",
+            "pipeline_tag": "image-segmentation",
+            "tags": ["vit", "image-segmentation", "medical-imaging", "chest-x-ray", "hf_medvis"]
+            + (["synthetic-data"] if synthetic else []),
+            "base_model": hub_model_id(model_args.model_name_or_path),
+            "datasets": [data_args.dataset_id] if data_args.dataset_id else None,
+            "metrics": sorted({r.metric_type for r in eval_results}) or None,
+            "model_name": training_args.hub_model_id.split("/")[-1]
+            if training_args.hub_model_id
+            else "hf_medvis-vit-cxr-segmentation",
+            "eval_results": eval_results or None,
+        },
+        sections={
+            "Architecture": architecture,
+            "Training": training,
+            "Validation results": f"{results_note}\n\n{_table(results)}" if results else "No evaluation was run.",
+            "How to use": usage,
+        },
+    )

@@ -1,6 +1,6 @@
 """The Trainer subclasses of the recipes: uint8 batches normalised (and optionally augmented) on the accelerator, exact
 checkpoint reloads and resumes, shard streams loaded per rank, our model card; and for fine-tuning, the loss (BCE or
-cross-entropy) and layer-wise lr decay."""
+cross-entropy) and layer-wise lr decay; for segmentation, the model's own loss and the same lr decay."""
 
 from __future__ import annotations
 
@@ -400,11 +400,35 @@ class ClassificationTrainer(MedVisTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            groups = vit_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)
-            for group in groups:
-                group.pop("names")
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+        return _layer_decay_optimizer(self, model)
+
+
+def _layer_decay_optimizer(trainer: Trainer, model: torch.nn.Module | None) -> torch.optim.Optimizer:
+    """The fine-tuning Trainers' ``create_optimizer``: the Trainer's optimizer class over ``vit_param_groups`` (layer-wise
+    lr decay ``trainer.layer_decay``, no weight decay on norms, biases and tokens)."""
+    if trainer.optimizer is None:
+        opt_model = trainer.model if model is None else model
+        args = trainer.args
+        groups = vit_param_groups(opt_model, args.learning_rate, args.weight_decay, trainer.layer_decay)
+        for group in groups:
+            group.pop("names")
+        optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(args, opt_model)
+        trainer.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+    return trainer.optimizer
+
+
+class SegmentationTrainer(MedVisTrainer):
+    """The model's own loss (cross-entropy + Dice, labels of 255 ignored: ``modeling_hf_medvis_seg``) and layer-wise lr
+    decay. Evaluation should keep per-image confusion counts, not full-size logits: the recipe passes the evaluation
+    wing's ``logits_to_counts`` as ``preprocess_logits_for_metrics``."""
+
+    # The model's loss is a per-batch mean (its forward takes no **kwargs): the Trainer divides it for accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, layer_decay: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+        self.can_return_loss = False  # the loss needs labels; Trainer's label handling applies
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        return _layer_decay_optimizer(self, model)
