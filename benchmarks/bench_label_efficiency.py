@@ -103,25 +103,50 @@ def test_auroc(model_dir: Path, images: Path, labels: Path, bootstrap: int) -> d
     return {key: metrics.get(key) for key in ("auroc_macro", "auroc_macro_ci95_low", "auroc_macro_ci95_high")}
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """Per arm and fraction: the mean test macro AUROC over the training seeds, its sample standard deviation (0 for
-    one seed), lowest and highest; for the MAE arm also the per-seed difference to scratch (same seed, same labels)."""
+def summarize(runs: list[dict], metric: str = "auroc_macro") -> list[dict]:
+    """Per arm and fraction: the mean test ``metric`` (macro AUROC; the segmentation benchmark: macro Dice) over the
+    training seeds, its sample standard deviation (0 for one seed), lowest and highest; for the MAE arm also the
+    per-seed difference to scratch (same seed, same labels)."""
     import numpy as np
 
     by_key: dict[tuple[str, float], dict[int, float]] = {}
     for run in runs:
-        by_key.setdefault((run["arm"], run["fraction"]), {})[run["seed"]] = run["auroc_macro"]
+        by_key.setdefault((run["arm"], run["fraction"]), {})[run["seed"]] = run[metric]
     summary = []
     for (arm, fraction), scores in sorted(by_key.items(), key=lambda item: (ARMS.index(item[0][0]), item[0][1])):
         values = np.array(list(scores.values()))
-        row = {"arm": arm, "fraction": fraction, "seeds": sorted(scores), "auroc_macro_mean": float(values.mean()),
-               "auroc_macro_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-               "auroc_macro_min": float(values.min()), "auroc_macro_max": float(values.max())}  # fmt: skip
+        row = {"arm": arm, "fraction": fraction, "seeds": sorted(scores), f"{metric}_mean": float(values.mean()),
+               f"{metric}_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+               f"{metric}_min": float(values.min()), f"{metric}_max": float(values.max())}  # fmt: skip
         scratch = by_key.get(("scratch", fraction), {})
         if arm == "mae" and scratch:
             row["gain_vs_scratch"] = {seed: scores[seed] - scratch[seed] for seed in sorted(scores) if seed in scratch}
         summary.append(row)
     return summary
+
+
+def phantoms_and_mae(out: Path, patients: int, mae_steps: int, masks: bool = False) -> tuple:
+    """The phantoms (64 px; with their masks for segmentation) split by patient (train / val / test: 55 / 15 / 30 %),
+    and an MAE pretrained on the training images (no labels used): (data folder, split, training rows, MAE folder,
+    the MAE's metrics)."""
+    import datasets
+
+    from hf_medvis.data.phantoms import write_phantom_dataset
+    from hf_medvis.data.splits import split_labels_csv
+
+    datasets.disable_progress_bars()
+    data = write_phantom_dataset(
+        out / "data", patients=patients, image_size=64, dicom=False, overwrite=True, masks=masks
+    )
+    split = split_labels_csv(data / "labels.csv", out / "split", val=0.15, test=0.3, seed=0)
+    with open(split.paths["train"]) as f:
+        train_rows = list(csv.DictReader(f))
+    _log(f"{patients} patients; MAE pretraining on {len(train_rows)} unlabelled training images")
+    mae_dir = out / "mae"
+    mae_metrics = _quiet(_recipe("pretrain_mae").main, f"--train_data {data / 'images'} --labels_file "
+                         f"{split.paths['train']} --output_dir {mae_dir} --max_steps {mae_steps} "
+                         "--overwrite_output_dir true --disable_tqdm true".split())  # fmt: skip
+    return data, split, train_rows, mae_dir, mae_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,22 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_label_efficiency-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    import datasets
-
-    from hf_medvis.data.phantoms import write_phantom_dataset
-    from hf_medvis.data.splits import split_labels_csv
-
-    datasets.disable_progress_bars()
     started = time.perf_counter()
-    data = write_phantom_dataset(out / "data", patients=cfg["patients"], image_size=64, dicom=False, overwrite=True)
-    split = split_labels_csv(data / "labels.csv", out / "split", val=0.15, test=0.3, seed=0)
-    with open(split.paths["train"]) as f:
-        train_rows = list(csv.DictReader(f))
-    _log(f"{cfg['patients']} patients; MAE pretraining on {len(train_rows)} unlabelled training images")
-    mae_dir = out / "mae"
-    pretrain, finetune = _recipe("pretrain_mae").main, _recipe("finetune_vit").main
-    mae_metrics = _quiet(pretrain, f"--train_data {data / 'images'} --labels_file {split.paths['train']} "
-                         f"--output_dir {mae_dir} --max_steps {cfg['mae_steps']} --overwrite_output_dir true --disable_tqdm true".split())  # fmt: skip
+    data, split, train_rows, mae_dir, mae_metrics = phantoms_and_mae(out, cfg["patients"], cfg["mae_steps"])
+    finetune = _recipe("finetune_vit").main
 
     config = {**cfg, "fractions": list(cfg["fractions"]), "seeds": args.seeds}
     results: dict = {"config": config, "mae": mae_metrics, "runs": []}

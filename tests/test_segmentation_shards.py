@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from test_masks import encode_rle
 from test_segmentation import RECIPE_ARGS
 
+from hf_medvis.cli import main as cli_main
 from hf_medvis.core.tasks import SEGMENTATION
 from hf_medvis.data import SegmentationDataArguments, build_datasets
 from hf_medvis.data.decode import read_image
@@ -49,7 +51,7 @@ def folder_example(root: Path, key: str, masks: Path | None = None, mask: np.nda
     return create_transform(SEGMENTATION, False, image_size=SIZE)(image, torch.from_numpy(mask.astype(np.uint8)))
 
 
-def test_masks_in_shards_read_back_equal_to_the_mask_folder(masked_shards, masked_phantom_dir):
+def test_masks_in_shards_read_back_equal_to_the_mask_folder(masked_shards, masked_phantom_dir, tmp_path):
     manifest = json.loads((masked_shards / "manifest.json").read_text())
     classes = json.loads((masked_phantom_dir / "masks" / "classes.json").read_text())
     assert manifest["preprocessing"]["mask_labels"] == classes == list(MASK_CLASSES)
@@ -66,6 +68,24 @@ def test_masks_in_shards_read_back_equal_to_the_mask_folder(masked_shards, maske
         # Pixels: prepare resizes bilinearly, the eval transform with its own interpolation: the same image, not the
         # same bytes (the phantoms' noise differs most).
         assert np.corrcoef(example["pixel_values"].ravel(), pixels.ravel())[0, 1] > 0.95, key
+    # datasets reads the shards as a dataset (the card's features): the mask column decodes (PIL) to the same classes.
+    loaded = datasets.load_dataset(str(masked_shards), split="train")
+    by_key = {row["key"]: np.asarray(row["mask"]) for row in loaded}
+    assert len(by_key) == manifest["totals"]["written"]
+    for key, mask in by_key.items():
+        _, labels = folder_example(masked_phantom_dir, key, masked_phantom_dir / "masks")
+        assert np.array_equal(mask, labels.numpy()), key
+    # An explicit labels file (a split of `hf-medvis split`) selects the samples it lists, as for a mask folder.
+    with open(masked_phantom_dir / "labels.csv", newline="") as f:
+        reader = csv.reader(f)
+        header, listed = next(reader), [row for row, _ in zip(reader, range(5), strict=False)]
+    with open(tmp_path / "five.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *listed])
+    five = SegmentationDataArguments(
+        train_data=str(masked_shards), labels_file=str(tmp_path / "five.csv"), validation_split_percentage=0
+    )
+    keys = build_datasets(five, SEGMENTATION, image_size=SIZE, seed=0).train.with_format(None)["key"]
+    assert sorted(keys) == sorted(row[header.index("Image Index")][:-4] for row in listed)
     nodules = sum(int((data.eval[i]["labels"] == MASK_CLASSES.index("nodule")).any()) for i in range(len(rows)))
     assert nodules == data.split_report["splits"]["val"]["images_with_class"]["nodule"]
 
@@ -80,7 +100,9 @@ def test_a_missing_or_bad_mask_is_quarantined_and_rle_masks_are_stored(masked_ph
     shutil.copy(masked_phantom_dir / "masks" / "classes.json", src / "masks")
     (src / "masks" / f"{keys[0]}.png").unlink()
     Image.fromarray(np.zeros((64, 60), dtype=np.uint8)).save(src / "masks" / f"{keys[1]}.png")
-    manifest = prepare(str(src / "images"), str(tmp_path / "shards"), size=SIZE, salt="x", masks_dir=str(src / "masks"))
+    argv = ["prepare", str(src / "images"), str(tmp_path / "shards"), "--size", str(SIZE), "--salt", "x"]
+    assert cli_main([*argv, "--masks", str(src / "masks")]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 3 and manifest["totals"]["quarantined"] == 2
     report = (tmp_path / "shards" / "quarantine.jsonl").read_text()
     reasons = sorted(json.loads(line)["reason"] for line in report.splitlines())
@@ -122,3 +144,12 @@ def test_the_recipe_trains_on_shards_with_masks(masked_shards, tmp_path):
     assert "mask classes: 0 background, 1 lung, 2 heart, 3 nodule" in log
     results = json.loads((out / "all_results.json").read_text())
     assert results["global_step"] == 2 and 0 <= results["eval_dice_macro"] <= 1
+
+
+def test_mask_flags_are_checked_before_any_work(tmp_path, capsys):
+    argv = ["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--salt", "x"]
+    assert cli_main([*argv, "--mask_labels", "background,lung"]) == 2
+    assert cli_main([*argv, "--masks", "m", "--masks_rle", "r.csv"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "--masks_dir DIR or --masks_rle FILE" in errors[0] and "not both" in errors[1]
+    assert not (tmp_path / "dst").exists()

@@ -30,6 +30,14 @@ def dataset_card(manifest: dict) -> str:
     synthetic = bool(origin and origin.get("synthetic"))
     pre, totals = manifest["preprocessing"], manifest["totals"]
     class_names = list(pre.get("class_names") or [])
+    mask_labels = list(pre.get("mask_labels") or [])
+    mask_classes = ", ".join(f"{index} `{name}`" for index, name in enumerate(mask_labels))
+    mask_row = (
+        f"| `mask` | segmentation mask (`Image` of class indices: {mask_classes}; 255 unlabelled), resized with the "
+        "image (nearest-neighbour) |\n"
+        if mask_labels
+        else ""
+    )
     # The features and sizes also change the cache key of `datasets.load_dataset(<folder>)`, which (datasets 5.2)
     # otherwise depends on the folder's name and this card only: see load_prepared_dataset.
     info = datasets.DatasetInfo(
@@ -69,7 +77,7 @@ The recipes read the same location directly: `--train_data <this folder>` (strea
 | column | content |
 |---|---|
 | `image` | the image (`Image` feature) |
-| `labels` | findings as class indices (`ClassLabel`: {classes}); empty = no finding; null = unlabelled |
+{mask_row}| `labels` | findings as class indices (`ClassLabel`: {classes}); empty = no finding; null = unlabelled |
 | `finding_labels` | the labels file's text for the image, as given |
 | `group` | salted hash of the patient id (split by it: images of one patient stay together) |
 | `key` | the labels file's image name, or a salted hash of the source path |

@@ -535,10 +535,9 @@ def _shard_mask_records(
         columns = table.select_columns(["key", "group", "mask", "height", "width"]).with_format(None)
         records: dict[str, list[Any]] = {"index": [], "key": [], "group": [], "table": []}
         listed = None
-        if (
-            explicit and labels_file is not None
-        ):  # keys are the labels file's Image Index stems (prepare stores them so)
-            listed = {sample_key(row[IMAGE_COL]) for row in read_labels_table(labels_file).rows}
+        if explicit and labels_file is not None:  # keys are the labels file's image names (prepare stores them so)
+            table_rows = read_labels_table(labels_file, labels_format=data_args.parsed_labels_format()).rows
+            listed = {sample_key(row[IMAGE_COL]) for row in table_rows}
         present = []
         for index, row in enumerate(columns):
             if listed is not None and row["key"] not in listed:

@@ -3,7 +3,8 @@
 Each image is drawn from a simple attenuation model (body, lungs, diaphragm, heart, spine, ribs, clavicles) with
 per-patient anatomy, per-image exposure and positioning, and three learnable findings:
 
-- ``Cardiomegaly``: cardiothoracic ratio above ~0.55 (normal hearts are drawn at 0.38-0.47); persistent per patient.
+- ``Cardiomegaly``: cardiothoracic ratio above ~0.55 (normal hearts are drawn at 0.38-0.47; v3: 0.51-0.64 against
+  0.38-0.49); persistent per patient.
 - ``Effusion``: fluid filling a lung base up to a meniscus, blunting the costophrenic angle; per image.
 - ``Nodule``: a round, well-defined opacity inside a lung field, denser than the ribs crossing it; persistent per
   patient (about the same place on follow-ups).
@@ -25,9 +26,10 @@ a report or a comparison of methods show something -- still synthetic and determ
   normal AP heart can look enlarged, as on real portable films); a ``Site`` column (A or B, per patient): site B's
   scanner renders brighter with less contrast and writes 16-bit DICOMs (site A: 14-bit, MONOCHROME1 CR: 12-bit);
 - label noise as NLP-mined labels have: ``labels.csv`` drops each true finding with probability ``LABEL_MISS_RATE`` and
-  adds each absent one with probability ``LABEL_ADD_RATE``; the drawn truth is in ``labels_truth.csv`` (same layout). ``phantom_mask`` labels the same geometry for
-segmentation (``MASK_CLASSES``: background, lung, heart, nodule); ``write_phantom_dataset(masks=True)`` writes the
-masks as ``masks/<stem>.png`` with ``masks/classes.json``.
+  adds each absent one with probability ``LABEL_ADD_RATE``; the drawn truth is in ``labels_truth.csv`` (same layout).
+
+``phantom_mask`` labels the same geometry for segmentation (``MASK_CLASSES``: background, lung, heart, nodule);
+``write_phantom_dataset(masks=True)`` writes the masks as ``masks/<stem>.png`` with ``masks/classes.json``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ LABEL_MISS_RATE = 0.06  # a drawn finding left out of labels.csv
 LABEL_ADD_RATE = 0.02  # a finding that was not drawn, listed
 # v3 covariate effects (render_phantom): AP magnifies the heart and is noisier; site B's scanner is brighter and flatter.
 AP_HEART_MAGNIFICATION = 1.12
-AP_NOISE_FACTOR = 2.2
+AP_NOISE_FACTOR = 2.2  # at 2.5 and 3.0 the demo's 2,400-step fine-tune no longer learned Nodule at all
 SITE_B_CONTRAST, SITE_B_OFFSET = 0.85, 0.08
 _V3_ASPECTS = (0.8, 0.86, 1.0, 1.22)  # width / height: 35x43 cm portrait, 14x17" portrait, square, 17x14" landscape
 _V3_ASPECT_P = (0.35, 0.25, 0.25, 0.15)
@@ -514,12 +516,8 @@ def write_phantom_dataset(
             truth_rows.append([image.image_index, image.finding_labels, *row[2:]])
         if masks:
             write_phantom_masks(tmp / MASKS_DIR, plan, image_size)
-        if version == PHANTOM_FORMAT_VERSION:
-            write_origin_marker(tmp, patients=patients, seed=seed, image_size=image_size)
-        else:
-            write_origin_marker(
-                tmp, generator=f"hf_medvis phantoms v{version}", patients=patients, seed=seed, image_size=image_size
-            )
+        generator = f"hf_medvis phantoms v{version}"
+        write_origin_marker(tmp, generator=generator, patients=patients, seed=seed, image_size=image_size)
         columns = NIH_COLUMNS + ((SITE_COLUMN,) if version >= 3 else ())
         tables = {"labels.csv": rows} | ({TRUTH_LABELS_FILE: truth_rows} if version >= 3 else {})
         for name, table in tables.items():

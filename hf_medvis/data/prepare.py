@@ -269,13 +269,13 @@ def prepare(
         raise ValueError("colour and multi-window images are stored as 8-bit: use --bits 8")
     if shard_size < 1 or workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
+    masks = _mask_source(masks_dir, masks_rle, mask_labels, storage_options)  # read and checked before any work
     salt = resolve_salt(salt)
     salt_fingerprint = salt_check(salt)
     in_options = storage.storage_options_for(src, storage_options)
     out_options = storage.storage_options_for(
         dst, dst_storage_options if dst_storage_options is not None else storage_options
     )
-    masks = _mask_source(masks_dir, masks_rle, mask_labels, storage_options)
     table, warnings = _read_labels(labels, src, labels_format)
     if pairs:
         check_ct_input(iter_image_files(src, in_options), src, in_options)

@@ -265,6 +265,8 @@ def load_shard_stream(
     ds = ds.filter(_ResumeSkip(control), with_indices=True)
     version_1 = manifest.get("version", 1) < 2
     stored = ["pixels" if version_1 else "image", "height", "width", "bits"]
+    if manifest.get("preprocessing", {}).get("mask_labels"):  # segmentation masks (prepare --masks_dir): unused here
+        stored.append("mask")
     ds = ds.map(DecodeStoredPixels(image_transform), remove_columns=stored)
     ds = ds.remove_columns(["source_hash", "orig_height", "orig_width"] + ([] if version_1 else ["labels"]))
     ds.stream_control = control

@@ -36,7 +36,11 @@ def confusion_counts(
 ) -> torch.Tensor:
     """int64 [N, K, 3] (tp, fp, fn) of predicted masks [N, H, W] against label masks [N, H, W] (class indices; pixels
     of ``ignore_index`` not counted), one row per image."""
-    predicted, labels = torch.as_tensor(predicted).long(), torch.as_tensor(labels).long()
+    # a copy of an array: one read from a file (np.asarray of a PIL image) is read-only, which torch warns about
+    predicted, labels = (
+        x.long() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.int64))
+        for x in (predicted, labels)
+    )
     if predicted.shape != labels.shape or predicted.ndim != 3:
         raise ValueError(f"predicted and label masks must both be [N, H, W]; got {tuple(predicted.shape)} and "
                          f"{tuple(labels.shape)}")  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from ..core.tasks import DEPRECATED_ALIASES, TASKS, resolve_task
+from ..core.tasks import DEPRECATED_ALIASES, SEGMENTATION, TASKS, resolve_task
 
 if TYPE_CHECKING:
     from .sizing import SizeEstimate
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="mae",
         choices=[*TASKS, *DEPRECATED_ALIASES],
         metavar="{" + ",".join(TASKS) + "}",  # deprecated spellings are accepted, not advertised
-        help="MAE pretraining or classification",
+        help="MAE pretraining or classification (segmentation is refused: size its encoder as classification)",
     )
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per GPU per micro-batch (default 64)")
@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size < 1 or args.margin < 0 or args.overhead_gib < 0:
         raise ValueError("--image-size must be >= 1, --margin and --overhead-gib >= 0")
     task = resolve_task(args.task)
+    if task == SEGMENTATION:
+        # The segmenter's decoder is built in hf_medvis.models, which infra does not import (docs/architecture.md).
+        raise ValueError(
+            "hf-medvis size does not size segmentation models: size their ViT encoder with --task classification "
+            "(the segmentation decoder is not counted there)"
+        )
     config = build_config(args.model, task, args.image_size, args.num_labels)
     estimate = estimate_size(
         config,

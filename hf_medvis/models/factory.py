@@ -51,41 +51,30 @@ def build_model(model_args: ModelArguments, task: str, labels: LabelSet | Sequen
         return BuiltModel(model, LoadReport(source, "vit_mae", loaded=sorted(model.state_dict())))
     if labels is None:
         raise ValueError(f"build_model(task='{task}') needs the labels")
+    # What the encoder of either head is built from: the checkpoint's config, the preset, the flags.
+    encoder = {
+        "preset": model_args.model_preset,
+        "image_size": input_image_size(model_args),
+        "patch_size": model_args.patch_size,
+        "num_channels": model_args.num_channels,
+        "hidden_dropout_prob": model_args.hidden_dropout_prob,
+        "attention_probs_dropout_prob": model_args.attention_probs_dropout_prob,
+        "drop_path_rate": model_args.drop_path_rate,
+        "config_overrides": model_args.config_overrides,
+        "attn_implementation": model_args.attn_implementation,
+        "trust_remote_code": model_args.trust_remote_code,
+        "cache_dir": model_args.cache_dir,
+    }
     if task == SEGMENTATION:
         model, report = build_segmenter(
             model_args.model_name_or_path,
             tuple(getattr(labels, "names", labels)),
-            preset=model_args.model_preset,
-            image_size=input_image_size(model_args),
-            patch_size=model_args.patch_size,
-            num_channels=model_args.num_channels,
             decoder_hidden_size=model_args.decoder_hidden_size,
             dice_loss_weight=model_args.dice_loss_weight,
-            hidden_dropout_prob=model_args.hidden_dropout_prob,
-            attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
-            drop_path_rate=model_args.drop_path_rate,
-            config_overrides=model_args.config_overrides,
-            attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
-            cache_dir=model_args.cache_dir,
+            **encoder,
         )
-        return BuiltModel(model, report)
-    model, report = build_classifier(
-        model_args.model_name_or_path,
-        labels,
-        preset=model_args.model_preset,
-        image_size=input_image_size(model_args),
-        patch_size=model_args.patch_size,
-        num_channels=model_args.num_channels,
-        pooling=model_args.pooling,
-        hidden_dropout_prob=model_args.hidden_dropout_prob,
-        attention_probs_dropout_prob=model_args.attention_probs_dropout_prob,
-        drop_path_rate=model_args.drop_path_rate,
-        config_overrides=model_args.config_overrides,
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
-        cache_dir=model_args.cache_dir,
-    )
+    else:
+        model, report = build_classifier(model_args.model_name_or_path, labels, pooling=model_args.pooling, **encoder)
     return BuiltModel(model, report)
 
 
