@@ -5,7 +5,8 @@ label size: cross-entropy plus a soft Dice loss (pooled over the batch, every cl
 
 Saved under its own ``model_type`` ("hf_medvis_seg") with this file beside the weights and an ``auto_map`` in
 config.json (``save_pretrained`` copies the file: both classes are registered for their Auto classes below), so
-``AutoModelForSemanticSegmentation`` and ``pipeline("image-segmentation")`` load it with ``trust_remote_code=True``.
+``AutoModelForSemanticSegmentation`` and ``pipeline("image-segmentation")`` load it with ``trust_remote_code=True``;
+config.json's ``custom_pipelines`` names ``ViTSegmentationPipeline`` below for that task.
 The encoder is transformers' ``ViTModel`` under the prefix ``vit``: an MAE's or a ViT's encoder weights load key for key.
 
 This file is copied into every saved folder and must stay self-contained: it imports torch and transformers only, never
@@ -18,7 +19,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import ViTConfig, ViTModel, ViTPreTrainedModel
+from transformers import ImageSegmentationPipeline, ViTConfig, ViTModel, ViTPreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 MODEL_TYPE = "hf_medvis_seg"
@@ -119,6 +120,24 @@ class ViTForSemanticSegmentation(ViTPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
+
+class ViTSegmentationPipeline(ImageSegmentationPipeline):
+    """transformers' image-segmentation pipeline, unchanged (the saved processor's resize, the upsampling of the
+    logits to each input's size, one mask per class present), without its check of the model's class against the
+    segmentation classes transformers ships, which logs an error for every model it does not ship."""
+
+    def check_model_type(self, supported_models: object) -> None:
+        return None
+
+
+# The entry of config.json's custom_pipelines (hf_medvis.models.segmentation.segmentation_config sets it).
+PIPELINES = {
+    "image-segmentation": {
+        "impl": f"{__name__.rsplit('.', 1)[-1]}.{ViTSegmentationPipeline.__name__}",
+        "pt": ["AutoModelForSemanticSegmentation"],
+        "type": "image",
+    }
+}
 
 # save_pretrained (ours, the Trainer's checkpoints, push_to_hub) copies this file and writes config.json's auto_map.
 ViTSegmentationConfig.register_for_auto_class()

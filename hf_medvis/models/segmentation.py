@@ -20,7 +20,7 @@ from ..core.errors import first_line
 from .backbones import VIT, backbone_of
 from .build import ModelSetupError
 from .drop_path import add_drop_path
-from .modeling_hf_medvis_seg import MODEL_TYPE, ViTForSemanticSegmentation, ViTSegmentationConfig
+from .modeling_hf_medvis_seg import MODEL_TYPE, PIPELINES, ViTForSemanticSegmentation, ViTSegmentationConfig
 from .transfer import LoadReport, _source_config, _transfer, build_vit_config
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def segmentation_config(
     config.num_labels = len(mask_labels)
     config.id2label = dict(enumerate(mask_labels))
     config.label2id = {name: i for i, name in enumerate(mask_labels)}
+    config.custom_pipelines = PIPELINES
     return config
 
 
