@@ -138,3 +138,25 @@ def test_vit_finetuning_runs_on_two_processes(tmp_path, phantom_dir, launcher, e
     assert list(out.glob("checkpoint-*/checkpoint_complete.json"))
     if config != "deepspeed_zero2.yaml":  # DDP and ZeRO-3 (layer-decay param groups in the optimizer state)
         resume_from_checkpoint_2(command, out, tmp_path)
+
+
+def test_segmentation_runs_on_two_processes_with_deepspeed(tmp_path, masked_phantom_dir):
+    """The segmentation recipe through accelerate with ZeRO-2 on 2 gloo processes: both ranks train (layer-decay
+    param groups in DeepSpeed's optimizer), evaluation gathers the per-image counts of both, and the saved folder
+    loads as a segmentation model."""
+    from hf_medvis.models.segmentation import load_segmenter
+
+    out = tmp_path / "seg"
+    data = ["--train_data", str(masked_phantom_dir / "images"), "--masks_dir", str(masked_phantom_dir / "masks")]
+    data += ["--labels_file", str(masked_phantom_dir / "labels.csv"), "--layer_decay", "0.75"]
+    config_file = str(REPO / "recipes" / "accelerate" / "deepspeed_zero2.yaml")
+    log = run(launch_command("accelerate", "finetune_segmentation", *data, "--output_dir", str(out), *VIT_TINY,
+                             config_file=config_file))  # fmt: skip
+    for rank in (0, 1):
+        assert f"[node 0 rank {rank}]" in log
+    assert "world size 2;" in log and "DeepSpeed ZeRO-2" in log
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 3 and 0 <= results["eval_dice_macro"] <= 1
+    held_out = int(re.search(r"eval_images (\d+)", log).group(1))  # the data line: the validation split's size
+    assert results["eval_images"] == held_out  # every image scored once, across both ranks
+    assert load_segmenter(out).config.id2label[3] == "nodule"
