@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import numpy as np
@@ -49,6 +49,7 @@ from .train_eval import ResolvedSource, resolve_train_source
 from .transforms import IGNORE_INDEX, SeededAugmentation, apply_image_transform, create_transform, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RLE_IMAGE_COL, RLE_PIXELS_COL = "ImageId", "EncodedPixels"  # SIIM-ACR train-rle.csv (its header has " EncodedPixels")
 RLE_DEFAULT_CLASSES = ("background", "foreground")
@@ -295,19 +296,29 @@ def attach_masks(
     return records
 
 
-def check_masks(records: dict[str, list[Any]], masks: MaskSource) -> np.ndarray:
-    """Reads every mask of ``records`` against its image's size and the classes before the first step (a thread pool:
-    the work is reading files), so a bad mask stops the run at once with one line naming it. Returns the images'
-    class presence [N, classes - 1] (0/1, background left out), which the patient split is stratified by."""
+def map_masks(records: dict[str, list[Any]], masks: MaskSource, fn: Callable[[np.ndarray], T]) -> list[T]:
+    """``fn`` of each record's mask (``records``' ``mask`` column), read against its image's size and the classes
+    (``MaskSource.load``: a bad mask is a one-line error naming it), in the records' order; a thread pool, as the work
+    is reading files."""
 
-    def presence(i: int) -> np.ndarray:
+    def one(i: int) -> T:
         path = records["path"][i]
-        mask = masks.load(records["mask"][i], image_size(path, masks.storage_options), path)
-        return np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=len(masks.classes))[1:] > 0
+        return fn(masks.load(records["mask"][i], image_size(path, masks.storage_options), path))
 
     remote = "://" in (records["path"][0] if records["path"] else "")
     with ThreadPoolExecutor(max_workers=32 if remote else 8) as pool:
-        rows = list(pool.map(presence, range(len(records["path"]))))
+        return list(pool.map(one, range(len(records["path"]))))
+
+
+def check_masks(records: dict[str, list[Any]], masks: MaskSource) -> np.ndarray:
+    """Reads every mask of ``records`` (``map_masks``) before the first step, so a bad mask stops the run at once.
+    Returns the images' class presence [N, classes - 1] (0/1, background left out), which the patient split is
+    stratified by."""
+
+    def presence(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=len(masks.classes))[1:] > 0
+
+    rows = map_masks(records, masks, presence)
     return np.array(rows, dtype=np.int8).reshape(len(rows), len(masks.classes) - 1)
 
 

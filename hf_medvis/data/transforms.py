@@ -110,18 +110,21 @@ def _mae_train(image_size: int, crop_scale: Sequence[float], hflip: bool) -> v2.
     return v2.Compose(steps)
 
 
+def _fine_tuning_crop(image_size: int, crop_scale: Sequence[float]) -> v2.RandomResizedCrop:
+    """The random resized crop of fine-tuning (classification and segmentation): near-square, bicubic."""
+    return v2.RandomResizedCrop(
+        image_size,
+        scale=tuple(crop_scale),
+        ratio=(0.9, 1.1),
+        interpolation=v2.InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+
+
 def _classification_train(
     image_size: int, crop_scale: Sequence[float], rotation_degrees: float, rand_augment_magnitude: int, hflip: bool
 ) -> v2.Compose:
-    steps: list = [
-        v2.RandomResizedCrop(
-            image_size,
-            scale=tuple(crop_scale),
-            ratio=(0.9, 1.1),
-            interpolation=v2.InterpolationMode.BICUBIC,
-            antialias=True,
-        )
-    ]
+    steps: list = [_fine_tuning_crop(image_size, crop_scale)]
     if rotation_degrees:
         steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
     if rand_augment_magnitude:
@@ -134,15 +137,7 @@ def _classification_train(
 def _segmentation_train(
     image_size: int, crop_scale: Sequence[float], rotation_degrees: float, hflip: bool
 ) -> SegmentationTransform:
-    steps: list = [
-        v2.RandomResizedCrop(
-            image_size,
-            scale=tuple(crop_scale),
-            ratio=(0.9, 1.1),
-            interpolation=v2.InterpolationMode.BICUBIC,
-            antialias=True,
-        )
-    ]
+    steps: list = [_fine_tuning_crop(image_size, crop_scale)]
     if rotation_degrees:
         fill = {tv_tensors.Mask: IGNORE_INDEX, "others": 0}
         steps.append(v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill))

@@ -726,8 +726,13 @@ def _predict_segmentation(args: argparse.Namespace) -> int:
     lines = []
     for start in range(0, len(args.files), args.batch_size):
         batch = args.files[start : start + args.batch_size]
-        for offset, (file, mask) in enumerate(zip(batch, predictor.predict_masks(batch), strict=True)):
-            line = write_mask_outputs(file, mask, args.out, predictor.class_names, stem=stems[start + offset])
+        images = [predictor.read(file) for file in batch]  # read once: the masks and the overlays
+        for offset, (file, image, mask) in enumerate(
+            zip(batch, images, predictor.masks_of_images(images), strict=True)
+        ):
+            line = write_mask_outputs(
+                file, mask, args.out, predictor.class_names, image=image, stem=stems[start + offset]
+            )
             lines.append(json.dumps(line))
     _write_lines(args.output, lines)
     return 0

@@ -10,7 +10,8 @@ tests/test_evaluate_predict.py checks it against scikit-learn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -242,14 +243,24 @@ def per_class_table(metrics: dict[str, Any], spec: LabelSpec) -> list[dict[str, 
     return rows
 
 
+def number_text(value: Any) -> str:
+    """A metric as every table prints it: three decimals, "n/a" for anything that is not a number."""
+    return f"{value:.3f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "n/a"
+
+
+def value_with_ci(values: Mapping[str, Any], key: str) -> str:
+    """``0.690 [0.556, 0.854]``: ``values[key]`` and, where ``values`` has them, its ``_ci95_low`` / ``_ci95_high``;
+    "n/a" where it has no number for ``key``. The one form of the CLI's tables and the report."""
+    text = number_text(values.get(key))
+    low, high = values.get(f"{key}_ci95_low"), values.get(f"{key}_ci95_high")
+    if text != "n/a" and low is not None and high is not None:
+        text += f" [{number_text(low)}, {number_text(high)}]"
+    return text
+
+
 def format_metrics_table(metrics: dict[str, Any], spec: LabelSpec) -> str:
     def cell(key: str) -> str:
-        if key not in metrics:
-            return "n/a"
-        text = f"{metrics[key]:.3f}"
-        if f"{key}_ci95_low" in metrics:
-            text += f" [{metrics[f'{key}_ci95_low']:.3f}, {metrics[f'{key}_ci95_high']:.3f}]"
-        return text
+        return value_with_ci(metrics, key)
 
     columns = ("auroc", "ap", "f1") if spec.multi_label else ("auroc",)
     lines = [f"{'class':<22} " + " ".join(f"{c:<24}" for c in columns)]

@@ -17,7 +17,6 @@ import base64
 import datetime
 import html
 import json
-import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from .. import __version__
 from ..core.param_count import count_parameters
 from ..core.storage import write_text_atomic
+from .metrics import number_text, value_with_ci
 
 REPORT_NAME = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,21 +61,6 @@ figcaption, .note { color: #555; font-size: 0.88em; }
 
 def _text(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _number(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "n/a"
-
-
-def _with_ci(values: Mapping[str, Any], key: str) -> str:
-    """``0.690 [0.556, 0.854]``: the value of ``key`` and its 95% CI where ``values`` has one, as the CLI prints it."""
-    if key not in values:
-        return "n/a"
-    text = _number(values[key])
-    low, high = values.get(f"{key}_ci95_low"), values.get(f"{key}_ci95_high")
-    if low is not None and high is not None:
-        text += f" [{_number(low)}, {_number(high)}]"
-    return text
 
 
 def _table(
@@ -232,18 +217,21 @@ def _per_class_section(
         if name in not_evaluated:
             row += ["not evaluated (the data does not label it)"] + [""] * (len(header) - 4)
         else:
-            row += [_with_ci(metrics, f"{key}_{name}") for key, _ in families]
+            row += [value_with_ci(metrics, f"{key}_{name}") for key, _ in families]
             if calibration:
-                row += [_number(calibration.get(name, {}).get("ece")), _number(calibration.get(name, {}).get("brier"))]
+                row += [
+                    number_text(calibration.get(name, {}).get("ece")),
+                    number_text(calibration.get(name, {}).get("brier")),
+                ]
         rows.append(row)
         classes.append("")
-    rows.append(["macro", "", "", *(_with_ci(metrics, f"{key}_macro") for key, _ in families)])
+    rows.append(["macro", "", "", *(value_with_ci(metrics, f"{key}_macro") for key, _ in families)])
     rows[-1] += [""] * (len(header) - len(rows[-1]))
     classes.append("macro")
     # Whole-set figures without a per-class value (single-label models: accuracy and macro F1 of the argmax class).
     tabled = {f"{key}_macro" for key, _ in families}
     overall = [
-        f"{label}: {_with_ci(metrics, key)}"
+        f"{label}: {value_with_ci(metrics, key)}"
         for key, label in (("accuracy", "accuracy (argmax class)"), ("f1_macro", "macro F1 (argmax class)"))
         if key in metrics and key not in tabled
     ]
@@ -275,7 +263,7 @@ def _operating_points_section(metrics: Mapping[str, Any]) -> str:
         [
             name,
             f"{point['threshold']:.4g}",
-            *(_with_ci(point, key) for key in ("sensitivity", "specificity", "ppv", "npv")),
+            *(value_with_ci(point, key) for key in ("sensitivity", "specificity", "ppv", "npv")),
         ]
         for name, point in points.items()
     ]
@@ -301,7 +289,7 @@ def _calibration_section(out: Path, metrics: Mapping[str, Any]) -> str:
             name,
             f"{value:.4g}",
             *(
-                _number(temperature.get(f"validation_{key}", {}).get(name))
+                number_text(temperature.get(f"validation_{key}", {}).get(name))
                 for key in ("ece_before", "ece_after", "nll_before", "nll_after")
             ),
         ]
@@ -334,13 +322,13 @@ def _subgroups_section(out: Path, metrics: Mapping[str, Any], names: Sequence[st
             if value.startswith("_"):
                 continue
             too_small = result.get("too_small") or {}
-            per_class = ["too few" if name in too_small else _with_ci(result, f"auroc_{name}") for name in names]
+            per_class = ["too few" if name in too_small else value_with_ci(result, f"auroc_{name}") for name in names]
             rows.append(
                 [
                     value,
                     str(result.get("images", "")),
                     str(result.get("patients", "")),
-                    _with_ci(result, "auroc_macro"),
+                    value_with_ci(result, "auroc_macro"),
                     *per_class,
                 ]
             )
@@ -349,8 +337,8 @@ def _subgroups_section(out: Path, metrics: Mapping[str, Any], names: Sequence[st
         if gap:
             best, worst = gap["groups"]
             parts.append(
-                f"<p>Largest gap in macro AUROC: {_text(best)} - {_text(worst)} = {_number(gap['gap'])} (95% CI "
-                f"{_number(gap.get('ci95_low'))} to {_number(gap.get('ci95_high'))})</p>"
+                f"<p>Largest gap in macro AUROC: {_text(best)} - {_text(worst)} = {number_text(gap['gap'])} (95% CI "
+                f"{number_text(gap.get('ci95_low'))} to {number_text(gap.get('ci95_high'))})</p>"
             )
     parts.append('<p class="note">too few: fewer than 5 positives or negatives of the class in the subgroup.</p>')
     return "".join(parts) + "</section>"

@@ -67,6 +67,14 @@ class SegmentationPredictor:
         masks: list[np.ndarray] = []
         for start in range(0, len(sources), batch_size):
             images = [self.read(src, storage_options) for src in sources[start : start + batch_size]]
+            masks += self.masks_of_images(images)
+        return masks
+
+    @torch.no_grad()
+    def masks_of_images(self, images: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """``predict_masks`` of images already read (``read``: uint8 [C, H, W] at their own sizes), one batch."""
+        masks: list[np.ndarray] = []
+        if images:
             batch = torch.stack([self.resize(image) for image in images]).to(self.device)
             pixels = normalize_batch(batch, self.mean, self.std, self.model.config.num_channels)
             logits = self.model(pixel_values=pixels).logits.float()
@@ -117,7 +125,7 @@ def read_masked_images(
     hashes from ``labels_file``; without one, each image is its own patient). An image without a mask goes to
     ``skipped`` with the reason; a mask of the wrong size or with another class is a one-line error."""
     from ..data.folder import build_folder_records, only_listed_images
-    from ..data.masks import MaskError, MaskSource, attach_masks, image_size, read_rle_table, resolve_mask_labels
+    from ..data.masks import MaskError, MaskSource, attach_masks, map_masks, read_rle_table, resolve_mask_labels
     from ..data.privacy import source_root
 
     skipped = [] if skipped is None else skipped
@@ -132,11 +140,7 @@ def read_masked_images(
         records = only_listed_images(records)
     masks = MaskSource(classes, masks_dir, masks_rle, rle, storage_options)
     records = attach_masks(records, source_root(data), masks, skipped)
-    true_masks = [
-        masks.load(ref, image_size(path, storage_options), path)
-        for ref, path in zip(records["mask"], records["path"], strict=True)
-    ]
-    return list(records["path"]), true_masks, list(records["group"])
+    return list(records["path"]), map_masks(records, masks, lambda mask: mask), list(records["group"])
 
 
 def class_pixel_counts(mask: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:

@@ -22,6 +22,7 @@ import torch
 from transformers import EvalPrediction
 
 from .bootstrap import patient_members, patient_resamples, percentile_interval
+from .metrics import value_with_ci
 
 IGNORE_INDEX = 255
 # [images, classes, COUNTS]: true positives, false positives, false negatives
@@ -169,12 +170,7 @@ def format_segmentation_table(metrics: dict[str, Any], class_names: Sequence[str
     """Dice and IoU per class and macro, with their CIs, as a text table for the log."""
 
     def cell(key: str) -> str:
-        if key not in metrics:
-            return "n/a"
-        text = f"{metrics[key]:.3f}"
-        if f"{key}_ci95_low" in metrics:
-            text += f" [{metrics[f'{key}_ci95_low']:.3f}, {metrics[f'{key}_ci95_high']:.3f}]"
-        return text
+        return value_with_ci(metrics, key)
 
     lines = [f"{'class':<22} {'dice':<24} {'iou':<24}"]
     for name in (*class_names, "macro"):

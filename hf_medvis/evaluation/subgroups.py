@@ -20,7 +20,7 @@ import numpy as np
 
 from ..data.labels import LabelSpec
 from .bootstrap import metrics_with_intervals, patient_members, patient_resamples, percentile_interval
-from .metrics import metric_values
+from .metrics import metric_values, number_text, value_with_ci
 
 MIN_EACH = 5  # positives and negatives a class needs in a subgroup to be scored there
 OUT_OF_RANGE = "out of range"  # a binned value outside the edges: its own group, counted, never dropped
@@ -247,12 +247,7 @@ def largest_gaps(
 
 
 def _cell(entry: Mapping[str, Any], key: str, with_ci: bool) -> str:
-    if key not in entry:
-        return "n/a"
-    text = f"{entry[key]:.3f}"
-    if with_ci and f"{key}_ci95_low" in entry:
-        text += f" [{entry[f'{key}_ci95_low']:.3f}, {entry[f'{key}_ci95_high']:.3f}]"
-    return text
+    return value_with_ci(entry, key) if with_ci else number_text(entry.get(key))
 
 
 def format_gap(metric: str, gap: Mapping[str, Any]) -> str:
